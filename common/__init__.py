@@ -1,0 +1,1 @@
+"""The pure DropBack core: no networking, no Flower, runs on a board or a notebook."""

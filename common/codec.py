@@ -1,0 +1,218 @@
+"""Encode and decode `SparseModel` to the proto wire format (proto/sparse_model.proto).
+
+Positions are Golomb-Rice coded gaps (split into a quotient and a remainder
+bit stream so both directions are vectorized); values are fp32, fp16 or int8
+with a per-tensor scale. `decode` treats its input as hostile: every failure
+is a `WireFormatError` with a clear message, never a crash or a corrupt model.
+"""
+
+import math
+from typing import Literal
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from dropfleet.common.errors import ConfigError, PayloadTooLargeError, WireFormatError
+from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
+from dropfleet.proto import sparse_model_pb2 as pb
+
+FORMAT_VERSION = 1
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+
+_ENCODING = {"fp32": pb.VALUE_ENCODING_FP32, "fp16": pb.VALUE_ENCODING_FP16,
+             "int8": pb.VALUE_ENCODING_INT8}
+_WIDTH = {pb.VALUE_ENCODING_FP32: 4, pb.VALUE_ENCODING_FP16: 2, pb.VALUE_ENCODING_INT8: 1}
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def position_floor_bits(n: int, k: int) -> float:
+    """log2(C(n, k)): the fewest bits any code needs for k positions out of n."""
+    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+
+
+def _rice_parameter(gaps: np.ndarray) -> int:
+    """The Rice parameter with the fewest total bits, searched near log2(mean gap)."""
+    if gaps.size == 0:
+        return 0
+    center = max(0, int(math.log2(max(float(gaps.mean()), 1.0))))
+    best, best_bits = 0, None
+    for b in range(max(0, center - 2), min(31, center + 2) + 1):
+        bits = int((gaps >> b).sum()) + gaps.size * (1 + b)
+        if best_bits is None or bits < best_bits:
+            best, best_bits = b, bits
+    return best
+
+
+def _encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
+    idx = indices.astype(np.int64)
+    gaps = np.diff(idx, prepend=-1) - 1
+    b = _rice_parameter(gaps)
+    q = gaps >> b
+    # Unary stream: q one-bits then a zero-bit per entry.
+    ends = np.cumsum(q + 1)
+    unary = np.ones(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+    unary[ends - 1] = 0
+    # Remainder stream: b bits per entry, most significant first.
+    if b:
+        shifts = np.arange(b - 1, -1, -1, dtype=np.int64)
+        rem_bits = ((gaps[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
+    else:
+        rem_bits = np.zeros(0, dtype=np.uint8)
+    return b, np.packbits(unary).tobytes(), np.packbits(rem_bits).tobytes()
+
+
+def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes
+                      ) -> np.ndarray:
+    if b > 31:
+        raise WireFormatError(f"{name}: rice parameter {b} > 31")
+    if count == 0:
+        if quot or rem:
+            raise WireFormatError(f"{name}: position bytes present for zero tracked entries")
+        return np.zeros(0, dtype=np.int64)
+    unary = np.unpackbits(np.frombuffer(quot, dtype=np.uint8))
+    terminators = np.flatnonzero(unary == 0)
+    if terminators.size < count:
+        raise WireFormatError(
+            f"{name}: quotient stream holds {terminators.size} codes, expected {count} (truncated?)"
+        )
+    last = int(terminators[count - 1])
+    if len(quot) != last // 8 + 1 or unary[last + 1:].any():
+        raise WireFormatError(f"{name}: quotient stream has trailing data")
+    q = np.diff(terminators[:count], prepend=-1) - 1
+    if len(rem) != (count * b + 7) // 8:
+        raise WireFormatError(
+            f"{name}: remainder stream is {len(rem)} bytes, expected {(count * b + 7) // 8}"
+        )
+    gaps = q << b
+    if b:
+        bits = np.unpackbits(np.frombuffer(rem, dtype=np.uint8))
+        if bits[count * b:].any():
+            raise WireFormatError(f"{name}: remainder stream has non-zero padding")
+        weights = (1 << np.arange(b - 1, -1, -1, dtype=np.int64))
+        gaps = gaps | (bits[: count * b].reshape(count, b).astype(np.int64) @ weights)
+    if int(gaps.max()) >= numel:  # also keeps the cumulative sum far from int64 overflow
+        raise WireFormatError(f"{name}: index out of range [0, {numel})")
+    indices = np.cumsum(gaps + 1) - 1
+    if int(indices[-1]) >= numel:
+        raise WireFormatError(
+            f"{name}: index {int(indices[-1])} out of range [0, {numel})"
+        )
+    return indices
+
+
+def quantize_values(values: np.ndarray, precision: str) -> tuple[np.ndarray, float]:
+    """Values as the receiver will see them, and the int8 scale (0.0 otherwise)."""
+    v = np.asarray(values, dtype=np.float32)
+    if precision == "fp32":
+        return v.copy(), 0.0
+    if precision == "fp16":
+        if v.size and float(np.abs(v).max()) > _FP16_MAX:
+            raise WireFormatError(f"a value exceeds the fp16 range ({_FP16_MAX})")
+        return v.astype(np.float16).astype(np.float32), 0.0
+    if precision == "int8":
+        peak = float(np.abs(v).max()) if v.size else 0.0
+        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
+        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+        return q.astype(np.float32) * scale, float(scale)
+    raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, float]:
+    v = np.asarray(values, dtype=np.float32)
+    if precision == "fp32":
+        return pb.VALUE_ENCODING_FP32, v.astype("<f4").tobytes(), 0.0
+    if precision == "fp16":
+        quantize_values(v, "fp16")  # range check
+        return pb.VALUE_ENCODING_FP16, v.astype("<f2").tobytes(), 0.0
+    if precision == "int8":
+        _, scale = quantize_values(v, "int8")
+        q = np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
+        return pb.VALUE_ENCODING_INT8, q.tobytes(), scale
+    raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: float
+                   ) -> np.ndarray:
+    if encoding not in _WIDTH:
+        raise WireFormatError(f"{name}: unknown value encoding {encoding}")
+    if len(data) != count * _WIDTH[encoding]:
+        raise WireFormatError(
+            f"{name}: {len(data)} value bytes for {count} values of width {_WIDTH[encoding]}"
+        )
+    if encoding == pb.VALUE_ENCODING_FP32:
+        values = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    elif encoding == pb.VALUE_ENCODING_FP16:
+        values = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    else:
+        if count and not (math.isfinite(scale) and scale > 0):
+            raise WireFormatError(f"{name}: int8 scale must be finite and > 0, got {scale}")
+        values = np.frombuffer(data, dtype=np.int8).astype(np.float32) * np.float32(scale)
+    if not np.all(np.isfinite(values)):
+        raise WireFormatError(f"{name}: values contain NaN or Inf")
+    return values
+
+
+def encode(model: SparseModel, precision: str = "fp32") -> bytes:
+    """Serialize a valid sparse model; deterministic bytes for equal input."""
+    if precision not in _ENCODING:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    model.validate()
+    msg = pb.SparseModel(format_version=FORMAT_VERSION, seed=model.seed,
+                         init_scheme=model.init_scheme, model_id=model.model_id)
+    for t in model.tensors:
+        b, quot, rem = _encode_positions(t.indices) if t.count else (0, b"", b"")
+        encoding, data, scale = _encode_values(t.values, precision)
+        msg.tensors.append(pb.SparseTensor(
+            name=t.name, shape=list(t.shape), count=t.count,
+            position_coding=pb.POSITION_CODING_RICE_SPLIT, rice_parameter=b,
+            rice_quotients=quot, rice_remainders=rem,
+            value_encoding=encoding, values=data, int8_scale=scale,
+        ))
+    return msg.SerializeToString(deterministic=True)
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
+    """Parse and fully validate untrusted bytes into a `SparseModel`."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise PayloadTooLargeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    msg = pb.SparseModel()
+    try:
+        msg.ParseFromString(bytes(data))
+    except DecodeError as exc:
+        raise WireFormatError(f"malformed or truncated sparse model: {exc}") from None
+    if msg.format_version != FORMAT_VERSION:
+        raise WireFormatError(
+            f"unsupported format version {msg.format_version} (supported: {FORMAT_VERSION})"
+        )
+    try:
+        expected = parameter_shapes(msg.model_id)
+    except KeyError as exc:
+        raise WireFormatError(str(exc)) from None
+    if len(msg.tensors) != len(expected):
+        raise WireFormatError(
+            f"model {msg.model_id!r} has {len(expected)} tensors, payload has {len(msg.tensors)}"
+        )
+    tensors = []
+    for t, (name, shape) in zip(msg.tensors, expected.items(), strict=True):
+        if t.name != name or tuple(t.shape) != shape:
+            raise WireFormatError(
+                f"tensor {t.name!r} {tuple(t.shape)} does not match "
+                f"model {msg.model_id!r}: expected {name!r} {shape}"
+            )
+        numel = math.prod(shape)
+        if t.count > numel:
+            raise WireFormatError(f"{name}: {t.count} tracked entries > {numel} elements")
+        if t.count and t.position_coding != pb.POSITION_CODING_RICE_SPLIT:
+            raise WireFormatError(f"{name}: unknown position coding {t.position_coding}")
+        indices = _decode_positions(name, t.count, numel, t.rice_parameter,
+                                    t.rice_quotients, t.rice_remainders)
+        values = _decode_values(name, t.count, t.value_encoding, t.values, t.int8_scale)
+        tensors.append(SparseTensor(name, shape, indices, values))
+    model = SparseModel(seed=msg.seed, model_id=msg.model_id, tensors=tuple(tensors),
+                        init_scheme=msg.init_scheme)
+    model.validate()
+    return model

@@ -1,0 +1,140 @@
+"""Data sets and federated partitions, with no network needed by default.
+
+Fashion-MNIST is read from the IDX files that Debian's `dataset-fashion-mnist`
+package installs (or any directory holding the same four files). Hugging Face
+data sets (MNIST, CIFAR-10, ...) are offered through flwr-datasets for users
+with internet. Partitions come from flwr-datasets' partitioners with a fixed
+seed, so every node computes the same split on its own.
+"""
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dropfleet.common.errors import ConfigError, DatasetError
+
+DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATA_DIR_ENV = "DROPFLEET_DATA_DIR"
+# Per-pixel statistics of the Fashion-MNIST training set.
+_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+PARTITIONERS = ("iid", "dirichlet")
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images (N, 1, 28, 28) float32, normalized, and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> "Split":
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return Split(self.images[idx], self.labels[idx])
+
+
+def fashion_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the IDX files are: the argument, $DROPFLEET_DATA_DIR, or Debian's path."""
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR)
+
+
+def _open(path: Path) -> bytes:
+    for candidate in (path.with_name(path.name + ".gz"), path):
+        if candidate.exists():
+            raw = candidate.read_bytes()
+            return gzip.decompress(raw) if candidate.suffix == ".gz" else raw
+    raise DatasetError(
+        f"{path.name}[.gz] not found in {path.parent}. Install Debian's "
+        f"dataset-fashion-mnist package (apt-get install dataset-fashion-mnist) "
+        f"or point ${DATA_DIR_ENV} at a directory with the four IDX files."
+    )
+
+
+def read_idx(data: bytes) -> np.ndarray:
+    """Parse an IDX file (unsigned-byte payload) into an array of its shape."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise DatasetError("not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(shape)) if shape else 0
+    if len(data) != header + expected:
+        raise DatasetError(f"IDX payload is {len(data) - header} bytes, header says {expected}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(split: str, data_dir: str | os.PathLike[str] | None = None) -> Split:
+    """The Fashion-MNIST train (60k) or test (10k) split, normalized."""
+    if split not in _FILES:
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    root = fashion_mnist_dir(data_dir)
+    img_name, lbl_name = _FILES[split]
+    images = read_idx(_open(root / img_name))
+    labels = read_idx(_open(root / lbl_name))
+    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        raise DatasetError(f"inconsistent IDX shapes {images.shape} and {labels.shape}")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    x = ((x - _FMNIST_MEAN) / _FMNIST_STD).unsqueeze(1)
+    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
+def partition_indices(
+    labels: np.ndarray | torch.Tensor,
+    num_partitions: int,
+    partition_id: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> np.ndarray:
+    """Indices of one partition, from flwr-datasets' IID or Dirichlet partitioner."""
+    from datasets import Dataset  # flwr-datasets' own dependency; optional on boards
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition id {partition_id} not in [0, {num_partitions})")
+    if partitioner == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    elif partitioner == "dirichlet":
+        if not alpha > 0:
+            raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha}")
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                    alpha=alpha, seed=seed, min_partition_size=10)
+    else:
+        raise ConfigError(f"partitioner must be one of {PARTITIONERS}, got {partitioner!r}")
+    y = np.asarray(labels, dtype=np.int64)
+    part.dataset = Dataset.from_dict({"label": y, "index": np.arange(y.size)})
+    return np.asarray(part.load_partition(partition_id)["index"], dtype=np.int64)
+
+
+def load_hf_partition(
+    name: str, partition_id: int, num_partitions: int, alpha: float = 0.5, seed: int = 0
+) -> Split:
+    """One Dirichlet partition of a Hugging Face image data set (needs internet)."""
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                alpha=alpha, seed=seed)
+    try:
+        fds = FederatedDataset(dataset=name, partitioners={"train": part})
+        ds = fds.load_partition(partition_id)
+    except Exception as exc:  # network, hub, or name errors all mean "not available"
+        raise DatasetError(f"Hugging Face data set {name!r} is not available: {exc}") from exc
+    image_key = next(k for k in ds.column_names if k in ("image", "img"))
+    images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in ds[image_key]])
+    if images.ndim == 3:
+        images = images[:, None]
+    else:
+        images = images.transpose(0, 3, 1, 2)
+    return Split(torch.from_numpy(np.ascontiguousarray(images)),
+                 torch.tensor(ds["label"], dtype=torch.int64))

@@ -1,0 +1,42 @@
+"""Typed exceptions for broken preconditions, in one place.
+
+Everything raised on purpose by dropfleet derives from `DropfleetError`, so a
+caller can tell our refusals from bugs. Errors about untrusted bytes derive
+from `WireFormatError` (a `ValueError`), so a server can reject a client reply
+without catching everything.
+"""
+
+
+class DropfleetError(Exception):
+    """Base class of every error dropfleet raises on purpose."""
+
+
+class ConfigError(DropfleetError, ValueError):
+    """A hyperparameter, setting or argument is out of its allowed range."""
+
+
+class UnknownModelError(DropfleetError, KeyError):
+    """A model id is not in the model registry."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+class InitSchemeError(DropfleetError, ValueError):
+    """A seeded-init request cannot be served (unknown version, unknown layer)."""
+
+
+class WireFormatError(DropfleetError, ValueError):
+    """Bytes or a sparse model that do not describe a valid model."""
+
+
+class PayloadTooLargeError(WireFormatError):
+    """A payload exceeds the configured size limit."""
+
+
+class BudgetError(DropfleetError, ValueError):
+    """A device memory budget cannot hold even the smallest useful model."""
+
+
+class DatasetError(DropfleetError, OSError):
+    """A data set cannot be found or read."""

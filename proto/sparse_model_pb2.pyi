@@ -1,0 +1,64 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PositionCoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POSITION_CODING_UNSPECIFIED: _ClassVar[PositionCoding]
+    POSITION_CODING_RICE_SPLIT: _ClassVar[PositionCoding]
+
+class ValueEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VALUE_ENCODING_UNSPECIFIED: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_FP32: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_FP16: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_INT8: _ClassVar[ValueEncoding]
+POSITION_CODING_UNSPECIFIED: PositionCoding
+POSITION_CODING_RICE_SPLIT: PositionCoding
+VALUE_ENCODING_UNSPECIFIED: ValueEncoding
+VALUE_ENCODING_FP32: ValueEncoding
+VALUE_ENCODING_FP16: ValueEncoding
+VALUE_ENCODING_INT8: ValueEncoding
+
+class SparseTensor(_message.Message):
+    __slots__ = ("name", "shape", "count", "position_coding", "rice_parameter", "rice_quotients", "rice_remainders", "value_encoding", "values", "int8_scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_CODING_FIELD_NUMBER: _ClassVar[int]
+    RICE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    RICE_QUOTIENTS_FIELD_NUMBER: _ClassVar[int]
+    RICE_REMAINDERS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_ENCODING_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    INT8_SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    count: int
+    position_coding: PositionCoding
+    rice_parameter: int
+    rice_quotients: bytes
+    rice_remainders: bytes
+    value_encoding: ValueEncoding
+    values: bytes
+    int8_scale: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., position_coding: _Optional[_Union[PositionCoding, str]] = ..., rice_parameter: _Optional[int] = ..., rice_quotients: _Optional[bytes] = ..., rice_remainders: _Optional[bytes] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., values: _Optional[bytes] = ..., int8_scale: _Optional[float] = ...) -> None: ...
+
+class SparseModel(_message.Message):
+    __slots__ = ("format_version", "seed", "init_scheme", "model_id", "tensors")
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    INIT_SCHEME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    format_version: int
+    seed: int
+    init_scheme: int
+    model_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[SparseTensor]
+    def __init__(self, format_version: _Optional[int] = ..., seed: _Optional[int] = ..., init_scheme: _Optional[int] = ..., model_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[SparseTensor, _Mapping]]] = ...) -> None: ...
