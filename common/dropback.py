@@ -243,18 +243,21 @@ class DropBack(Optimizer):
             entrants = np.flatnonzero(np.greater(score, threshold, out=self._mask_buf))
             n_pool = tracked.size + entrants.size
             pool_score = np.concatenate([score_tracked, score[entrants]])
-            if n_pool <= self.k:
-                kth = float(pool_score.min()) if n_pool == self.k else 0.0
+            if n_pool < self.k:
+                if threshold > 0.0:  # weights below the bar are needed to fill k
+                    threshold = 0.0
+                    continue
+                kth = 0.0
                 keep = np.ones(n_pool, dtype=bool)
                 break
             kth = float(np.partition(pool_score, n_pool - self.k)[n_pool - self.k])
-            if kth >= threshold:
+            if kth >= threshold:  # nothing outside the pool can beat the k-th score
                 keep = pool_score >= kth
                 surplus = int(keep.sum()) - self.k
                 if surplus > 0:  # ties at the k-th score: keep exactly k
                     keep[np.flatnonzero(pool_score == kth)[:surplus]] = False
                 break
-            threshold = kth  # tracked scores fell: rescan once with the lower bar
+            threshold = kth  # tracked scores fell below the bar: rescan once, lower
         # A bar a little under the k-th score lets most steps avoid the rescan.
         self._threshold = kth * THRESHOLD_MARGIN
         keep_tracked, keep_entrants = keep[: tracked.size], keep[tracked.size:]

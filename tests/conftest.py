@@ -1,0 +1,22 @@
+"""Shared fixtures: the real Fashion-MNIST files, loaded once per session."""
+
+import pytest
+import torch
+
+from dropfleet.common.data import Split, fashion_mnist_dir, load_fashion_mnist
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test() -> Split:
+    if not (fashion_mnist_dir() / "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: run `make install` (apt-get install dataset-fashion-mnist)")
+    return load_fashion_mnist("test")
+
+
+@pytest.fixture(scope="session")
+def fmnist_train() -> Split:
+    return load_fashion_mnist("train")
