@@ -1,0 +1,58 @@
+# dropfleet: two commands to start — `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install data demo test test-all lint proto bench bench-quick clean
+
+install: $(STAMP) data
+
+# Pinned dependencies (requirements.lock) into a project-local venv; torch is the
+# CPU wheel (torch==2.13.0), anything else would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist, unless the user points
+# DROPFLEET_DATA_DIR at their own copy.
+data:
+	@if [ -n "$$DROPFLEET_DATA_DIR" ] || [ -f $(FMNIST) ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST missing: install dataset-fashion-mnist or set DROPFLEET_DATA_DIR" >&2; exit 1; \
+	fi
+
+demo: install
+	$(PY) bench/centralized.py --quick
+
+# The default suite: everything but the tests marked slow; under ~10 minutes.
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+proto: install
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/sparse_model.proto
+
+bench: install
+	$(PY) bench/centralized.py
+
+bench-quick: install
+	$(PY) bench/centralized.py --quick
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,74 @@
+"""Fashion-MNIST from Debian's IDX files, and flwr-datasets partitions."""
+
+import gzip
+
+import numpy as np
+import pytest
+
+from dropfleet.common.data import (
+    load_fashion_mnist,
+    load_hf_partition,
+    partition_indices,
+    read_idx,
+)
+from dropfleet.common.errors import ConfigError, DatasetError
+
+
+def test_real_test_split(fmnist_test):
+    assert fmnist_test.images.shape == (10000, 1, 28, 28)
+    assert np.bincount(fmnist_test.labels.numpy()).tolist() == [1000] * 10
+    assert abs(float(fmnist_test.images.mean())) < 0.1
+
+
+def test_user_directory_and_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(DatasetError, match="dataset-fashion-mnist"):
+        load_fashion_mnist("test", tmp_path)
+    images = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 9])))
+    monkeypatch.setenv("DROPFLEET_DATA_DIR", str(tmp_path))
+    split = load_fashion_mnist("test")
+    assert split.labels.tolist() == [3, 9] and split.images.shape == (2, 1, 28, 28)
+    with pytest.raises(ConfigError):
+        load_fashion_mnist("validation")
+
+
+def test_idx_rejects_bad_files():
+    with pytest.raises(DatasetError):
+        read_idx(b"\x00\x00\x0d\x01")
+    with pytest.raises(DatasetError, match="header says"):
+        read_idx(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"\x01")
+
+
+def test_dirichlet_partitions_are_deterministic_disjoint_and_skewed(fmnist_test):
+    labels = fmnist_test.labels.numpy()
+    parts = [partition_indices(labels, 10, i, "dirichlet", alpha=0.5, seed=0) for i in range(10)]
+    assert parts[3].tolist() == partition_indices(labels, 10, 3, "dirichlet", 0.5, 0).tolist()
+    joined = np.concatenate(parts)
+    assert np.unique(joined).size == joined.size == labels.size
+    skew = [np.bincount(labels[p], minlength=10).max() / max(p.size, 1) for p in parts]
+    assert max(skew) > 0.25  # label-skewed, unlike IID's ~0.1
+    other_seed = partition_indices(labels, 10, 3, "dirichlet", 0.5, seed=1)
+    assert other_seed.tolist() != parts[3].tolist()
+
+
+def test_iid_partitions_and_bad_arguments(fmnist_test):
+    labels = fmnist_test.labels.numpy()
+    part = partition_indices(labels, 4, 1, "iid")
+    assert part.size == 2500
+    with pytest.raises(ConfigError):
+        partition_indices(labels, 4, 4, "iid")
+    with pytest.raises(ConfigError):
+        partition_indices(labels, 4, 0, "pathological")
+    with pytest.raises(ConfigError):
+        partition_indices(labels, 4, 0, "dirichlet", alpha=0.0)
+
+
+def test_hub_dataset_offline_gives_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(DatasetError, match="not available"):
+        load_hf_partition("ylecun/mnist", 0, 10)

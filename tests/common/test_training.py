@@ -1,0 +1,27 @@
+"""DropBack learns Fashion-MNIST for real (one epoch, a quarter of the data)."""
+
+import numpy as np
+import torch
+
+from dropfleet.common.codec import decode, encode
+from dropfleet.common.dropback import DropBack
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.sparse import materialize, sparse_from_optimizer
+from dropfleet.common.train import evaluate, train_epochs
+
+
+def test_dropback_learns_and_survives_the_wire(fmnist_train, fmnist_test):
+    data = fmnist_train.subset(np.arange(15000))
+    model = seeded_model("mlp-90k", 0)
+    k = 89_610 // 20
+    opt = DropBack(model.parameters(), lr=0.1, k=k)
+    train_epochs(model, opt, data, epochs=1, batch_size=64, seed=0)
+    result = evaluate(model, fmnist_test)
+    assert result.accuracy > 0.70
+    sparse = sparse_from_optimizer(model, opt, 0, "mlp-90k")
+    assert sparse.num_tracked == k
+    received = materialize(decode(encode(sparse, "fp32")))
+    assert abs(evaluate(received, fmnist_test).accuracy - result.accuracy) < 0.002
+    untrained = evaluate(seeded_model("mlp-90k", 0), fmnist_test)
+    assert untrained.accuracy < 0.3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
