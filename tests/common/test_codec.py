@@ -119,10 +119,8 @@ def test_rejects_unknown_model_and_shape_mismatch():
 
 def test_rejects_out_of_range_and_count_mismatch():
     m = random_sparse(50)
-    msg = _msg(m)
-    last = msg.tensors[-1]  # 10-element bias
-    big = SparseModel(m.seed, m.model_id, m.tensors[:-1] + (
-        SparseTensor(m.tensors[-1].name, (10,), np.array([3]), np.array([1.0], np.float32)),))
+    bias = SparseTensor(m.tensors[-1].name, (10,), np.array([3]), np.array([1.0], np.float32))
+    big = SparseModel(m.seed, m.model_id, (*m.tensors[:-1], bias))  # last tensor: 10-element bias
     msg = _msg(big)
     last = msg.tensors[-1]
     last.rice_quotients = bytes([0b11111111, 0b11111111, 0b00000000])  # gap of 16 > 10
@@ -197,7 +195,8 @@ def test_fuzz_random_bytes_never_crash(data):
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
-    payload = bytearray(encode(random_sparse(60, seed=3), data.draw(st.sampled_from(["fp32", "fp16", "int8"]))))
+    precision = data.draw(st.sampled_from(["fp32", "fp16", "int8"]))
+    payload = bytearray(encode(random_sparse(60, seed=3), precision))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(payload) - 1))
         payload[pos] = data.draw(st.integers(0, 255))

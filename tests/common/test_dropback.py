@@ -74,6 +74,10 @@ def test_each_step_keeps_the_exact_top_k(model_id):
     assert opt.num_tracked == k
 
 
+def _moved(model, w0):
+    return torch.cat([(p != q).reshape(-1) for p, q in zip(model.parameters(), w0, strict=True)])
+
+
 def _offsets(model):
     out, start = [], 0
     for p in model.parameters():
@@ -98,8 +102,8 @@ def test_mlp_trajectory_matches_naive_reference():
         fast.zero_grad()
         loss_fn(fast_model(x), y).backward()
         fast.step()
-        ref_mask = torch.cat([(p != q).reshape(-1) for p, q in zip(ref_model.parameters(), w0, strict=True)])
-        fast_mask = torch.cat([(p != q).reshape(-1) for p, q in zip(fast_model.parameters(), w0, strict=True)])
+        ref_mask = _moved(ref_model, w0)
+        fast_mask = _moved(fast_model, w0)
         assert torch.equal(ref_mask, fast_mask)
         for a, b in zip(ref_model.parameters(), fast_model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
