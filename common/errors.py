@@ -40,3 +40,7 @@ class BudgetError(DropfleetError, ValueError):
 
 class DatasetError(DropfleetError, OSError):
     """A data set cannot be found or read."""
+
+
+class ReplyRejectedError(WireFormatError):
+    """A client reply fails validation; the server drops it and counts it."""

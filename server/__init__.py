@@ -1,0 +1,1 @@
+"""Server side: the Flower ServerApp and its strategy, reply validation, reporting."""

@@ -1,0 +1,92 @@
+"""The Flower ClientApp: a device that trains DropBack under its memory budget.
+
+Thin by design: unpack the message, call client/local.py, pack the reply.
+A refusal (budget too small, device unavailable this round, bad global model)
+is an error reply with a clear reason, which the server logs and counts.
+"""
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dropfleet.client.local import (
+    evaluate_sparse,
+    is_available,
+    local_data,
+    train_dense,
+    train_sparse,
+)
+from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
+from dropfleet.common.errors import BudgetError, DropfleetError
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.train import evaluate
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, pack_sparse, unpack_sparse
+
+# Error codes in replies (Flower reserves small numbers for its own errors).
+REFUSED_BUDGET = 4001
+UNAVAILABLE = 4002
+BAD_REQUEST = 4003
+
+app = ClientApp()
+
+
+def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]:
+    node = context.node_config
+    partition_id = int(node.get("partition-id", 0))
+    num_partitions = int(node.get("num-partitions", 1))
+    if "profile" in node:
+        profile = get_profile(str(node["profile"]))
+    else:
+        profile = profile_for_partition(partition_id, config.profiles)
+    return partition_id, num_partitions, profile
+
+
+def _refuse(msg: Message, code: int, reason: str) -> Message:
+    return Message(error=Error(code=code, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_mapping(context.run_config)
+    partition_id, num_partitions, profile = _node(context, config)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    if not is_available(profile, config, server_round, partition_id):
+        return _refuse(msg, UNAVAILABLE, f"{profile.name} node {partition_id} unavailable this round")
+    train_data, _ = local_data(config, partition_id, num_partitions)
+    if DENSE_RECORD in msg.content.array_records:
+        state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
+        new_state, loss = train_dense(state, train_data, config, server_round)
+        metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss})
+        return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}),
+                       reply_to=msg)
+    try:
+        global_model = unpack_sparse(msg.content, config.max_payload_bytes)
+        update = train_sparse(global_model, train_data, profile, config, server_round)
+    except DropfleetError as exc:
+        code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
+        return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
+    metrics = MetricRecord({
+        "num-examples": update.num_examples, "train-loss": update.train_loss, "k": update.k,
+        "state-bytes": update.state_bytes, "budget-bytes": update.budget_bytes,
+    })
+    return Message(RecordDict({SPARSE_RECORD: pack_sparse(update.model, config.value_precision),
+                               "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_mapping(context.run_config)
+    partition_id, num_partitions, _ = _node(context, config)
+    _, val_data = local_data(config, partition_id, num_partitions)
+    if DENSE_RECORD in msg.content.array_records:
+        model = seeded_model(config.model_id, config.seed)
+        model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())
+        result = evaluate(model, val_data)
+    else:
+        try:
+            result = evaluate_sparse(unpack_sparse(msg.content, config.max_payload_bytes), val_data)
+        except DropfleetError as exc:
+            return _refuse(msg, BAD_REQUEST, str(exc))
+    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss,
+                            "eval-accuracy": result.accuracy})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,98 @@
+"""What a device does in a round, free of Flower: data, budget, DropBack training.
+
+The ClientApp (client/app.py) only unpacks messages and calls these.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from dropfleet.client.profiles import DeviceProfile, budget_to_k
+from dropfleet.common.data import Split, load_fashion_mnist, partition_indices
+from dropfleet.common.dropback import DropBack
+from dropfleet.common.errors import BudgetError
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.sparse import SparseModel, initial_at_tracked, load_deltas_, sparse_from_optimizer
+from dropfleet.common.train import EvalResult, evaluate, train_epochs
+from dropfleet.fleet.config import RunConfig
+
+VALIDATION_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    model: SparseModel
+    num_examples: int
+    train_loss: float
+    k: int
+    state_bytes: int
+    budget_bytes: int
+
+
+@cache
+def _train_split() -> Split:
+    return load_fashion_mnist("train")
+
+
+@cache
+def local_data(config: RunConfig, partition_id: int, num_partitions: int) -> tuple[Split, Split]:
+    """This node's Fashion-MNIST partition, split into local train and validation."""
+    full = _train_split()
+    idx = partition_indices(full.labels.numpy(), num_partitions, partition_id,
+                            config.partitioner, config.alpha, config.seed)
+    if config.train_subset:
+        idx = idx[: config.train_subset]
+    n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
+    return full.subset(idx[n_val:]), full.subset(idx[:n_val])
+
+
+def client_k(profile: DeviceProfile, config: RunConfig, num_weights: int) -> int:
+    """k for this device (raises `BudgetError` when the budget is too small)."""
+    return budget_to_k(profile.state_budget_bytes, num_weights, config.min_k)
+
+
+def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, partition_id: int) -> bool:
+    """Simulated availability: a reproducible coin flip per (seed, round, node)."""
+    rng = np.random.default_rng([config.seed, server_round, partition_id])
+    return bool(rng.random() < profile.availability)
+
+
+def train_sparse(global_model: SparseModel, data: Split, profile: DeviceProfile, config: RunConfig,
+                 server_round: int) -> LocalUpdate:
+    """Start from the published global set (trimmed to this device's k) and run DropBack."""
+    model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
+    num_weights = sum(p.numel() for p in model.parameters())
+    k = client_k(profile, config, num_weights)
+    load_deltas_(model, global_model)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
+    opt = DropBack(model.parameters(), lr=config.learning_rate, k=k, freeze_after=freeze)
+    opt.set_tracked(initial_at_tracked(global_model))
+    loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size,
+                        seed=config.seed * 1_000_003 + server_round)
+    if opt.state_bytes() > profile.state_budget_bytes:  # guarded by construction; never trust it blindly
+        raise BudgetError(f"state grew to {opt.state_bytes()} bytes > budget {profile.state_budget_bytes}")
+    return LocalUpdate(
+        model=sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id),
+        num_examples=len(data), train_loss=loss, k=k, state_bytes=opt.state_bytes(),
+        budget_bytes=profile.state_budget_bytes,
+    )
+
+
+def train_dense(state: dict[str, torch.Tensor], data: Split, config: RunConfig, server_round: int
+                ) -> tuple[dict[str, torch.Tensor], float]:
+    """The dense FedAvg baseline: plain SGD from the global dense weights."""
+    model = seeded_model(config.model_id, config.seed)
+    model.load_state_dict(state)
+    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size,
+                        seed=config.seed * 1_000_003 + server_round)
+    return model.state_dict(), loss
+
+
+def evaluate_sparse(global_model: SparseModel, data: Split) -> EvalResult:
+    from dropfleet.common.sparse import materialize
+
+    return evaluate(materialize(global_model), data)

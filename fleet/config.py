@@ -1,0 +1,95 @@
+"""The run configuration, parsed once and validated with the bad key named.
+
+Values come from `[tool.flwr.app.config]` in pyproject.toml, overridable per
+run with `flwr run . --run-config "key=value ..."`.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from dropfleet.common.codec import PRECISIONS
+from dropfleet.common.data import PARTITIONERS
+from dropfleet.common.errors import ConfigError
+from dropfleet.common.models import MODELS
+
+STRATEGIES = ("dropback", "fedavg")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_server_rounds: int = 3
+    strategy: str = "dropback"
+    model_id: str = "mlp-90k"
+    seed: int = 0
+    global_k: int = 8961
+    min_k: int = 100
+    local_epochs: int = 1
+    learning_rate: float = 0.1
+    batch_size: int = 32
+    freeze_epochs: int = 0
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    value_precision: str = "fp16"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.5
+    min_available_nodes: int = 2
+    min_train_nodes: int = 2
+    round_timeout: float = 600.0
+    fleet_mix: str = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+    max_payload_bytes: int = 16 * 1024 * 1024
+    max_examples: int = 100_000
+    results_file: str = "results/run.jsonl"
+    train_subset: int = 0
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
+        """Parse Flower's run config (kebab-case keys); unknown keys are errors."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"unknown run-config key {key!r}; known: {sorted(known)}")
+            f = known[key]
+            want = type(getattr(cls(), f.name))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise ConfigError(f"run-config {key!r} must be {want.__name__}, got {value!r}")
+            values[f.name] = value
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        checks = [
+            ("num-server-rounds", self.num_server_rounds >= 1),
+            ("strategy", self.strategy in STRATEGIES),
+            ("model-id", self.model_id in MODELS),
+            ("seed", 0 <= self.seed < 2**63),
+            ("global-k", self.global_k >= 1),
+            ("min-k", self.min_k >= 1),
+            ("local-epochs", self.local_epochs >= 1),
+            ("learning-rate", 0 < self.learning_rate < float("inf")),
+            ("batch-size", self.batch_size >= 1),
+            ("freeze-epochs", self.freeze_epochs >= 0),
+            ("partitioner", self.partitioner in PARTITIONERS),
+            ("alpha", self.alpha > 0),
+            ("value-precision", self.value_precision in PRECISIONS),
+            ("fraction-train", 0 < self.fraction_train <= 1),
+            ("fraction-evaluate", 0 <= self.fraction_evaluate <= 1),
+            ("min-available-nodes", self.min_available_nodes >= 1),
+            ("min-train-nodes", self.min_train_nodes >= 1),
+            ("round-timeout", self.round_timeout > 0),
+            ("max-payload-bytes", self.max_payload_bytes >= 1024),
+            ("max-examples", self.max_examples >= 1),
+            ("train-subset", self.train_subset >= 0),
+        ]
+        for key, ok in checks:
+            if not ok:
+                value = getattr(self, key.replace("-", "_"))
+                raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}")
+
+    @property
+    def profiles(self) -> list[str]:
+        return [p.strip() for p in self.fleet_mix.split(",") if p.strip()]

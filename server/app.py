@@ -1,0 +1,50 @@
+"""The Flower ServerApp: runs the sparse DropBack strategy (or the dense baseline)."""
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from dropfleet.common.codec import decode
+from dropfleet.common.data import load_fashion_mnist
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.sparse import materialize
+from dropfleet.common.train import evaluate
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.records import record_payload
+from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.strategy import DenseFedAvg, SparseDropBack
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(context.run_config)
+    recorder = RoundRecorder(config.strategy, config.num_server_rounds, config.results_file)
+    test = load_fashion_mnist("test")
+
+    if config.strategy == "dropback":
+        strategy: SparseDropBack | DenseFedAvg = SparseDropBack(config, recorder)
+        initial = strategy.initial_arrays()
+
+        def to_model(arrays: ArrayRecord):  # noqa: ANN202
+            return materialize(decode(record_payload(arrays), config.max_payload_bytes))
+    else:
+        strategy = DenseFedAvg(config, recorder)
+        initial = ArrayRecord(seeded_model(config.model_id, config.seed).state_dict())
+
+        def to_model(arrays: ArrayRecord):  # noqa: ANN202
+            model = seeded_model(config.model_id, config.seed)
+            model.load_state_dict(arrays.to_torch_state_dict())
+            return model
+
+    def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        result = evaluate(to_model(arrays), test)
+        recorder.finish_round(server_round, result.accuracy, result.loss)
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+
+    try:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
+                       timeout=config.round_timeout, train_config=ConfigRecord(),
+                       evaluate_config=ConfigRecord(), evaluate_fn=evaluate_on_test_set)
+    finally:
+        recorder.close()

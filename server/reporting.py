@@ -1,0 +1,86 @@
+"""Per-round report: a progress display on screen and JSON lines for scripts."""
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class RoundStats:
+    round: int
+    strategy: str
+    sampled: int = 0
+    replied: int = 0
+    failed: int = 0
+    rejected: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    global_tracked: int = 0
+    churn: float = 0.0
+    train_loss: float | None = None
+    fed_accuracy: float | None = None
+    fed_loss: float | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+class RoundRecorder:
+    """Collects what the strategy sees in a round and emits one report per round."""
+
+    def __init__(self, strategy: str, num_rounds: int, results_file: str | Path | None,
+                 console: Console | None = None) -> None:
+        self.strategy = strategy
+        self.console = console or Console(highlight=False)
+        self.path = Path(results_file) if results_file else None
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+        self.history: list[RoundStats] = []
+        self._current = RoundStats(round=0, strategy=strategy)
+        self._started = time.monotonic()
+        self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                                  TimeElapsedColumn(), console=self.console, transient=False)
+        self._task = self._progress.add_task("rounds", total=num_rounds)
+        self._progress.start()
+
+    def current(self, server_round: int) -> RoundStats:
+        if self._current.round != server_round:
+            self._current = RoundStats(round=server_round, strategy=self.strategy)
+            self._started = time.monotonic()
+        return self._current
+
+    def finish_round(self, server_round: int, accuracy: float, loss: float) -> RoundStats:
+        stats = self.current(server_round)
+        stats.accuracy, stats.loss = accuracy, loss
+        stats.seconds = round(time.monotonic() - self._started, 3)
+        self.history.append(stats)
+        if self.path:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(asdict(stats)) + "\n")
+        self._print(stats)
+        if server_round:
+            self._progress.advance(self._task)
+        self._current = RoundStats(round=-1, strategy=self.strategy)
+        return stats
+
+    def close(self) -> None:
+        self._progress.stop()
+
+    def _print(self, s: RoundStats) -> None:
+        if s.round == 0:
+            self.console.print(f"[bold]{s.strategy}[/] initial model: accuracy {100 * s.accuracy:.2f}%, "
+                               f"loss {s.loss:.4f}")
+            return
+        fed = f"{100 * s.fed_accuracy:.2f}%" if s.fed_accuracy is not None else "-"
+        self.console.print(
+            f"round {s.round:>3}  acc {100 * s.accuracy:6.2f}%  loss {s.loss:.4f}  fed-acc {fed:>7}  "
+            f"replied {s.replied}/{s.sampled} failed {s.failed} rejected {s.rejected}  "
+            f"up {s.bytes_up:,} B  down {s.bytes_down:,} B  tracked {s.global_tracked:,}  "
+            f"churn {100 * s.churn:.1f}%  {s.seconds:.1f}s"
+        )

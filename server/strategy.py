@@ -1,0 +1,142 @@
+"""Flower strategies: sparse DropBack aggregation, and the dense FedAvg baseline.
+
+Both subclass Flower's `FedAvg` and override only the hooks they must: the
+configure hooks to meter bytes down, `aggregate_train` to validate and merge
+sparse replies (or to meter the dense ones), `aggregate_evaluate` to record
+federated accuracy.
+"""
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from dropfleet.common.codec import decode
+from dropfleet.common.errors import ReplyRejectedError
+from dropfleet.common.merge import churn, merge_sparse
+from dropfleet.common.sparse import SparseModel
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.records import DENSE_RECORD, pack_sparse, record_bytes, record_payload
+from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.validation import validate_reply
+
+
+class _Metered(FedAvg):
+    """Counts messages, failures and payload bytes for the round report."""
+
+    def __init__(self, config: RunConfig, recorder: RoundRecorder, **kwargs: object) -> None:
+        super().__init__(
+            fraction_train=config.fraction_train,
+            fraction_evaluate=config.fraction_evaluate,
+            min_train_nodes=config.min_train_nodes,
+            min_evaluate_nodes=1 if config.fraction_evaluate else 0,
+            min_available_nodes=config.min_available_nodes,
+            **kwargs,
+        )
+        self.config = config
+        self.recorder = recorder
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        stats = self.recorder.current(server_round)
+        stats.sampled = len(messages)
+        stats.bytes_down += len(messages) * record_bytes(arrays)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        self.recorder.current(server_round).bytes_down += len(messages) * record_bytes(arrays)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            stats = self.recorder.current(server_round)
+            stats.fed_accuracy = metrics.get("eval-accuracy")
+            stats.fed_loss = metrics.get("eval-loss")
+        return metrics
+
+    def _record_failures(self, server_round: int, errors: list[Message]) -> None:
+        stats = self.recorder.current(server_round)
+        stats.failed = len(errors)
+        stats.failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
+
+
+class SparseDropBack(_Metered):
+    """Merges sparse DropBack replies and publishes the global top-K tracked set."""
+
+    def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
+        super().__init__(config, recorder, arrayrecord_key="sparse-model")
+        self.global_model = SparseModel.empty(config.model_id, config.seed)
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The first global model: just the seed, with an empty tracked set."""
+        return self._publish(self.global_model)
+
+    def _publish(self, model: SparseModel) -> ArrayRecord:
+        record = pack_sparse(model, self.config.value_precision)
+        # Keep exactly what devices will decode (values quantized to the wire precision).
+        self.global_model = decode(record_payload(record), self.config.max_payload_bytes)
+        return record
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        self._record_failures(server_round, errors)
+        stats = self.recorder.current(server_round)
+        accepted = []
+        # Sorted by node so the merge (a float sum) does not depend on arrival order.
+        for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
+            try:
+                update = validate_reply(msg.content, self.global_model, self.config)
+            except ReplyRejectedError as exc:
+                stats.rejected += 1
+                stats.failures.append(f"node {msg.metadata.src_node_id} rejected: {exc}")
+                log(WARNING, "Rejected reply from node %s: %s", msg.metadata.src_node_id, exc)
+                continue
+            stats.bytes_up += update.payload_bytes
+            accepted.append((msg, update))
+        stats.replied = len(accepted)
+        if not accepted:
+            log(WARNING, "Round %s: no acceptable replies; the global model is unchanged", server_round)
+            stats.global_tracked = self.global_model.num_tracked
+            return None, None
+        previous = self.global_model
+        merged = merge_sparse([(u.model, float(u.num_examples)) for _, u in accepted], self.config.global_k)
+        arrays = self._publish(merged)
+        stats.churn = churn(previous, self.global_model)
+        stats.global_tracked = self.global_model.num_tracked
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
+        stats.train_loss = metrics.get("train-loss")
+        log(INFO, "Round %s: merged %s updates into %s tracked weights", server_round,
+            len(accepted), stats.global_tracked)
+        return arrays, metrics
+
+
+class DenseFedAvg(_Metered):
+    """Flower's FedAvg on dense weights, metered the same way (the baseline)."""
+
+    def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
+        super().__init__(config, recorder, arrayrecord_key=DENSE_RECORD)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        errors = [m for m in replies if m.has_error()]
+        self._record_failures(server_round, errors)
+        stats = self.recorder.current(server_round)
+        valid = [m for m in replies if not m.has_error()]
+        stats.replied = len(valid)
+        stats.bytes_up = sum(record_bytes(m.content.array_records[DENSE_RECORD]) for m in valid
+                             if DENSE_RECORD in m.content.array_records)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            stats.global_tracked = sum(a.numpy().size for a in arrays.values())
+        if metrics is not None:
+            stats.train_loss = metrics.get("train-loss")
+        return arrays, metrics
