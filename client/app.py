@@ -8,6 +8,7 @@ is an error reply with a clear reason, which the server logs and counts.
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from dropfleet.client.audit import audit_mod
 from dropfleet.client.local import (
     evaluate_sparse,
     is_available,
@@ -27,7 +28,7 @@ REFUSED_BUDGET = 4001
 UNAVAILABLE = 4002
 BAD_REQUEST = 4003
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])
 
 
 def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]:

@@ -36,7 +36,7 @@ class RoundRecorder:
     def __init__(self, strategy: str, num_rounds: int, results_file: str | Path | None,
                  console: Console | None = None) -> None:
         self.strategy = strategy
-        self.console = console or Console(highlight=False)
+        self.console = console or Console(highlight=False, soft_wrap=True)
         self.path = Path(results_file) if results_file else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,111 @@
+"""Run the app on Flower's Simulation Engine with the offline pitfalls handled.
+
+`flwr run .` is the real entry point; this wraps it so that it works on a
+machine without internet and leaves nothing behind:
+- runtime dependency installation off (it would `uv sync` a CUDA torch),
+- telemetry and update checks off,
+- a project-local FLWR_HOME whose config.toml names the local simulation
+  connection and the fleet size,
+- the managed local SuperLink that `flwr run` starts (and leaves running) is
+  stopped afterwards.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_flower_config(flwr_home: Path) -> Path:
+    """A config.toml whose default connection is the managed local simulation."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    return path
+
+
+def simulation_env(flwr_home: Path, base: Mapping[str, str] | None = None,
+                   superlink_port: int | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(OFFLINE_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    if superlink_port:
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(superlink_port)
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(superlink_port + 2)
+    return env
+
+
+def _pids_with(fragment: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if fragment in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_managed_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
+    """Stop the local SuperLink (and its children) that `flwr run` started for FLWR_HOME."""
+    pids = _pids_with(str(flwr_home / "local-superlink"))
+    for pid in pids:
+        children = _pids_with(f"--parent-pid {pid}")
+        for p in [*children, pid]:
+            try:
+                os.kill(p, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+        time.sleep(0.1)
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def run_simulation(num_supernodes: int, run_config: Mapping[str, object], flwr_home: Path,
+                   superlink_port: int | None = None, extra_env: Mapping[str, str] | None = None,
+                   timeout: float | None = None) -> int:
+    """`flwr run . --stream` on a fresh local simulation; returns its exit code."""
+    write_flower_config(flwr_home)
+    env = simulation_env(flwr_home, superlink_port=superlink_port)
+    env.update(extra_env or {})
+    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT_ROOT), "--stream",
+           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+    if overrides:
+        cmd += ["--run-config", overrides]
+    try:
+        return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout, check=False).returncode
+    finally:
+        stop_managed_superlink(flwr_home)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)

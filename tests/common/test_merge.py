@@ -1,0 +1,99 @@
+"""Sparse merge against a dense reference: weighted mean of client models, global top-K."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dropfleet.common.errors import ConfigError, WireFormatError
+from dropfleet.common.merge import churn, flat_positions, merge_sparse
+from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes, sparse_from_dense_delta
+
+SHAPES = parameter_shapes("mlp-90k")
+N = sum(int(np.prod(s)) for s in SHAPES.values())
+
+
+def client(k: int, seed: int, model_seed: int = 3) -> SparseModel:
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(N, np.float32)
+    flat[rng.choice(N, k, replace=False)] = rng.standard_normal(k).astype(np.float32)
+    deltas, start = {}, 0
+    for name, shape in SHAPES.items():
+        n = int(np.prod(shape))
+        deltas[name] = flat[start:start + n].reshape(shape)
+        start += n
+    return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
+
+
+def dense_reference(updates, big_k):
+    total = sum(w for _, w in updates)
+    mean = sum(np.concatenate([d.reshape(-1) for d in dense_deltas(m).values()]).astype(np.float64) * w
+               for m, w in updates) / total
+    order = np.lexsort((np.arange(N), -np.abs(mean)))
+    keep = order[:big_k]
+    keep = keep[mean[keep] != 0]
+    out = np.zeros(N)
+    out[keep] = mean[keep]
+    return out
+
+
+def flat(model):
+    return np.concatenate([d.reshape(-1) for d in dense_deltas(model).values()])
+
+
+@pytest.mark.parametrize("big_k", [500, 3000, 20_000])
+def test_matches_dense_reference(big_k):
+    updates = [(client(1000, 1), 10.0), (client(2500, 2), 30.0), (client(600, 3), 5.0)]
+    merged = merge_sparse(updates, big_k)
+    merged.validate()
+    np.testing.assert_allclose(flat(merged), dense_reference(updates, big_k).astype(np.float32), rtol=1e-6)
+    assert merged.num_tracked == min(big_k, np.count_nonzero(dense_reference(updates, N)))
+
+
+def test_global_k_may_exceed_every_client_k():
+    updates = [(client(800, s), 1.0) for s in range(5)]
+    merged = merge_sparse(updates, 10_000)
+    assert merged.num_tracked > 800
+
+
+def test_overlapping_entries_average_with_untracked_as_zero():
+    a, b = client(50, 7), client(50, 7)  # identical sets
+    merged = merge_sparse([(a, 1.0), (b, 3.0)], 50)
+    np.testing.assert_allclose(flat(merged), flat(a), rtol=1e-6)
+    lone = merge_sparse([(a, 1.0), (SparseModel.empty("mlp-90k", 3), 3.0)], 50)
+    np.testing.assert_allclose(flat(lone), flat(a) / 4, rtol=1e-6)
+
+
+def test_order_of_updates_does_not_change_the_tracked_set():
+    ups = [(client(700, s), float(s + 1)) for s in range(4)]
+    a, b = merge_sparse(ups, 1500), merge_sparse(ups[::-1], 1500)
+    assert np.array_equal(flat_positions(a), flat_positions(b))
+    np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6)
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError):
+        merge_sparse([], 10)
+    with pytest.raises(WireFormatError, match="seed"):
+        merge_sparse([(client(10, 1, model_seed=1), 1.0), (client(10, 2, model_seed=2), 1.0)], 10)
+    with pytest.raises(ConfigError, match="weights"):
+        merge_sparse([(client(10, 1), 0.0)], 10)
+    with pytest.raises(ConfigError, match="weights"):
+        merge_sparse([(client(10, 1), float("nan"))], 10)
+
+
+def test_churn():
+    a = client(100, 1)
+    assert churn(a, a) == 0.0
+    assert churn(SparseModel.empty("mlp-90k", 3), a) == 1.0
+    assert churn(a, SparseModel.empty("mlp-90k", 3)) == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(ks=st.lists(st.integers(0, 400), min_size=1, max_size=5), big_k=st.integers(0, 1500),
+       seed=st.integers(0, 1000))
+def test_property_matches_reference(ks, big_k, seed):
+    updates = [(client(k, seed + i), float(i + 1)) for i, k in enumerate(ks)]
+    merged = merge_sparse(updates, big_k)
+    np.testing.assert_allclose(flat(merged), dense_reference(updates, big_k).astype(np.float32),
+                               rtol=1e-6, atol=1e-12)

@@ -1,0 +1,144 @@
+"""The sparse strategy on real Flower messages: validation, merge, hostile replies."""
+
+import io
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
+
+from dropfleet.common.codec import decode, encode
+from dropfleet.common.merge import merge_sparse
+from dropfleet.common.sparse import SparseModel, parameter_shapes, sparse_from_dense_delta
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.records import SPARSE_ARRAY, SPARSE_RECORD, SPARSE_STYPE, pack_sparse, record_payload
+from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.strategy import SparseDropBack
+
+N = 89_610
+CONFIG = RunConfig(global_k=3000, value_precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def model(k, seed, model_seed=CONFIG.seed, scale=0.01):
+    rng = np.random.default_rng(seed)
+    flat = np.zeros(N, np.float32)
+    flat[rng.choice(N, k, replace=False)] = (rng.standard_normal(k) * scale).astype(np.float32)
+    deltas, start = {}, 0
+    for name, shape in parameter_shapes("mlp-90k").items():
+        n = int(np.prod(shape))
+        deltas[name] = flat[start:start + n].reshape(shape)
+        start += n
+    return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
+
+
+def reply(node_id, content=None, error=None):
+    ins = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=node_id, message_type=MessageType.TRAIN)
+    TaskIdentity.node_id = node_id
+    try:
+        if error is not None:
+            return Message(error=error, reply_to=ins)
+        return Message(content=content, reply_to=ins)
+    finally:
+        TaskIdentity.node_id = 0
+
+
+def content(sparse_or_record, examples=100, k=2000, precision="fp32", **extra_metrics):
+    record = sparse_or_record if isinstance(sparse_or_record, ArrayRecord) else pack_sparse(
+        sparse_or_record, precision)
+    metrics = {"num-examples": examples, "train-loss": 0.5, "k": k, **extra_metrics}
+    return RecordDict({SPARSE_RECORD: record, "metrics": MetricRecord(metrics)})
+
+
+def strategy():
+    out = io.StringIO()
+    return SparseDropBack(CONFIG, RoundRecorder("dropback", 3, None, Console(file=out))), out
+
+
+def raw_record(data: bytes) -> ArrayRecord:
+    return ArrayRecord({SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)})
+
+
+def test_merges_good_replies_like_the_reference():
+    s, _ = strategy()
+    good = [(node, model(2000, node)) for node in (11, 12, 13)]
+    arrays, metrics = s.aggregate_train(1, [reply(n, content(m, examples=100 * n)) for n, m in good])
+    published = decode(record_payload(arrays))
+    want = merge_sparse([(m, 100.0 * n) for n, m in good], CONFIG.global_k)
+    assert published.num_tracked == want.num_tracked == 3000
+    for a, b in zip(published.tensors, want.tensors, strict=True):
+        assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values)
+    assert metrics["train-loss"] == pytest.approx(0.5)
+    stats = s.recorder.current(1)
+    assert stats.replied == 3 and stats.rejected == 0 and stats.global_tracked == 3000
+    assert stats.bytes_up == sum(len(encode(m)) for _, m in good)
+
+
+def hostile_replies():
+    ok = model(500, 99)
+    nan_bytes = bytearray(encode(ok))
+    first = next(t for t in ok.tensors if t.count)
+    # Corrupt the first fp32 value of the first non-empty tensor into a NaN.
+    pos = bytes(nan_bytes).find(first.values[:1].tobytes())
+    nan_bytes[pos:pos + 4] = np.array([np.nan], "<f4").tobytes()
+    return {
+        "wrong seed": content(model(500, 1, model_seed=CONFIG.seed + 1)),
+        "NaN value": content(raw_record(bytes(nan_bytes))),
+        "truncated": content(raw_record(encode(ok)[:-7])),
+        "garbage": content(raw_record(b"\x08\x01" * 40)),
+        "more than k": content(model(2500, 2), k=2000),
+        "zero examples": content(model(500, 3), examples=0),
+        "absurd examples": content(model(500, 4), examples=10**9),
+        "fractional examples": content(model(500, 5), examples=12.5),
+        "no k": RecordDict({SPARSE_RECORD: pack_sparse(model(500, 6), "fp32"),
+                            "metrics": MetricRecord({"num-examples": 10})}),
+        "dense arrays": RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+                                    "metrics": MetricRecord({"num-examples": 10, "k": 5})}),
+        "wrong model": content(pack_sparse(_other_model(), "fp32")),
+    }
+
+
+def _other_model():
+    return SparseModel.empty("lenet-300-100", CONFIG.seed)
+
+
+def test_hostile_replies_are_rejected_counted_and_change_nothing():
+    good = [reply(n, content(model(2000, n), examples=100 * n)) for n in (11, 12, 13)]
+    clean, _ = strategy()
+    clean_arrays, _ = clean.aggregate_train(1, good)
+    hostile = hostile_replies()
+    bad = [reply(100 + i, c) for i, c in enumerate(hostile.values())]
+    errors = [reply(200, error=Error(code=4001, reason="budget too small"))]
+    s, _ = strategy()
+    arrays, _ = s.aggregate_train(1, bad[:5] + good + bad[5:] + errors)
+    assert record_payload(arrays) == record_payload(clean_arrays)  # bit-identical model
+    stats = s.recorder.current(1)
+    assert stats.rejected == len(hostile) and stats.failed == 1 and stats.replied == 3
+    reasons = " | ".join(stats.failures)
+    for needle in ("seed", "NaN", "undecodable", "declared k", "num-examples", "lacks metric 'k'",
+                   "expected exactly one ArrayRecord", "model id", "budget too small"):
+        assert needle in reasons, needle
+
+
+def test_only_bad_replies_keep_the_global_model():
+    s, _ = strategy()
+    before = s.initial_arrays()
+    arrays, metrics = s.aggregate_train(1, [reply(5, c) for c in hostile_replies().values()])
+    assert arrays is None and metrics is None
+    assert s.global_model.num_tracked == 0 and record_payload(before) == record_payload(s.initial_arrays())
+
+
+def test_initial_model_is_just_the_seed():
+    s, _ = strategy()
+    initial = decode(record_payload(s.initial_arrays()))
+    assert initial.num_tracked == 0 and initial.seed == CONFIG.seed
+    assert len(record_payload(s.initial_arrays())) < 200  # no dense tensor, just a seed and names
