@@ -65,7 +65,8 @@ def strategy():
 
 
 def raw_record(data: bytes) -> ArrayRecord:
-    return ArrayRecord({SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)})
+    array = Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)
+    return ArrayRecord({SPARSE_ARRAY: array})
 
 
 def test_merges_good_replies_like_the_reference():
