@@ -18,7 +18,7 @@ STRATEGIES = ("dropback", "fedavg")
 
 @dataclass(frozen=True)
 class RunConfig:
-    num_server_rounds: int = 3
+    num_server_rounds: int = 5
     strategy: str = "dropback"
     model_id: str = "mlp-90k"
     seed: int = 0

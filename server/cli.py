@@ -18,8 +18,10 @@ def _main() -> None:
 @app.command()
 def simulate(
     nodes: Annotated[int, typer.Option(help="simulated devices (SuperNodes)")] = 12,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = 5,
-    strategy: Annotated[str, typer.Option(help="dropback, or fedavg for the dense baseline")] = "dropback",
+    rounds: Annotated[int | None, typer.Option(help="federated rounds (default: pyproject)")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help="dropback, or fedavg for the dense baseline (default: pyproject)")
+    ] = None,
     results: Annotated[Path, typer.Option(help="JSON-lines results file")] = Path("results/run.jsonl"),
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="extra run-config key=value")
@@ -27,8 +29,11 @@ def simulate(
     flwr_home: Annotated[Path, typer.Option(help="Flower home for this run")] = PROJECT_ROOT / ".flwr",
 ) -> None:
     """Train on Flower's Simulation Engine (`flwr run .`) and print each round."""
-    run_config: dict[str, object] = {"num-server-rounds": rounds, "strategy": strategy,
-                                     "results-file": str(results.resolve())}
+    run_config: dict[str, object] = {"results-file": str(results.resolve())}
+    if rounds is not None:
+        run_config["num-server-rounds"] = rounds
+    if strategy is not None:
+        run_config["strategy"] = strategy
     for item in config or []:
         key, _, value = item.partition("=")
         run_config[key] = _parse_value(value)

@@ -1,0 +1,37 @@
+"""Run config: pyproject's [tool.flwr.app.config] and RunConfig agree; bad values are named."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from dropfleet.common.errors import ConfigError
+from dropfleet.fleet.config import RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_config_matches_the_defaults():
+    raw = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    parsed = RunConfig.from_mapping(raw)
+    assert parsed == RunConfig()
+    assert set(raw) == {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
+
+
+@pytest.mark.parametrize(("raw", "needle"), [
+    ({"rounds": 3}, "unknown run-config key 'rounds'"),
+    ({"global-k": "many"}, "'global-k' must be int"),
+    ({"global-k": 0}, "'global-k' has an invalid value: 0"),
+    ({"strategy": "fedprox"}, "'strategy'"),
+    ({"value-precision": "fp8"}, "'value-precision'"),
+    ({"model-id": "gpt"}, "'model-id'"),
+    ({"learning-rate": -0.1}, "'learning-rate'"),
+    ({"alpha": True}, "'alpha' must be float"),
+])
+def test_bad_values_are_named(raw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_mapping(raw)
+
+
+def test_ints_are_accepted_for_floats():
+    assert RunConfig.from_mapping({"learning-rate": 1}).learning_rate == 1.0
