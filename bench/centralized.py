@@ -31,8 +31,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--freeze-epochs", type=float, default=2.0,
-                        help="epochs before the frozen variant stops reselecting")
+    parser.add_argument(
+        "--freeze-epochs", type=float, default=2.0, help="epochs before the frozen variant stops reselecting"
+    )
     parser.add_argument("--quick", action="store_true", help="1 epoch on 12k examples")
     parser.add_argument("--out", type=Path, default=Path("results/bench-centralized.json"))
     args = parser.parse_args()
@@ -56,7 +57,10 @@ def main() -> None:
     model = seeded_model(MODEL_ID, args.seed)
     freeze_steps = int(args.freeze_epochs * steps_per_epoch)
     runs[f"DropBack k=N/20, frozen after {args.freeze_epochs:g} ep"] = (
-        model, DropBack(model.parameters(), lr=args.lr, k=n // 20, freeze_after=freeze_steps), n // 20)
+        model,
+        DropBack(model.parameters(), lr=args.lr, k=n // 20, freeze_after=freeze_steps),
+        n // 20,
+    )
 
     loss_fn = nn.CrossEntropyLoss()
     step_times: dict[str, list[float]] = {name: [] for name in runs}
@@ -64,7 +68,7 @@ def main() -> None:
     for _ in range(args.epochs):
         order = torch.randperm(len(train), generator=gen)
         for start in range(0, len(train), args.batch_size):
-            idx = order[start:start + args.batch_size]
+            idx = order[start : start + args.batch_size]
             x, y = train.images[idx], train.labels[idx]
             for name, (model, opt, _) in runs.items():
                 model.train()
@@ -81,7 +85,10 @@ def main() -> None:
         times = np.array(step_times[name])
         frozen_part = name.endswith("ep") and 0 < freeze_steps < len(times)
         row = {
-            "run": name, "k": k or n, "test_accuracy": result.accuracy, "test_loss": result.loss,
+            "run": name,
+            "k": k or n,
+            "test_accuracy": result.accuracy,
+            "test_loss": result.loss,
             # median of per-step ratios: each pair of steps ran back to back on the same batch
             "step_ratio": float(np.median(times / sgd_times)),
         }
@@ -91,19 +98,26 @@ def main() -> None:
         rows.append(row)
 
     dense_acc = rows[0]["test_accuracy"]
-    print(f"Fashion-MNIST, {MODEL_ID} (N = {n:,}), lr {args.lr}, batch {args.batch_size}, "
-          f"{args.epochs} epoch(s), seed {args.seed}, {len(train):,} training examples")
+    print(
+        f"Fashion-MNIST, {MODEL_ID} (N = {n:,}), lr {args.lr}, batch {args.batch_size}, "
+        f"{args.epochs} epoch(s), seed {args.seed}, {len(train):,} training examples"
+    )
     print(f"{'run':<38} {'k':>7} {'test acc':>9} {'vs dense':>9} {'step time / SGD':>16}")
     for r in rows:
         extra = ""
         if "step_ratio_after_freeze" in r:
-            extra = (f"  (before freeze {r['step_ratio_before_freeze']:.2f}, "
-                     f"after {r['step_ratio_after_freeze']:.2f})")
-        print(f"{r['run']:<38} {r['k']:>7,} {100 * r['test_accuracy']:>8.2f}% "
-              f"{100 * (r['test_accuracy'] - dense_acc):>+8.2f} {r['step_ratio']:>15.2f}x{extra}")
+            extra = (
+                f"  (before freeze {r['step_ratio_before_freeze']:.2f}, "
+                f"after {r['step_ratio_after_freeze']:.2f})"
+            )
+        print(
+            f"{r['run']:<38} {r['k']:>7,} {100 * r['test_accuracy']:>8.2f}% "
+            f"{100 * (r['test_accuracy'] - dense_acc):>+8.2f} {r['step_ratio']:>15.2f}x{extra}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()},
-                                    "n": n, "rows": rows}, indent=2))
+    args.out.write_text(
+        json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "n": n, "rows": rows}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

@@ -5,7 +5,7 @@ A refusal (budget too small, device unavailable this round, bad global model)
 is an error reply with a clear reason, which the server logs and counts.
 """
 
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
@@ -58,20 +58,33 @@ def train(msg: Message, context: Context) -> Message:
         state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
         new_state, loss = train_dense(state, train_data, config, server_round)
         metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss})
-        return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}),
-                       reply_to=msg)
+        return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
         update = train_sparse(global_model, train_data, profile, config, server_round)
     except DropfleetError as exc:
         code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
         return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
-    metrics = MetricRecord({
-        "num-examples": update.num_examples, "train-loss": update.train_loss, "k": update.k,
-        "state-bytes": update.state_bytes, "budget-bytes": update.budget_bytes,
-    })
-    return Message(RecordDict({SPARSE_RECORD: pack_sparse(update.model, config.value_precision),
-                               "metrics": metrics}), reply_to=msg)
+    metrics = MetricRecord(
+        {
+            "num-examples": update.num_examples,
+            "train-loss": update.train_loss,
+            "k": update.k,
+            "state-bytes": update.state_bytes,
+            "budget-bytes": update.budget_bytes,
+        }
+    )
+    device = ConfigRecord({"profile": profile.name, "partition-id": partition_id})
+    return Message(
+        RecordDict(
+            {
+                SPARSE_RECORD: pack_sparse(update.model, config.value_precision),
+                "metrics": metrics,
+                "device": device,
+            }
+        ),
+        reply_to=msg,
+    )
 
 
 @app.evaluate()
@@ -88,6 +101,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             result = evaluate_sparse(unpack_sparse(msg.content, config.max_payload_bytes), val_data)
         except DropfleetError as exc:
             return _refuse(msg, BAD_REQUEST, str(exc))
-    metrics = MetricRecord({"num-examples": result.examples, "eval-loss": result.loss,
-                            "eval-accuracy": result.accuracy})
+    metrics = MetricRecord(
+        {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}
+    )
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -32,8 +32,12 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if path:
         lines = [
             {"direction": "down", "type": msg.metadata.message_type, "arrays": _arrays(msg)},
-            {"direction": "up", "type": msg.metadata.message_type, "error": reply.has_error(),
-             "arrays": _arrays(reply)},
+            {
+                "direction": "up",
+                "type": msg.metadata.message_type,
+                "error": reply.has_error(),
+                "arrays": _arrays(reply),
+            },
         ]
         with Path(path).open("a") as fh:
             fh.write("".join(json.dumps(line) + "\n" for line in lines))

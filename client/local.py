@@ -40,8 +40,9 @@ def _train_split() -> Split:
 def local_data(config: RunConfig, partition_id: int, num_partitions: int) -> tuple[Split, Split]:
     """This node's Fashion-MNIST partition, split into local train and validation."""
     full = _train_split()
-    idx = partition_indices(full.labels.numpy(), num_partitions, partition_id,
-                            config.partitioner, config.alpha, config.seed)
+    idx = partition_indices(
+        full.labels.numpy(), num_partitions, partition_id, config.partitioner, config.alpha, config.seed
+    )
     if config.train_subset:
         idx = idx[: config.train_subset]
     n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
@@ -59,8 +60,9 @@ def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, p
     return bool(rng.random() < profile.availability)
 
 
-def train_sparse(global_model: SparseModel, data: Split, profile: DeviceProfile, config: RunConfig,
-                 server_round: int) -> LocalUpdate:
+def train_sparse(
+    global_model: SparseModel, data: Split, profile: DeviceProfile, config: RunConfig, server_round: int
+) -> LocalUpdate:
     """Start from the published global set (trimmed to this device's k) and run DropBack."""
     model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
     num_weights = sum(p.numel() for p in model.parameters())
@@ -70,25 +72,31 @@ def train_sparse(global_model: SparseModel, data: Split, profile: DeviceProfile,
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
     opt = DropBack(model.parameters(), lr=config.learning_rate, k=k, freeze_after=freeze)
     opt.set_tracked(initial_at_tracked(global_model))
-    loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size,
-                        seed=config.seed * 1_000_003 + server_round)
+    loss = train_epochs(
+        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
+    )
     if opt.state_bytes() > profile.state_budget_bytes:  # guarded by construction; never trust it blindly
         raise BudgetError(f"state grew to {opt.state_bytes()} bytes > budget {profile.state_budget_bytes}")
     return LocalUpdate(
         model=sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id),
-        num_examples=len(data), train_loss=loss, k=k, state_bytes=opt.state_bytes(),
+        num_examples=len(data),
+        train_loss=loss,
+        k=k,
+        state_bytes=opt.state_bytes(),
         budget_bytes=profile.state_budget_bytes,
     )
 
 
-def train_dense(state: dict[str, torch.Tensor], data: Split, config: RunConfig, server_round: int
-                ) -> tuple[dict[str, torch.Tensor], float]:
+def train_dense(
+    state: dict[str, torch.Tensor], data: Split, config: RunConfig, server_round: int
+) -> tuple[dict[str, torch.Tensor], float]:
     """The dense FedAvg baseline: plain SGD from the global dense weights."""
     model = seeded_model(config.model_id, config.seed)
     model.load_state_dict(state)
     opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
-    loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size,
-                        seed=config.seed * 1_000_003 + server_round)
+    loss = train_epochs(
+        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
+    )
     return model.state_dict(), loss
 
 

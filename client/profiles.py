@@ -28,8 +28,14 @@ def load_profiles(path: Path = PROFILES_FILE) -> dict[str, DeviceProfile]:
     out = {}
     for name, p in raw.items():
         try:
-            profile = DeviceProfile(name, int(p["memory-bytes"]), int(p["state-budget-bytes"]),
-                                    float(p["cpus"]), float(p["speed"]), float(p["availability"]))
+            profile = DeviceProfile(
+                name,
+                int(p["memory-bytes"]),
+                int(p["state-budget-bytes"]),
+                float(p["cpus"]),
+                float(p["speed"]),
+                float(p["availability"]),
+            )
         except KeyError as exc:
             raise ConfigError(f"profile {name!r} lacks {exc.args[0]!r}") from None
         if not 0 <= profile.availability <= 1 or profile.state_budget_bytes <= 0:

@@ -21,8 +21,7 @@ DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
-_ENCODING = {"fp32": pb.VALUE_ENCODING_FP32, "fp16": pb.VALUE_ENCODING_FP16,
-             "int8": pb.VALUE_ENCODING_INT8}
+_ENCODING = {"fp32": pb.VALUE_ENCODING_FP32, "fp16": pb.VALUE_ENCODING_FP16, "int8": pb.VALUE_ENCODING_INT8}
 _WIDTH = {pb.VALUE_ENCODING_FP32: 4, pb.VALUE_ENCODING_FP16: 2, pb.VALUE_ENCODING_INT8: 1}
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -63,8 +62,7 @@ def _encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
     return b, np.packbits(unary).tobytes(), np.packbits(rem_bits).tobytes()
 
 
-def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes
-                      ) -> np.ndarray:
+def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes) -> np.ndarray:
     if b > 31:
         raise WireFormatError(f"{name}: rice parameter {b} > 31")
     if count == 0:
@@ -78,7 +76,7 @@ def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, re
             f"{name}: quotient stream holds {terminators.size} codes, expected {count} (truncated?)"
         )
     last = int(terminators[count - 1])
-    if len(quot) != last // 8 + 1 or unary[last + 1:].any():
+    if len(quot) != last // 8 + 1 or unary[last + 1 :].any():
         raise WireFormatError(f"{name}: quotient stream has trailing data")
     q = np.diff(terminators[:count], prepend=-1) - 1
     if len(rem) != (count * b + 7) // 8:
@@ -88,17 +86,15 @@ def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, re
     gaps = q << b
     if b:
         bits = np.unpackbits(np.frombuffer(rem, dtype=np.uint8))
-        if bits[count * b:].any():
+        if bits[count * b :].any():
             raise WireFormatError(f"{name}: remainder stream has non-zero padding")
-        weights = (1 << np.arange(b - 1, -1, -1, dtype=np.int64))
+        weights = 1 << np.arange(b - 1, -1, -1, dtype=np.int64)
         gaps = gaps | (bits[: count * b].reshape(count, b).astype(np.int64) @ weights)
     if int(gaps.max()) >= numel:  # also keeps the cumulative sum far from int64 overflow
         raise WireFormatError(f"{name}: index out of range [0, {numel})")
     indices = np.cumsum(gaps + 1) - 1
     if int(indices[-1]) >= numel:
-        raise WireFormatError(
-            f"{name}: index {int(indices[-1])} out of range [0, {numel})"
-        )
+        raise WireFormatError(f"{name}: index {int(indices[-1])} out of range [0, {numel})")
     return indices
 
 
@@ -133,8 +129,7 @@ def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, floa
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: float
-                   ) -> np.ndarray:
+def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: float) -> np.ndarray:
     if encoding not in _WIDTH:
         raise WireFormatError(f"{name}: unknown value encoding {encoding}")
     if len(data) != count * _WIDTH[encoding]:
@@ -159,17 +154,26 @@ def encode(model: SparseModel, precision: str = "fp32") -> bytes:
     if precision not in _ENCODING:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model.validate()
-    msg = pb.SparseModel(format_version=FORMAT_VERSION, seed=model.seed,
-                         init_scheme=model.init_scheme, model_id=model.model_id)
+    msg = pb.SparseModel(
+        format_version=FORMAT_VERSION, seed=model.seed, init_scheme=model.init_scheme, model_id=model.model_id
+    )
     for t in model.tensors:
         b, quot, rem = _encode_positions(t.indices) if t.count else (0, b"", b"")
         encoding, data, scale = _encode_values(t.values, precision)
-        msg.tensors.append(pb.SparseTensor(
-            name=t.name, shape=list(t.shape), count=t.count,
-            position_coding=pb.POSITION_CODING_RICE_SPLIT, rice_parameter=b,
-            rice_quotients=quot, rice_remainders=rem,
-            value_encoding=encoding, values=data, int8_scale=scale,
-        ))
+        msg.tensors.append(
+            pb.SparseTensor(
+                name=t.name,
+                shape=list(t.shape),
+                count=t.count,
+                position_coding=pb.POSITION_CODING_RICE_SPLIT,
+                rice_parameter=b,
+                rice_quotients=quot,
+                rice_remainders=rem,
+                value_encoding=encoding,
+                values=data,
+                int8_scale=scale,
+            )
+        )
     return msg.SerializeToString(deterministic=True)
 
 
@@ -208,11 +212,13 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
             raise WireFormatError(f"{name}: {t.count} tracked entries > {numel} elements")
         if t.count and t.position_coding != pb.POSITION_CODING_RICE_SPLIT:
             raise WireFormatError(f"{name}: unknown position coding {t.position_coding}")
-        indices = _decode_positions(name, t.count, numel, t.rice_parameter,
-                                    t.rice_quotients, t.rice_remainders)
+        indices = _decode_positions(
+            name, t.count, numel, t.rice_parameter, t.rice_quotients, t.rice_remainders
+        )
         values = _decode_values(name, t.count, t.value_encoding, t.values, t.int8_scale)
         tensors.append(SparseTensor(name, shape, indices, values))
-    model = SparseModel(seed=msg.seed, model_id=msg.model_id, tensors=tuple(tensors),
-                        init_scheme=msg.init_scheme)
+    model = SparseModel(
+        seed=msg.seed, model_id=msg.model_id, tensors=tuple(tensors), init_scheme=msg.init_scheme
+    )
     model.validate()
     return model

@@ -66,7 +66,7 @@ def read_idx(data: bytes) -> np.ndarray:
         raise DatasetError("not an unsigned-byte IDX file")
     ndim = data[3]
     header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape)) if shape else 0
     if len(data) != header + expected:
         raise DatasetError(f"IDX payload is {len(data) - header} bytes, header says {expected}")
@@ -107,8 +107,9 @@ def partition_indices(
     elif partitioner == "dirichlet":
         if not alpha > 0:
             raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha}")
-        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                    alpha=alpha, seed=seed, min_partition_size=10)
+        part = DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed, min_partition_size=10
+        )
     else:
         raise ConfigError(f"partitioner must be one of {PARTITIONERS}, got {partitioner!r}")
     y = np.asarray(labels, dtype=np.int64)
@@ -123,8 +124,7 @@ def load_hf_partition(
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import DirichletPartitioner
 
-    part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                alpha=alpha, seed=seed)
+    part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed)
     try:
         fds = FederatedDataset(dataset=name, partitioners={"train": part})
         ds = fds.load_partition(partition_id)
@@ -136,5 +136,4 @@ def load_hf_partition(
         images = images[:, None]
     else:
         images = images.transpose(0, 3, 1, 2)
-    return Split(torch.from_numpy(np.ascontiguousarray(images)),
-                 torch.tensor(ds["label"], dtype=torch.int64))
+    return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(ds["label"], dtype=torch.int64))

@@ -101,9 +101,9 @@ class DropBack(Optimizer):
         self._grad_views: list[Tensor] = []
         with torch.no_grad():
             for p, a, n in zip(self._params, self._offsets, self._sizes, strict=False):
-                self._flat_w[a:a + n].copy_(p.reshape(-1))
-                p.data = self._flat_w[a:a + n].view_as(p)
-                view = self._flat_g[a:a + n].view_as(p)
+                self._flat_w[a : a + n].copy_(p.reshape(-1))
+                p.data = self._flat_w[a : a + n].view_as(p)
+                view = self._flat_g[a : a + n].view_as(p)
                 if p.grad is not None:
                     view.copy_(p.grad)
                 p.grad = view
@@ -150,7 +150,7 @@ class DropBack(Optimizer):
         delta = self._w[idx] - self._base[order]
         bounds = np.searchsorted(idx, self._offsets)
         return [
-            (idx[bounds[i]:bounds[i + 1]] - self._offsets[i], delta[bounds[i]:bounds[i + 1]])
+            (idx[bounds[i] : bounds[i + 1]] - self._offsets[i], delta[bounds[i] : bounds[i + 1]])
             for i in range(len(self._params))
         ]
 
@@ -181,7 +181,7 @@ class DropBack(Optimizer):
             raise ConfigError("duplicate tracked indices")
         if gidx.size > self.k:
             order = np.argsort(-np.abs(self._w[gidx] - gbase), kind="stable")
-            drop = order[self.k:]
+            drop = order[self.k :]
             self._w[gidx[drop]] = gbase[drop]
             keep = np.sort(order[: self.k])
             gidx, gbase = gidx[keep], gbase[keep]
@@ -260,7 +260,7 @@ class DropBack(Optimizer):
             threshold = kth  # tracked scores fell below the bar: rescan once, lower
         # A bar a little under the k-th score lets most steps avoid the rescan.
         self._threshold = kth * THRESHOLD_MARGIN
-        keep_tracked, keep_entrants = keep[: tracked.size], keep[tracked.size:]
+        keep_tracked, keep_entrants = keep[: tracked.size], keep[tracked.size :]
         new_entrants = entrants[keep_entrants]
         # Kept weights take the SGD step; tracked weights that drop return to w0
         # exactly; untracked weights sit at w0, which is what entrants record.
@@ -285,11 +285,18 @@ class DropBack(Optimizer):
         bounds = np.searchsorted(idx, self._offsets)
         for i, p in enumerate(self._params):
             a, b = bounds[i], bounds[i + 1]
-            self.state[p] = {"indices": torch.from_numpy(idx[a:b] - self._offsets[i]),
-                             "initial": torch.from_numpy(base[a:b].copy())}
+            self.state[p] = {
+                "indices": torch.from_numpy(idx[a:b] - self._offsets[i]),
+                "initial": torch.from_numpy(base[a:b].copy()),
+            }
         sd = super().state_dict()
-        sd["dropback"] = {"k": self.k, "freeze_after": self.freeze_after, "steps": self._steps,
-                          "threshold": self._threshold, "frozen": self._frozen}
+        sd["dropback"] = {
+            "k": self.k,
+            "freeze_after": self.freeze_after,
+            "steps": self._steps,
+            "threshold": self._threshold,
+            "frozen": self._frozen,
+        }
         self.state.clear()
         return sd
 
@@ -301,8 +308,12 @@ class DropBack(Optimizer):
         per_param = []
         for p in self._params:
             st = self.state.get(p, {})
-            per_param.append((st.get("indices", torch.zeros(0, dtype=torch.int64)).numpy(),
-                              st.get("initial", torch.zeros(0)).numpy()))
+            per_param.append(
+                (
+                    st.get("indices", torch.zeros(0, dtype=torch.int64)).numpy(),
+                    st.get("initial", torch.zeros(0)).numpy(),
+                )
+            )
         self.state.clear()
         self.k, self.freeze_after = extra["k"], extra["freeze_after"]
         self.set_tracked(per_param)

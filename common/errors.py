@@ -44,3 +44,7 @@ class DatasetError(DropfleetError, OSError):
 
 class ReplyRejectedError(WireFormatError):
     """A client reply fails validation; the server drops it and counts it."""
+
+
+class FlowerControlError(DropfleetError, RuntimeError):
+    """A Flower CLI call (start, stop, list) failed or could not be parsed."""

@@ -122,8 +122,7 @@ def initial_values(
     """Initial values (float32) of tensor `name` at the given flat indices."""
     if scheme not in SUPPORTED_INIT_SCHEMES:
         raise InitSchemeError(
-            f"init scheme version {scheme} is not supported "
-            f"(supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
+            f"init scheme version {scheme} is not supported (supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
         )
     _check_seed(seed)
     idx = np.asarray(indices)
@@ -135,8 +134,12 @@ def initial_values(
     t = tensor_id(name)
     i = idx.astype(np.uint64)
     x0, x1, x2, x3 = philox4x32(
-        (i & np.uint64(0xFFFFFFFF), i >> np.uint64(32),
-         np.full_like(i, t & 0xFFFFFFFF), np.full_like(i, t >> 32)),
+        (
+            i & np.uint64(0xFFFFFFFF),
+            i >> np.uint64(32),
+            np.full_like(i, t & 0xFFFFFFFF),
+            np.full_like(i, t >> 32),
+        ),
         (seed & 0xFFFFFFFF, seed >> 32),
     )
     u1 = _uniform_pair(x0, x1)

@@ -53,9 +53,7 @@ def layer_init_specs(model: nn.Module, family: str) -> dict[str, InitSpec]:
         elif isinstance(module, nn.PReLU):
             specs[prefix + "weight"] = InitSpec("constant", 0.25)
         else:
-            raise InitSchemeError(
-                f"no init rule for parameters of {type(module).__name__} ({module_name!r})"
-            )
+            raise InitSchemeError(f"no init rule for parameters of {type(module).__name__} ({module_name!r})")
     return specs
 
 

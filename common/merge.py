@@ -38,10 +38,10 @@ def merge_sparse(updates: Sequence[tuple[SparseModel, float]], global_k: int) ->
             raise ConfigError(f"update weights must be finite and > 0, got {weight}")
     offsets = _flat_offsets(first)
     total = float(sum(w for _, w in updates))
-    idx = np.concatenate([t.indices.astype(np.int64) + offsets[i]
-                          for m, _ in updates for i, t in enumerate(m.tensors)])
-    val = np.concatenate([t.values.astype(np.float64) * (w / total)
-                          for m, w in updates for t in m.tensors])
+    idx = np.concatenate(
+        [t.indices.astype(np.int64) + offsets[i] for m, _ in updates for i, t in enumerate(m.tensors)]
+    )
+    val = np.concatenate([t.values.astype(np.float64) * (w / total) for m, w in updates for t in m.tensors])
     positions, inverse = np.unique(idx, return_inverse=True)
     mean = np.bincount(inverse, weights=val, minlength=positions.size)
     nonzero = mean != 0.0
@@ -58,12 +58,17 @@ def _split(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> 
     offsets = _flat_offsets(template)
     bounds = np.searchsorted(positions, offsets)
     tensors = tuple(
-        SparseTensor(t.name, t.shape, positions[bounds[i]:bounds[i + 1]] - offsets[i],
-                     values[bounds[i]:bounds[i + 1]])
+        SparseTensor(
+            t.name,
+            t.shape,
+            positions[bounds[i] : bounds[i + 1]] - offsets[i],
+            values[bounds[i] : bounds[i + 1]],
+        )
         for i, t in enumerate(template.tensors)
     )
-    return SparseModel(seed=template.seed, model_id=template.model_id, tensors=tensors,
-                       init_scheme=template.init_scheme)
+    return SparseModel(
+        seed=template.seed, model_id=template.model_id, tensors=tensors, init_scheme=template.init_scheme
+    )
 
 
 def flat_positions(model: SparseModel) -> np.ndarray:

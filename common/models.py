@@ -51,12 +51,24 @@ class ModelEntry:
 MODELS: dict[str, ModelEntry] = {
     e.model_id: e
     for e in (
-        ModelEntry("mlp-90k", lambda: _mlp(784, 100, 100, 10), "torch-default",
-                   "DropBack paper's 784-100-100-10 MLP, 89,610 parameters"),
-        ModelEntry("lenet-300-100", lambda: _mlp(784, 300, 100, 10), "torch-default",
-                   "LeNet-300-100 MLP, 266,610 parameters"),
-        ModelEntry("cnn-bn-prelu", _cnn_bn_prelu, "kaiming-normal",
-                   "two conv blocks with batch norm and PReLU, 20,634 parameters"),
+        ModelEntry(
+            "mlp-90k",
+            lambda: _mlp(784, 100, 100, 10),
+            "torch-default",
+            "DropBack paper's 784-100-100-10 MLP, 89,610 parameters",
+        ),
+        ModelEntry(
+            "lenet-300-100",
+            lambda: _mlp(784, 300, 100, 10),
+            "torch-default",
+            "LeNet-300-100 MLP, 266,610 parameters",
+        ),
+        ModelEntry(
+            "cnn-bn-prelu",
+            _cnn_bn_prelu,
+            "kaiming-normal",
+            "two conv blocks with batch norm and PReLU, 20,634 parameters",
+        ),
     )
 }
 

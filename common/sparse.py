@@ -45,9 +45,7 @@ class SparseTensor:
         if self.indices.ndim != 1 or self.values.ndim != 1:
             raise WireFormatError(f"{self.name}: indices and values must be 1-D")
         if self.indices.size != self.values.size:
-            raise WireFormatError(
-                f"{self.name}: {self.indices.size} indices but {self.values.size} values"
-            )
+            raise WireFormatError(f"{self.name}: {self.indices.size} indices but {self.values.size} values")
         if self.indices.size == 0:
             return
         if self.indices.dtype.kind not in "iu":
@@ -99,8 +97,7 @@ class SparseModel:
         got = [(t.name, t.shape) for t in self.tensors]
         if got != list(expected.items()):
             raise WireFormatError(
-                f"tensors do not match model {self.model_id!r}: expected "
-                f"{list(expected.items())}, got {got}"
+                f"tensors do not match model {self.model_id!r}: expected {list(expected.items())}, got {got}"
             )
         for t in self.tensors:
             t.validate()
@@ -144,9 +141,7 @@ def load_deltas_(model: nn.Module, sparse: SparseModel) -> None:
                 flat.index_add_(0, idx, torch.from_numpy(t.values.astype(np.float32)))
 
 
-def sparse_from_dense_delta(
-    model_id: str, seed: int, deltas: dict[str, np.ndarray]
-) -> SparseModel:
+def sparse_from_dense_delta(model_id: str, seed: int, deltas: dict[str, np.ndarray]) -> SparseModel:
     """Sparse model holding every non-zero entry of dense deltas (tests, references)."""
     tensors = []
     for name, shape in parameter_shapes(model_id).items():
@@ -178,14 +173,10 @@ def initial_at_tracked(sparse: SparseModel) -> list[tuple[np.ndarray, np.ndarray
     ]
 
 
-def sparse_from_optimizer(
-    model: nn.Module, optimizer: "DropBack", seed: int, model_id: str
-) -> SparseModel:
+def sparse_from_optimizer(model: nn.Module, optimizer: "DropBack", seed: int, model_id: str) -> SparseModel:
     """The optimizer's tracked set as a `SparseModel` (deltas w - w0)."""
     names = [n for n, _ in model.named_parameters()]
-    if [id(p) for g in optimizer.param_groups for p in g["params"]] != [
-        id(p) for p in model.parameters()
-    ]:
+    if [id(p) for g in optimizer.param_groups for p in g["params"]] != [id(p) for p in model.parameters()]:
         raise WireFormatError("optimizer must hold exactly model.parameters(), in order")
     shapes = parameter_shapes(model_id)
     tensors = tuple(

@@ -33,7 +33,7 @@ def train_epochs(
         order = torch.randperm(len(data), generator=gen)
         total, batches = 0.0, 0
         for start in range(0, len(data), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             optimizer.zero_grad()
             loss = loss_fn(model(data.images[idx]), data.labels[idx])
             loss.backward()
@@ -50,8 +50,8 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 1000) -> EvalResul
     model.eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size]
-        y = data.labels[start:start + batch_size]
+        x = data.images[start : start + batch_size]
+        y = data.labels[start : start + batch_size]
         out = model(x)
         loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
         correct += int((out.argmax(1) == y).sum())

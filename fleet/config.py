@@ -40,6 +40,7 @@ class RunConfig:
     max_payload_bytes: int = 16 * 1024 * 1024
     max_examples: int = 100_000
     results_file: str = "results/run.jsonl"
+    store_url: str = ""
     train_subset: int = 0
 
     @classmethod

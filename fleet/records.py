@@ -20,8 +20,9 @@ DENSE_RECORD = "arrays"
 def pack_sparse(model: SparseModel, precision: str) -> ArrayRecord:
     """Encode `model` into an ArrayRecord holding one opaque Array."""
     data = encode(model, precision)
-    return ArrayRecord({SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE,
-                                            data=data)})
+    return ArrayRecord(
+        {SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)}
+    )
 
 
 def sparse_payload(content: RecordDict) -> bytes:

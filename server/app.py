@@ -11,6 +11,7 @@ from dropfleet.common.train import evaluate
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
 from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack
 
 app = ServerApp()
@@ -19,7 +20,20 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
-    recorder = RoundRecorder(config.strategy, config.num_server_rounds, config.results_file)
+    store = Store(config.store_url or None)
+    store.migrate()
+    run_id = str(context.run_id)
+    store.start_run(
+        run_id,
+        config.strategy,
+        config.model_id,
+        config.seed,
+        config.num_server_rounds,
+        dict(context.run_config),
+    )
+    recorder = RoundRecorder(
+        config.strategy, config.num_server_rounds, config.results_file, store=store, run_id=run_id
+    )
     test = load_fashion_mnist("test")
 
     if config.strategy == "dropback":
@@ -39,12 +53,24 @@ def main(grid: Grid, context: Context) -> None:
 
     def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         result = evaluate(to_model(arrays), test)
-        recorder.finish_round(server_round, result.accuracy, result.loss)
+        published = record_payload(arrays) if config.strategy == "dropback" else None
+        recorder.finish_round(server_round, result.accuracy, result.loss, published)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
     try:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=config.num_server_rounds,
-                       timeout=config.round_timeout, train_config=ConfigRecord(),
-                       evaluate_config=ConfigRecord(), evaluate_fn=evaluate_on_test_set)
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=config.num_server_rounds,
+            timeout=config.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=evaluate_on_test_set,
+        )
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    else:
+        store.finish_run(run_id, "finished")
     finally:
         recorder.close()

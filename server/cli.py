@@ -40,6 +40,19 @@ def simulate(
     raise typer.Exit(run_simulation(nodes, run_config, flwr_home.resolve()))
 
 
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8080,
+) -> None:
+    """Serve the REST API and status page (settings from DROPFLEET_* variables)."""
+    import uvicorn
+
+    from dropfleet.server.api.app import create_app
+
+    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
 def _parse_value(value: str) -> object:
     for cast in (int, float):
         try:

@@ -1,12 +1,15 @@
-"""Per-round report: a progress display on screen and JSON lines for scripts."""
+"""Per-round report: a progress display on screen, JSON lines for scripts, the store for the API."""
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dropfleet.server.store.store import NodeEvent, Store
 
 
 @dataclass
@@ -28,14 +31,42 @@ class RoundStats:
     loss: float | None = None
     seconds: float = 0.0
     failures: list[str] = field(default_factory=list)
+    # Per node, for the store's fleet view (not in the JSON lines).
+    node_events: list[NodeEvent] = field(default_factory=list, metadata={"report": False})
+    node_bytes_down: dict[int, int] = field(default_factory=dict, metadata={"report": False})
+
+    def report(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("report", True)}
+
+    def fleet_events(self) -> list[NodeEvent]:
+        """Node events with the bytes each node was sent; silent nodes count as failed."""
+        seen = {ev.node_id for ev in self.node_events}
+        events = [
+            NodeEvent(**{**ev.__dict__, "bytes_down": self.node_bytes_down.get(ev.node_id, 0)})
+            for ev in self.node_events
+        ]
+        events += [
+            NodeEvent(node_id=n, outcome="failed", bytes_down=b, error="no reply before the timeout")
+            for n, b in self.node_bytes_down.items()
+            if n not in seen
+        ]
+        return events
 
 
 class RoundRecorder:
     """Collects what the strategy sees in a round and emits one report per round."""
 
-    def __init__(self, strategy: str, num_rounds: int, results_file: str | Path | None,
-                 console: Console | None = None) -> None:
+    def __init__(
+        self,
+        strategy: str,
+        num_rounds: int,
+        results_file: str | Path | None,
+        console: Console | None = None,
+        store: Store | None = None,
+        run_id: str = "",
+    ) -> None:
         self.strategy = strategy
+        self.store, self.run_id = store, run_id
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.path = Path(results_file) if results_file else None
         if self.path:
@@ -44,8 +75,14 @@ class RoundRecorder:
         self.history: list[RoundStats] = []
         self._current = RoundStats(round=0, strategy=strategy)
         self._started = time.monotonic()
-        self._progress = Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-                                  TimeElapsedColumn(), console=self.console, transient=False)
+        self._progress = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
         self._task = self._progress.add_task("rounds", total=num_rounds)
         self._progress.start()
 
@@ -55,14 +92,21 @@ class RoundRecorder:
             self._started = time.monotonic()
         return self._current
 
-    def finish_round(self, server_round: int, accuracy: float, loss: float) -> RoundStats:
+    def finish_round(
+        self, server_round: int, accuracy: float, loss: float, model: bytes | None = None
+    ) -> RoundStats:
+        """Close the round: report it, and publish it with its global model to the store."""
         stats = self.current(server_round)
         stats.accuracy, stats.loss = accuracy, loss
         stats.seconds = round(time.monotonic() - self._started, 3)
         self.history.append(stats)
+        if self.store is not None:
+            self.store.publish_round(
+                self.run_id, server_round, stats.report(), model, stats.global_tracked, stats.fleet_events()
+            )
         if self.path:
             with self.path.open("a") as fh:
-                fh.write(json.dumps(asdict(stats)) + "\n")
+                fh.write(json.dumps(stats.report()) + "\n")
         self._print(stats)
         if server_round:
             self._progress.advance(self._task)
@@ -74,8 +118,9 @@ class RoundRecorder:
 
     def _print(self, s: RoundStats) -> None:
         if s.round == 0:
-            self.console.print(f"[bold]{s.strategy}[/] initial model: accuracy {100 * s.accuracy:.2f}%, "
-                               f"loss {s.loss:.4f}")
+            self.console.print(
+                f"[bold]{s.strategy}[/] initial model: accuracy {100 * s.accuracy:.2f}%, loss {s.loss:.4f}"
+            )
             return
         fed = f"{100 * s.fed_accuracy:.2f}%" if s.fed_accuracy is not None else "-"
         self.console.print(

@@ -18,6 +18,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from dropfleet.server.flower_control import toml_value
+
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -37,8 +39,9 @@ def write_flower_config(flwr_home: Path) -> Path:
     return path
 
 
-def simulation_env(flwr_home: Path, base: Mapping[str, str] | None = None,
-                   superlink_port: int | None = None) -> dict[str, str]:
+def simulation_env(
+    flwr_home: Path, base: Mapping[str, str] | None = None, superlink_port: int | None = None
+) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
     env.update(OFFLINE_ENV)
     env["FLWR_HOME"] = str(flwr_home)
@@ -85,27 +88,30 @@ def stop_managed_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
     return pids
 
 
-def run_simulation(num_supernodes: int, run_config: Mapping[str, object], flwr_home: Path,
-                   superlink_port: int | None = None, extra_env: Mapping[str, str] | None = None,
-                   timeout: float | None = None) -> int:
+def run_simulation(
+    num_supernodes: int,
+    run_config: Mapping[str, object],
+    flwr_home: Path,
+    superlink_port: int | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> int:
     """`flwr run . --stream` on a fresh local simulation; returns its exit code."""
     write_flower_config(flwr_home)
     env = simulation_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
-    overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(PROJECT_ROOT), "--stream",
-           "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1"]
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    cmd = [
+        str(Path(sys.executable).parent / "flwr"),
+        "run",
+        str(PROJECT_ROOT),
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+    ]
     if overrides:
         cmd += ["--run-config", overrides]
     try:
         return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout, check=False).returncode
     finally:
         stop_managed_superlink(flwr_home)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(value)

@@ -20,7 +20,8 @@ from dropfleet.common.merge import churn, merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import DENSE_RECORD, pack_sparse, record_bytes, record_payload
-from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.reporting import RoundRecorder, RoundStats
+from dropfleet.server.store.store import NodeEvent
 from dropfleet.server.validation import validate_reply
 
 
@@ -39,18 +40,29 @@ class _Metered(FedAvg):
         self.config = config
         self.recorder = recorder
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stats = self.recorder.current(server_round)
         stats.sampled = len(messages)
-        stats.bytes_down += len(messages) * record_bytes(arrays)
+        self._meter_down(stats, messages, arrays)
         return messages
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    @staticmethod
+    def _meter_down(stats: RoundStats, messages: list[Message], arrays: ArrayRecord) -> None:
+        size = record_bytes(arrays)
+        stats.bytes_down += len(messages) * size
+        for m in messages:
+            stats.node_bytes_down[m.metadata.dst_node_id] = (
+                stats.node_bytes_down.get(m.metadata.dst_node_id, 0) + size
+            )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        self.recorder.current(server_round).bytes_down += len(messages) * record_bytes(arrays)
+        self._meter_down(self.recorder.current(server_round), messages, arrays)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -65,6 +77,9 @@ class _Metered(FedAvg):
         stats = self.recorder.current(server_round)
         stats.failed = len(errors)
         stats.failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
+        stats.node_events += [
+            NodeEvent(node_id=m.metadata.src_node_id, outcome="failed", error=m.error.reason) for m in errors
+        ]
 
 
 class SparseDropBack(_Metered):
@@ -84,8 +99,9 @@ class SparseDropBack(_Metered):
         self.global_model = decode(record_payload(record), self.config.max_payload_bytes)
         return record
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
@@ -97,9 +113,22 @@ class SparseDropBack(_Metered):
             except ReplyRejectedError as exc:
                 stats.rejected += 1
                 stats.failures.append(f"node {msg.metadata.src_node_id} rejected: {exc}")
+                stats.node_events.append(
+                    NodeEvent(
+                        node_id=msg.metadata.src_node_id, outcome="rejected", error=str(exc), **_device(msg)
+                    )
+                )
                 log(WARNING, "Rejected reply from node %s: %s", msg.metadata.src_node_id, exc)
                 continue
             stats.bytes_up += update.payload_bytes
+            stats.node_events.append(
+                NodeEvent(
+                    node_id=msg.metadata.src_node_id,
+                    outcome="accepted",
+                    bytes_up=update.payload_bytes,
+                    **_device(msg),
+                )
+            )
             accepted.append((msg, update))
         stats.replied = len(accepted)
         if not accepted:
@@ -113,9 +142,32 @@ class SparseDropBack(_Metered):
         stats.global_tracked = self.global_model.num_tracked
         metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
         stats.train_loss = metrics.get("train-loss")
-        log(INFO, "Round %s: merged %s updates into %s tracked weights", server_round,
-            len(accepted), stats.global_tracked)
+        log(
+            INFO,
+            "Round %s: merged %s updates into %s tracked weights",
+            server_round,
+            len(accepted),
+            stats.global_tracked,
+        )
         return arrays, metrics
+
+
+def _device(msg: Message) -> dict[str, object]:
+    """Self-reported device facts of a reply, for the fleet view (never trusted for merging)."""
+    out: dict[str, object] = {}
+    device = msg.content.config_records.get("device")
+    metrics = msg.content.metric_records.get("metrics")
+    if device is not None:
+        if isinstance(device.get("profile"), str):
+            out["profile"] = str(device["profile"])[:64]
+        if isinstance(device.get("partition-id"), int):
+            out["partition_id"] = int(device["partition-id"])
+    if metrics is not None:
+        for key, attr in (("budget-bytes", "budget_bytes"), ("k", "k")):
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and 0 <= value < 2**62:
+                out[attr] = int(value)
+    return out
 
 
 class DenseFedAvg(_Metered):
@@ -124,16 +176,29 @@ class DenseFedAvg(_Metered):
     def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
         super().__init__(config, recorder, arrayrecord_key=DENSE_RECORD)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
         self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
         valid = [m for m in replies if not m.has_error()]
         stats.replied = len(valid)
-        stats.bytes_up = sum(record_bytes(m.content.array_records[DENSE_RECORD]) for m in valid
-                             if DENSE_RECORD in m.content.array_records)
+        for m in valid:
+            size = (
+                record_bytes(m.content.array_records[DENSE_RECORD])
+                if DENSE_RECORD in m.content.array_records
+                else 0
+            )
+            stats.node_events.append(
+                NodeEvent(node_id=m.metadata.src_node_id, outcome="accepted", bytes_up=size, **_device(m))
+            )
+        stats.bytes_up = sum(
+            record_bytes(m.content.array_records[DENSE_RECORD])
+            for m in valid
+            if DENSE_RECORD in m.content.array_records
+        )
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
             stats.global_tracked = sum(a.numpy().size for a in arrays.values())

@@ -50,9 +50,7 @@ def validate_reply(content: RecordDict, expected: SparseModel, config: RunConfig
         raise ReplyRejectedError(f"init scheme {model.init_scheme} != {expected.init_scheme}")
     examples = _metric(content, "num-examples")
     if examples != int(examples) or not 0 < examples <= config.max_examples:
-        raise ReplyRejectedError(
-            f"num-examples {examples:g} not an integer in [1, {config.max_examples}]"
-        )
+        raise ReplyRejectedError(f"num-examples {examples:g} not an integer in [1, {config.max_examples}]")
     declared_k = _metric(content, "k")
     if model.num_tracked > declared_k:
         raise ReplyRejectedError(f"{model.num_tracked} tracked values > declared k {declared_k:g}")

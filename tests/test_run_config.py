@@ -18,16 +18,19 @@ def test_pyproject_config_matches_the_defaults():
     assert set(raw) == {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
 
 
-@pytest.mark.parametrize(("raw", "needle"), [
-    ({"rounds": 3}, "unknown run-config key 'rounds'"),
-    ({"global-k": "many"}, "'global-k' must be int"),
-    ({"global-k": 0}, "'global-k' has an invalid value: 0"),
-    ({"strategy": "fedprox"}, "'strategy'"),
-    ({"value-precision": "fp8"}, "'value-precision'"),
-    ({"model-id": "gpt"}, "'model-id'"),
-    ({"learning-rate": -0.1}, "'learning-rate'"),
-    ({"alpha": True}, "'alpha' must be float"),
-])
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"rounds": 3}, "unknown run-config key 'rounds'"),
+        ({"global-k": "many"}, "'global-k' must be int"),
+        ({"global-k": 0}, "'global-k' has an invalid value: 0"),
+        ({"strategy": "fedprox"}, "'strategy'"),
+        ({"value-precision": "fp8"}, "'value-precision'"),
+        ({"model-id": "gpt"}, "'model-id'"),
+        ({"learning-rate": -0.1}, "'learning-rate'"),
+        ({"alpha": True}, "'alpha' must be float"),
+    ],
+)
 def test_bad_values_are_named(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_mapping(raw)

@@ -22,8 +22,10 @@ N = 89_610
 def test_profiles_file_has_the_fleet():
     profiles = load_profiles()
     assert {"mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g"} <= set(profiles)
-    ks = [budget_to_k(profiles[p].state_budget_bytes, N, 100)
-          for p in ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")]
+    ks = [
+        budget_to_k(profiles[p].state_budget_bytes, N, 100)
+        for p in ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")
+    ]
     assert ks == sorted(ks) and len(set(ks)) == 4 and ks[-1] < N  # all sparse, all different
 
 
@@ -77,7 +79,7 @@ def _random_model(k, seed):
     deltas, start = {}, 0
     for name, shape in parameter_shapes("mlp-90k").items():
         n = int(np.prod(shape))
-        deltas[name] = flat[start:start + n].reshape(shape)
+        deltas[name] = flat[start : start + n].reshape(shape)
         start += n
     return sparse_from_dense_delta("mlp-90k", RunConfig().seed, deltas)
 

@@ -210,8 +210,12 @@ def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(k=st.integers(0, 3000), seed=st.integers(0, 2**32), model_seed=st.integers(0, 2**64 - 1),
-       precision=st.sampled_from(["fp32", "fp16", "int8"]))
+@given(
+    k=st.integers(0, 3000),
+    seed=st.integers(0, 2**32),
+    model_seed=st.integers(0, 2**64 - 1),
+    precision=st.sampled_from(["fp32", "fp16", "int8"]),
+)
 def test_property_round_trip(k, seed, model_seed, precision):
     m = random_sparse(k, seed=seed, model_seed=model_seed)
     data = encode(m, precision)

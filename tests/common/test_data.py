@@ -27,7 +27,8 @@ def test_user_directory_and_missing_files(tmp_path, monkeypatch):
     header = bytes([0, 0, 8, 3]) + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(header + images.tobytes())
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
-        gzip.compress(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 9])))
+        gzip.compress(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([3, 9]))
+    )
     monkeypatch.setenv("DROPFLEET_DATA_DIR", str(tmp_path))
     split = load_fashion_mnist("test")
     assert split.labels.tolist() == [3, 9] and split.images.shape == (2, 1, 28, 28)

@@ -26,15 +26,17 @@ class NaiveDropBack:
         keep[torch.topk(score, self.k).indices] = True
         start = 0
         for p, w0 in zip(self.params, self.w0, strict=True):
-            m = keep[start:start + p.numel()].view_as(p)
+            m = keep[start : start + p.numel()].view_as(p)
             p.copy_(torch.where(m, p, w0))
             start += p.numel()
 
 
 def _batches(n, seed=0, size=32):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(size, 1, 28, 28, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def _train(model, opt, batches):
@@ -66,8 +68,12 @@ def test_each_step_keeps_the_exact_top_k(model_id):
         score = ((w_pre - 0.1 * g) - w0).abs()
         kth = torch.topk(score, k).values[-1].item()
         oracle = score >= kth
-        kept = torch.cat([(p.detach().reshape(-1).double() != w0[i:i + p.numel()])
-                          for i, p in zip(_offsets(model), model.parameters(), strict=True)])
+        kept = torch.cat(
+            [
+                (p.detach().reshape(-1).double() != w0[i : i + p.numel()])
+                for i, p in zip(_offsets(model), model.parameters(), strict=True)
+            ]
+        )
         assert int(kept.sum()) <= k
         differ = (oracle != kept) & (score > 0)
         assert torch.all((score[differ] - kth).abs() <= 1e-6 * kth + 1e-9), int(differ.sum())
@@ -239,9 +245,14 @@ def test_set_tracked_trims_to_k_and_resets_the_rest():
 
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
-    [({"lr": 0.0, "k": 5}, "learning rate: 0.0"), ({"lr": -1.0, "k": 5}, "-1.0"),
-     ({"lr": float("nan"), "k": 5}, "nan"), ({"lr": 0.1, "k": 0}, "k: 0"),
-     ({"lr": 0.1, "k": 2.5}, "k: 2.5"), ({"lr": 0.1, "k": 5, "freeze_after": -3}, "freeze_after: -3")],
+    [
+        ({"lr": 0.0, "k": 5}, "learning rate: 0.0"),
+        ({"lr": -1.0, "k": 5}, "-1.0"),
+        ({"lr": float("nan"), "k": 5}, "nan"),
+        ({"lr": 0.1, "k": 0}, "k: 0"),
+        ({"lr": 0.1, "k": 2.5}, "k: 2.5"),
+        ({"lr": 0.1, "k": 5, "freeze_after": -3}, "freeze_after: -3"),
+    ],
 )
 def test_invalid_hyperparameters_name_the_bad_value(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("-", r"\-")):

@@ -13,18 +13,42 @@ from dropfleet.common.layer_init import model_init_specs, seeded_model
 
 IDX = np.array([0, 1, 12345, 2**40])
 GOLDEN = {
-    (0, "uniform"): ["-0x1.2265a00000000p-6", "0x1.3f7c860000000p-10", "0x1.9793d80000000p-5",
-                     "0x1.848d040000000p-5"],
-    (0, "normal"): ["-0x1.0797800000000p-3", "0x1.147e7e0000000p-4", "-0x1.aa5fd20000000p-8",
-                    "-0x1.fd3ffa0000000p-7"],
-    (42, "uniform"): ["0x1.30e6620000000p-8", "-0x1.1627160000000p-8", "-0x1.68a3de0000000p-5",
-                      "0x1.74fd9c0000000p-5"],
-    (42, "normal"): ["-0x1.be1d620000000p-4", "-0x1.6958d20000000p-5", "0x1.dd22540000000p-3",
-                     "0x1.ebadea0000000p-6"],
-    (2**64 - 1, "uniform"): ["-0x1.cf2ec20000000p-6", "-0x1.82a5e80000000p-6",
-                             "0x1.b918180000000p-7", "-0x1.68da8a0000000p-6"],
-    (2**64 - 1, "normal"): ["0x1.0d62bc0000000p-3", "0x1.1163540000000p-3", "0x1.dbd7060000000p-6",
-                            "-0x1.e4bef40000000p-8"],
+    (0, "uniform"): [
+        "-0x1.2265a00000000p-6",
+        "0x1.3f7c860000000p-10",
+        "0x1.9793d80000000p-5",
+        "0x1.848d040000000p-5",
+    ],
+    (0, "normal"): [
+        "-0x1.0797800000000p-3",
+        "0x1.147e7e0000000p-4",
+        "-0x1.aa5fd20000000p-8",
+        "-0x1.fd3ffa0000000p-7",
+    ],
+    (42, "uniform"): [
+        "0x1.30e6620000000p-8",
+        "-0x1.1627160000000p-8",
+        "-0x1.68a3de0000000p-5",
+        "0x1.74fd9c0000000p-5",
+    ],
+    (42, "normal"): [
+        "-0x1.be1d620000000p-4",
+        "-0x1.6958d20000000p-5",
+        "0x1.dd22540000000p-3",
+        "0x1.ebadea0000000p-6",
+    ],
+    (2**64 - 1, "uniform"): [
+        "-0x1.cf2ec20000000p-6",
+        "-0x1.82a5e80000000p-6",
+        "0x1.b918180000000p-7",
+        "-0x1.68da8a0000000p-6",
+    ],
+    (2**64 - 1, "normal"): [
+        "0x1.0d62bc0000000p-3",
+        "0x1.1163540000000p-3",
+        "0x1.dbd7060000000p-6",
+        "-0x1.e4bef40000000p-8",
+    ],
 }
 SPECS = {"uniform": InitSpec("uniform", 0.05), "normal": InitSpec("normal", 0.1)}
 MODEL_HASHES = {
@@ -58,8 +82,7 @@ def test_any_slice_equals_the_same_slice_of_the_whole(kind):
     rng = np.random.default_rng(1)
     picks = np.sort(rng.choice(whole.size, 500, replace=False))
     assert np.array_equal(initial_values(5, "fc.weight", SPECS[kind], picks), whole[picks])
-    assert np.array_equal(initial_values(5, "fc.weight", SPECS[kind], np.arange(100, 200)),
-                          whole[100:200])
+    assert np.array_equal(initial_values(5, "fc.weight", SPECS[kind], np.arange(100, 200)), whole[100:200])
 
 
 def test_seed_and_name_change_values():
@@ -107,6 +130,7 @@ def test_bad_spec_raises():
 
 # --- an independent scalar reimplementation of docs/init-scheme.md -----------------------
 
+
 def _philox_scalar(ctr, key):
     m0, m1, w0, w1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
     c0, c1, c2, c3 = ctr
@@ -128,8 +152,7 @@ def _horner(coeffs, x):
 
 def _scalar_value(seed, name, spec, i):
     t = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
-    x = _philox_scalar((i & 0xFFFFFFFF, i >> 32, t & 0xFFFFFFFF, t >> 32),
-                       (seed & 0xFFFFFFFF, seed >> 32))
+    x = _philox_scalar((i & 0xFFFFFFFF, i >> 32, t & 0xFFFFFFFF, t >> 32), (seed & 0xFFFFFFFF, seed >> 32))
     u1 = (((x[0] >> 6) << 26 | (x[1] >> 6)) + 0.5) * 2.0**-52
     u2 = (((x[2] >> 6) << 26 | (x[3] >> 6)) + 0.5) * 2.0**-52
     if spec.kind == "uniform":

@@ -20,15 +20,20 @@ def client(k: int, seed: int, model_seed: int = 3) -> SparseModel:
     deltas, start = {}, 0
     for name, shape in SHAPES.items():
         n = int(np.prod(shape))
-        deltas[name] = flat[start:start + n].reshape(shape)
+        deltas[name] = flat[start : start + n].reshape(shape)
         start += n
     return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
 
 
 def dense_reference(updates, big_k):
     total = sum(w for _, w in updates)
-    mean = sum(np.concatenate([d.reshape(-1) for d in dense_deltas(m).values()]).astype(np.float64) * w
-               for m, w in updates) / total
+    mean = (
+        sum(
+            np.concatenate([d.reshape(-1) for d in dense_deltas(m).values()]).astype(np.float64) * w
+            for m, w in updates
+        )
+        / total
+    )
     order = np.lexsort((np.arange(N), -np.abs(mean)))
     keep = order[:big_k]
     keep = keep[mean[keep] != 0]
@@ -90,10 +95,14 @@ def test_churn():
 
 
 @settings(max_examples=25, deadline=None)
-@given(ks=st.lists(st.integers(0, 400), min_size=1, max_size=5), big_k=st.integers(0, 1500),
-       seed=st.integers(0, 1000))
+@given(
+    ks=st.lists(st.integers(0, 400), min_size=1, max_size=5),
+    big_k=st.integers(0, 1500),
+    seed=st.integers(0, 1000),
+)
 def test_property_matches_reference(ks, big_k, seed):
     updates = [(client(k, seed + i), float(i + 1)) for i, k in enumerate(ks)]
     merged = merge_sparse(updates, big_k)
-    np.testing.assert_allclose(flat(merged), dense_reference(updates, big_k).astype(np.float32),
-                               rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(
+        flat(merged), dense_reference(updates, big_k).astype(np.float32), rtol=1e-6, atol=1e-12
+    )

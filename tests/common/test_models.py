@@ -16,8 +16,9 @@ from dropfleet.common.sparse import (
 )
 
 
-@pytest.mark.parametrize(("model_id", "n"), [("mlp-90k", 89_610), ("lenet-300-100", 266_610),
-                                             ("cnn-bn-prelu", 20_634)])
+@pytest.mark.parametrize(
+    ("model_id", "n"), [("mlp-90k", 89_610), ("lenet-300-100", 266_610), ("cnn-bn-prelu", 20_634)]
+)
 def test_parameter_counts(model_id, n):
     assert sum(p.numel() for p in build_model(model_id).parameters()) == n
     assert f"{n:,}" in MODELS[model_id].description

@@ -35,14 +35,17 @@ def model(k, seed, model_seed=CONFIG.seed, scale=0.01):
     deltas, start = {}, 0
     for name, shape in parameter_shapes("mlp-90k").items():
         n = int(np.prod(shape))
-        deltas[name] = flat[start:start + n].reshape(shape)
+        deltas[name] = flat[start : start + n].reshape(shape)
         start += n
     return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
 
 
 def reply(node_id, content=None, error=None):
-    ins = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=node_id, message_type=MessageType.TRAIN)
+    ins = Message(
+        content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )
     TaskIdentity.node_id = node_id
     try:
         if error is not None:
@@ -53,8 +56,11 @@ def reply(node_id, content=None, error=None):
 
 
 def content(sparse_or_record, examples=100, k=2000, precision="fp32", **extra_metrics):
-    record = sparse_or_record if isinstance(sparse_or_record, ArrayRecord) else pack_sparse(
-        sparse_or_record, precision)
+    record = (
+        sparse_or_record
+        if isinstance(sparse_or_record, ArrayRecord)
+        else pack_sparse(sparse_or_record, precision)
+    )
     metrics = {"num-examples": examples, "train-loss": 0.5, "k": k, **extra_metrics}
     return RecordDict({SPARSE_RECORD: record, "metrics": MetricRecord(metrics)})
 
@@ -90,7 +96,7 @@ def hostile_replies():
     first = next(t for t in ok.tensors if t.count)
     # Corrupt the first fp32 value of the first non-empty tensor into a NaN.
     pos = bytes(nan_bytes).find(first.values[:1].tobytes())
-    nan_bytes[pos:pos + 4] = np.array([np.nan], "<f4").tobytes()
+    nan_bytes[pos : pos + 4] = np.array([np.nan], "<f4").tobytes()
     return {
         "wrong seed": content(model(500, 1, model_seed=CONFIG.seed + 1)),
         "NaN value": content(raw_record(bytes(nan_bytes))),
@@ -100,10 +106,15 @@ def hostile_replies():
         "zero examples": content(model(500, 3), examples=0),
         "absurd examples": content(model(500, 4), examples=10**9),
         "fractional examples": content(model(500, 5), examples=12.5),
-        "no k": RecordDict({SPARSE_RECORD: pack_sparse(model(500, 6), "fp32"),
-                            "metrics": MetricRecord({"num-examples": 10})}),
-        "dense arrays": RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 10, "k": 5})}),
+        "no k": RecordDict(
+            {SPARSE_RECORD: pack_sparse(model(500, 6), "fp32"), "metrics": MetricRecord({"num-examples": 10})}
+        ),
+        "dense arrays": RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+                "metrics": MetricRecord({"num-examples": 10, "k": 5}),
+            }
+        ),
         "wrong model": content(pack_sparse(_other_model(), "fp32")),
     }
 
@@ -125,8 +136,17 @@ def test_hostile_replies_are_rejected_counted_and_change_nothing():
     stats = s.recorder.current(1)
     assert stats.rejected == len(hostile) and stats.failed == 1 and stats.replied == 3
     reasons = " | ".join(stats.failures)
-    for needle in ("seed", "NaN", "undecodable", "declared k", "num-examples", "lacks metric 'k'",
-                   "expected exactly one ArrayRecord", "model id", "budget too small"):
+    for needle in (
+        "seed",
+        "NaN",
+        "undecodable",
+        "declared k",
+        "num-examples",
+        "lacks metric 'k'",
+        "expected exactly one ArrayRecord",
+        "model id",
+        "budget too small",
+    ):
         assert needle in reasons, needle
 
 

@@ -1,0 +1,1 @@
+"""The REST front: FastAPI, one router per resource, versioned under /v1."""

@@ -1,0 +1,61 @@
+"""Dependencies shared by the routers: settings, the store, bearer-token auth."""
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from dropfleet.server.api.settings import Settings
+from dropfleet.server.store import Store
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def _token_matches(credentials: HTTPAuthorizationCredentials | None, expected: str) -> bool:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(credentials.credentials.encode(), expected.encode())  # constant time
+
+
+def require_admin(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """State-changing routes: the admin bearer token, always."""
+    if not _token_matches(credentials, settings.admin_token.get_secret_value()):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid admin bearer token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def require_read(
+    settings: Annotated[Settings, Depends(get_settings)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Read routes: open, or the read (or admin) token when DROPFLEET_READ_ACCESS=token."""
+    if settings.read_access == "open":
+        return
+    tokens = [settings.admin_token.get_secret_value()]
+    if settings.read_token is not None:
+        tokens.append(settings.read_token.get_secret_value())
+    if not any(_token_matches(credentials, t) for t in tokens):
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a valid bearer token is required",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -1,0 +1,148 @@
+"""Runs and their rounds: list, inspect, follow (SSE or long-poll), start and stop."""
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from dropfleet.common.errors import ConfigError
+from dropfleet.fleet.config import RunConfig
+from dropfleet.server import flower_control
+from dropfleet.server.api.deps import SettingsDep, StoreDep, require_admin, require_read
+from dropfleet.server.api.schemas import RoundOut, RunOut, StartedRun, StartRun
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"])
+RunId = Annotated[str, Path(pattern=r"^[0-9]{1,20}$", description="Flower run id")]
+MAX_WAIT_SECONDS = 60
+
+
+def get_run_or_404(store: StoreDep, run_id: str) -> dict:
+    run = store.get_run(run_id)
+    if run is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"run {run_id} not found")
+    return run
+
+
+@router.get("", response_model=list[RunOut], dependencies=[Depends(require_read)])
+def list_runs(store: StoreDep) -> list[dict]:
+    return store.list_runs()
+
+
+@router.get(
+    "/{run_id}",
+    response_model=RunOut,
+    dependencies=[Depends(require_read)],
+    responses={404: {"description": "unknown run"}},
+)
+def get_run(run_id: RunId, store: StoreDep) -> dict:
+    return get_run_or_404(store, run_id)
+
+
+@router.get(
+    "/{run_id}/rounds",
+    response_model=list[RoundOut],
+    dependencies=[Depends(require_read)],
+    responses={404: {"description": "unknown run"}},
+)
+async def list_rounds(
+    run_id: RunId,
+    store: StoreDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=-1, le=10**6, description="only rounds after this one")] = -1,
+    wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="long-poll seconds")] = 0,
+) -> list[dict]:
+    """Rounds of a run; with `wait`, blocks until a round after `after` exists (long-poll)."""
+    await run_in_threadpool(get_run_or_404, store, run_id)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        rounds = await run_in_threadpool(store.rounds, run_id, after)
+        if rounds or loop.time() >= deadline:
+            return rounds
+        await asyncio.sleep(settings.event_poll_seconds)
+
+
+@router.get(
+    "/{run_id}/events",
+    dependencies=[Depends(require_read)],
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown run"}},
+)
+async def round_events(
+    run_id: RunId,
+    store: StoreDep,
+    settings: SettingsDep,
+    after: Annotated[int, Query(ge=-1, le=10**6)] = -1,
+) -> StreamingResponse:
+    """Server-sent events: one `round` event per published round, `end` when the run stops."""
+    await run_in_threadpool(get_run_or_404, store, run_id)
+
+    async def stream() -> AsyncIterator[str]:
+        last = after
+        while True:
+            for r in await run_in_threadpool(store.rounds, run_id, last):
+                last = r["round"]
+                data = json.dumps(RoundOut(**r).model_dump(mode="json"))
+                yield f"event: round\nid: {last}\ndata: {data}\n\n"
+            run = await run_in_threadpool(store.get_run, run_id)
+            if run is None or run["status"] != "running":
+                if not await run_in_threadpool(store.rounds, run_id, last):
+                    yield f"event: end\ndata: {json.dumps({'status': run['status'] if run else 'gone'})}\n\n"
+                    return
+                continue
+            yield ": keep-alive\n\n"
+            await asyncio.sleep(settings.event_poll_seconds)
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post(
+    "",
+    response_model=StartedRun,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_admin)],
+    responses={
+        400: {"description": "invalid run config"},
+        401: {"description": "no admin token"},
+        502: {"description": "the SuperLink refused or is unreachable"},
+    },
+)
+async def start_run(body: StartRun, settings: SettingsDep) -> StartedRun:
+    """Submit a run to the SuperLink (`flwr run`) with run-config overrides."""
+    try:
+        RunConfig.from_mapping(body.run_config)
+    except ConfigError as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    run_id = await run_in_threadpool(
+        flower_control.start_run,
+        settings.app_dir,
+        settings.flower_connection,
+        body.run_config,
+        settings.flower_env,
+    )
+    return StartedRun(run_id=run_id)
+
+
+@router.post(
+    "/{run_id}/stop",
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_admin)],
+    responses={
+        401: {"description": "no admin token"},
+        404: {"description": "unknown run"},
+        502: {"description": "the SuperLink refused or is unreachable"},
+    },
+)
+async def stop_run(run_id: RunId, store: StoreDep, settings: SettingsDep) -> dict[str, str]:
+    """Ask the SuperLink to stop a run (`flwr stop`)."""
+    await run_in_threadpool(get_run_or_404, store, run_id)
+    await run_in_threadpool(flower_control.stop_run, run_id, settings.flower_connection, settings.flower_env)
+    await run_in_threadpool(store.finish_run, run_id, "stopped")
+    return {"run_id": run_id, "status": "stopping"}

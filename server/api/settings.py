@@ -1,0 +1,50 @@
+"""All API settings in one place (environment variables prefixed DROPFLEET_)."""
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
+from dropfleet.server.store.store import default_database_url
+
+PLACEHOLDER_TOKEN = "change-me"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DROPFLEET_", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = Field(default_factory=default_database_url)
+    admin_token: SecretStr = SecretStr(PLACEHOLDER_TOKEN)
+    read_access: Literal["open", "token"] = "open"
+    read_token: SecretStr | None = None
+    max_request_bytes: int = 64 * 1024
+    cors_origins: list[str] = []
+    # Where runs are started: the Flower app and a connection in $FLWR_HOME/config.toml.
+    app_dir: str = str(PROJECT_ROOT)
+    flower_connection: str = "local"
+    flwr_home: str = str(PROJECT_ROOT / ".flwr")
+    event_poll_seconds: float = 0.5
+
+    @model_validator(mode="after")
+    def _no_placeholder_secrets_in_production(self) -> "Settings":
+        if self.environment != "development":
+            for name, secret in (("admin_token", self.admin_token), ("read_token", self.read_token)):
+                if secret is not None and (
+                    secret.get_secret_value() == PLACEHOLDER_TOKEN or len(secret.get_secret_value()) < 16
+                ):
+                    raise ValueError(
+                        f"DROPFLEET_{name.upper()} is a placeholder or shorter than 16 characters; "
+                        "set a real secret (or DROPFLEET_ENVIRONMENT=development)"
+                    )
+            if self.read_access == "token" and self.read_token is None:
+                raise ValueError("DROPFLEET_READ_ACCESS=token needs DROPFLEET_READ_TOKEN")
+        return self
+
+    @cached_property
+    def flower_env(self) -> dict[str, str]:
+        """Environment for `flwr` calls: offline-safe, with this deployment's FLWR_HOME."""
+        return simulation_env(Path(self.flwr_home))

@@ -1,0 +1,85 @@
+"""Talking to a SuperLink through Flower's own CLI (its Control API client).
+
+`flwr run`, `flwr stop`, `flwr ls` and `flwr supernode list` already speak the
+Control API with TLS and account auth; wrapping them keeps one way to do it.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dropfleet.common.errors import FlowerControlError
+
+FLWR = str(Path(sys.executable).parent / "flwr")
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def _flwr(args: list[str], env: Mapping[str, str], timeout: float, cwd: str | None = None) -> str:
+    try:
+        done = subprocess.run(
+            [FLWR, *args],
+            env=dict(env),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FlowerControlError(f"flwr {args[0]} did not complete: {exc}") from None
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip()[-600:]
+        raise FlowerControlError(f"flwr {args[0]} failed (exit {done.returncode}): {tail}")
+    return done.stdout
+
+
+def _json(output: str) -> Any:
+    start = min((i for i in (output.find("{"), output.find("[")) if i >= 0), default=-1)
+    if start < 0:
+        raise FlowerControlError("flwr printed no JSON")
+    try:
+        return json.loads(output[start:])
+    except json.JSONDecodeError as exc:
+        raise FlowerControlError(f"unparsable flwr output: {exc}") from None
+
+
+def start_run(
+    app_dir: str,
+    connection: str,
+    run_config: Mapping[str, object],
+    env: Mapping[str, str],
+    timeout: float = 120.0,
+) -> str:
+    """Submit a run (`flwr run APP CONNECTION`) and return Flower's run id."""
+    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    args = ["run", app_dir, connection] + (["--run-config", overrides] if overrides else [])
+    out = _flwr(args, env, timeout, cwd=app_dir)
+    match = _RUN_ID.search(out)
+    if not match:
+        raise FlowerControlError(f"flwr run printed no run id: {out.strip()[-300:]}")
+    return match.group(1)
+
+
+def stop_run(run_id: str, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> None:
+    _flwr(["stop", run_id, connection], env, timeout)
+
+
+def list_runs(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:
+    return _json(_flwr(["ls", connection, "--format", "json"], env, timeout))
+
+
+def list_supernodes(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:
+    return _json(_flwr(["supernode", "list", connection, "--format", "json"], env, timeout))
+
+
+def toml_value(value: object) -> str:
+    """A run-config value as Flower's `--run-config` parser expects it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)

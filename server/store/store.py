@@ -1,0 +1,223 @@
+"""The one storage module: SQLite by default (WAL), PostgreSQL by URL.
+
+The aggregator writes; API replicas read. Each round is published in one
+transaction (round row, its global model, the fleet's counters), so a crash
+mid-publish leaves either all of it or none of it.
+"""
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dropfleet.server.store.schema import Node, PublishedModel, Round, Run
+
+DATABASE_URL_ENV = "DROPFLEET_DATABASE_URL"
+STATE_DIR_ENV = "DROPFLEET_STATE_DIR"
+MIGRATIONS = Path(__file__).with_name("migrations")
+_ROUND_FIELDS = (
+    "accuracy",
+    "loss",
+    "fed_accuracy",
+    "fed_loss",
+    "train_loss",
+    "sampled",
+    "replied",
+    "failed",
+    "rejected",
+    "bytes_up",
+    "bytes_down",
+    "churn",
+    "seconds",
+)
+
+
+def default_database_url() -> str:
+    """$DROPFLEET_DATABASE_URL, else SQLite under $DROPFLEET_STATE_DIR (default ./state)."""
+    if url := os.environ.get(DATABASE_URL_ENV):
+        return url
+    state = Path(os.environ.get(STATE_DIR_ENV, "state")).resolve()
+    return f"sqlite:///{state / 'dropfleet.db'}"
+
+
+@dataclass(frozen=True)
+class NodeEvent:
+    """What one node did in one round, as the aggregator saw it."""
+
+    node_id: int
+    outcome: str  # "accepted", "rejected" or "failed"
+    bytes_up: int = 0
+    bytes_down: int = 0
+    profile: str | None = None
+    partition_id: int | None = None
+    budget_bytes: int | None = None
+    k: int | None = None
+    error: str | None = None
+
+
+def _row(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {c.key: getattr(obj, c.key) for c in obj.__mapper__.column_attrs if c.key not in exclude}
+
+
+class Store:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_database_url()
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema to the latest Alembic revision."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def ping(self) -> bool:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return True
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    # ----- writes (the aggregator) -------------------------------------------------
+    def start_run(
+        self, run_id: str, strategy: str, model_id: str, seed: int, num_rounds: int, config: dict[str, Any]
+    ) -> None:
+        with self._tx() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                s.add(
+                    Run(
+                        run_id=run_id,
+                        strategy=strategy,
+                        model_id=model_id,
+                        seed=seed,
+                        num_rounds=num_rounds,
+                        config=config,
+                        status="running",
+                    )
+                )
+            else:
+                run.status, run.error, run.finished_at = "running", None, None
+
+    def publish_round(
+        self,
+        run_id: str,
+        server_round: int,
+        stats: dict[str, Any],
+        model: bytes | None,
+        tracked: int,
+        nodes: list[NodeEvent] = (),
+    ) -> None:
+        """Round metrics, its global model and node counters, all or nothing."""
+        now = datetime.now(UTC)
+        with self._tx() as s:
+            s.add(
+                Round(
+                    run_id=run_id,
+                    round=server_round,
+                    tracked=tracked,
+                    **{k: stats[k] for k in _ROUND_FIELDS if k in stats},
+                )
+            )
+            if model is not None:
+                s.add(
+                    PublishedModel(
+                        run_id=run_id,
+                        round=server_round,
+                        data=model,
+                        size=len(model),
+                        tracked=tracked,
+                        checksum=hashlib.sha256(model).hexdigest(),
+                    )
+                )
+            for ev in nodes:
+                node = s.get(Node, str(ev.node_id)) or Node(
+                    node_id=str(ev.node_id), rounds_joined=0, failures=0, rejected=0, bytes_up=0, bytes_down=0
+                )
+                s.add(node)
+                node.last_seen = now
+                node.bytes_up += ev.bytes_up
+                node.bytes_down += ev.bytes_down
+                for attr in ("profile", "partition_id", "budget_bytes", "k"):
+                    if getattr(ev, attr) is not None:
+                        setattr(node, attr, getattr(ev, attr))
+                if ev.outcome == "accepted":
+                    node.rounds_joined += 1
+                elif ev.outcome == "rejected":
+                    node.rejected += 1
+                    node.last_error = (ev.error or "")[:2000]
+                else:
+                    node.failures += 1
+                    node.last_error = (ev.error or "")[:2000]
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        with self._tx() as s:
+            run = s.get(Run, run_id)
+            if run is not None:
+                run.status, run.error, run.finished_at = status, error, datetime.now(UTC)
+
+    # ----- reads (the API) -----------------------------------------------------------
+    def list_runs(self) -> list[dict[str, Any]]:
+        with self._sessions() as s:
+            return [_row(r) for r in s.scalars(select(Run).order_by(Run.created_at.desc()))]
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self._sessions() as s:
+            run = s.get(Run, run_id)
+            return _row(run) if run else None
+
+    def rounds(self, run_id: str, after: int = -1) -> list[dict[str, Any]]:
+        with self._sessions() as s:
+            q = select(Round).where(Round.run_id == run_id, Round.round > after).order_by(Round.round)
+            return [_row(r) for r in s.scalars(q)]
+
+    def model(self, run_id: str, server_round: int | None = None) -> dict[str, Any] | None:
+        """A published model (latest when round is None), with its bytes."""
+        with self._sessions() as s:
+            q = select(PublishedModel).where(PublishedModel.run_id == run_id)
+            if server_round is None:
+                q = q.order_by(PublishedModel.round.desc()).limit(1)
+            else:
+                q = q.where(PublishedModel.round == server_round)
+            m = s.scalars(q).first()
+            return _row(m) if m else None
+
+    def model_rounds(self, run_id: str) -> list[int]:
+        with self._sessions() as s:
+            q = (
+                select(PublishedModel.round)
+                .where(PublishedModel.run_id == run_id)
+                .order_by(PublishedModel.round)
+            )
+            return list(s.scalars(q))
+
+    def nodes(self) -> list[dict[str, Any]]:
+        with self._sessions() as s:
+            return [_row(n) for n in s.scalars(select(Node).order_by(Node.node_id))]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=5000")
+    cur.close()
