@@ -1,0 +1,199 @@
+"""The REST API against a real uvicorn on 127.0.0.1."""
+
+import hashlib
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from dropfleet.common.codec import decode
+from dropfleet.server.api.settings import Settings
+from tests.integration.procs import stop
+from tests.server.live_api import ADMIN, READER, fill, start_api
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    live = start_api(tmp_path_factory.mktemp("api"))
+    live.models = fill(live.store)
+    live.store.start_run("202", "fedavg", "mlp-90k", 0, 1, {})
+    yield live
+    stop([live.proc])
+
+
+def test_health_and_readiness(api):
+    assert httpx.get(api.url + "/v1/health").json() == {"status": "ok"}
+    assert httpx.get(api.url + "/v1/ready").json() == {"status": "ready"}
+
+
+def test_runs_and_rounds(api):
+    runs = httpx.get(api.url + "/v1/runs").json()
+    assert {r["run_id"] for r in runs} >= {"101", "202"}
+    run = httpx.get(api.url + "/v1/runs/101").json()
+    assert run["status"] == "finished" and run["strategy"] == "dropback"
+    rounds = httpx.get(api.url + "/v1/runs/101/rounds").json()
+    assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["accuracy"] == pytest.approx(0.7)
+    assert [r["round"] for r in httpx.get(api.url + "/v1/runs/101/rounds", params={"after": 1}).json()] == [2]
+
+
+@pytest.mark.parametrize(
+    ("path", "code", "needle"),
+    [
+        ("/v1/runs/999", 404, "run 999 not found"),
+        ("/v1/runs/abc", 422, "pattern"),
+        ("/v1/runs/101/rounds?after=-5", 422, "greater than or equal"),
+        ("/v1/runs/101/model?round=9", 404, "no model for round 9"),
+        ("/v1/runs/202/model", 404, "published no model"),
+        ("/v1/runs/101/model?format=xml", 422, "pattern"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(api, path, code, needle):
+    r = httpx.get(api.url + path)
+    assert r.status_code == code and needle in r.text
+
+
+def test_model_bytes_decode_with_the_proto(api):
+    r = httpx.get(api.url + "/v1/runs/101/model", headers={"Accept": "application/x-protobuf"})
+    assert r.headers["content-type"] == "application/x-protobuf"
+    assert r.content == api.models[-1]
+    assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+    model = decode(r.content)
+    assert model.num_tracked == 4000 and model.seed == 0
+    first = httpx.get(api.url + "/v1/runs/101/model", params={"round": 1, "format": "protobuf"})
+    assert first.content == api.models[1]
+    summary = httpx.get(api.url + "/v1/runs/101/model").json()
+    assert summary["k"] == 4000 and summary["round"] == 2 and summary["num_weights"] == 89_610
+    assert sum(t["tracked"] for t in summary["tensors"]) == 4000
+    assert httpx.get(api.url + "/v1/runs/101/models").json() == [0, 1, 2]
+
+
+def test_fleet_and_profiles(api):
+    nodes = {n["node_id"]: n for n in httpx.get(api.url + "/v1/nodes").json()}
+    assert nodes["7"]["rounds_joined"] == 2 and nodes["7"]["profile"] == "pi4-4g"
+    assert nodes["7"]["bytes_up"] == 18000 and nodes["8"]["failures"] == 2
+    assert nodes["8"]["last_error"] == "budget too small"
+    names = {p["name"] for p in httpx.get(api.url + "/v1/profiles").json()}
+    assert {"mcu-256k", "jetson-8g"} <= names
+
+
+def test_prometheus_metrics(api):
+    text = httpx.get(api.url + "/metrics").text
+    assert 'dropfleet_run_accuracy{run_id="101"} 0.7' in text
+    assert 'dropfleet_run_bytes{direction="up",run_id="101"} 18000.0' in text
+    assert "dropfleet_http_requests_total" in text
+
+
+def test_long_poll_waits_for_the_next_round(api):
+    api.store.start_run("303", "dropback", "mlp-90k", 0, 3, {})
+    fill_later = threading.Timer(0.8, lambda: api.store.publish_round("303", 1, {"accuracy": 0.4}, None, 0))
+    fill_later.start()
+    t0 = time.monotonic()
+    r = httpx.get(api.url + "/v1/runs/303/rounds", params={"after": 0, "wait": 10}, timeout=15)
+    assert [x["round"] for x in r.json()] == [1] and 0.5 < time.monotonic() - t0 < 8
+    t0 = time.monotonic()
+    assert httpx.get(api.url + "/v1/runs/303/rounds", params={"after": 1, "wait": 0.5}).json() == []
+    assert time.monotonic() - t0 >= 0.5
+
+
+def test_server_sent_events_follow_a_run(api):
+    api.store.start_run("404", "dropback", "mlp-90k", 0, 2, {})
+    api.store.publish_round("404", 0, {"accuracy": 0.1}, None, 0)
+
+    def progress():
+        time.sleep(0.5)
+        api.store.publish_round("404", 1, {"accuracy": 0.6}, None, 0)
+        time.sleep(0.3)
+        api.store.finish_run("404", "finished")
+
+    threading.Thread(target=progress).start()
+    events = []
+    with httpx.stream("GET", api.url + "/v1/runs/404/events", timeout=20) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                events.append(line.split(":", 1)[1].strip())
+    assert events == ["round", "round", "end"]
+
+
+def test_state_changes_need_the_admin_token(api):
+    assert httpx.post(api.url + "/v1/runs", json={}).status_code == 401
+    bad = httpx.post(api.url + "/v1/runs", json={}, headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and "admin bearer token" in bad.text
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    r = httpx.post(api.url + "/v1/runs", json={"run_config": {"global-k": 0}}, headers=auth)
+    assert r.status_code == 400 and "'global-k' has an invalid value" in r.text
+    r = httpx.post(api.url + "/v1/runs", json={"run_config": {"rounds": 3}}, headers=auth)
+    assert r.status_code == 400 and "unknown run-config key" in r.text
+    r = httpx.post(api.url + "/v1/runs", json={"unexpected": 1}, headers=auth)
+    assert r.status_code == 422
+    assert httpx.post(api.url + "/v1/runs/101/stop").status_code == 401
+
+
+def test_superlink_unreachable_is_a_502_with_a_reason(api):
+    r = httpx.post(
+        api.url + "/v1/runs",
+        json={"run_config": {}},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+        timeout=120,
+    )
+    assert r.status_code == 502 and "flwr run failed" in r.json()["detail"]
+
+
+def test_huge_upload_refused_early(api):
+    host, port = api.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/runs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n{"
+        )
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413")
+    r = httpx.post(api.url + "/v1/runs", content=b"x" * 200_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_cors_is_closed_by_default(api):
+    r = httpx.options(
+        api.url + "/v1/runs",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in r.headers
+
+
+def test_secrets_stay_out_of_logs(api):
+    httpx.post(
+        api.url + "/v1/runs",
+        json={"run_config": {"global-k": 0}},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert ADMIN not in api.log.read_text()
+
+
+def test_status_page_is_served(api):
+    r = httpx.get(api.url + "/")
+    assert r.status_code == 200 and "dropfleet" in r.text and "/v1/runs" in r.text
+
+
+def test_read_access_by_token(tmp_path):
+    live = start_api(tmp_path, DROPFLEET_READ_ACCESS="token", DROPFLEET_READ_TOKEN=READER)
+    try:
+        assert httpx.get(live.url + "/v1/runs").status_code == 401
+        assert (
+            httpx.get(live.url + "/v1/runs", headers={"Authorization": f"Bearer {READER}"}).status_code == 200
+        )
+        assert (
+            httpx.get(live.url + "/v1/runs", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+        )
+        assert httpx.get(live.url + "/v1/health").status_code == 200  # probes stay open
+    finally:
+        stop([live.proc])
+
+
+def test_refuses_to_start_with_a_placeholder_secret_outside_development():
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(environment="production")
+    with pytest.raises(ValueError, match="placeholder"):
+        Settings(environment="production", admin_token="short")
+    assert Settings(environment="production", admin_token=ADMIN).admin_token.get_secret_value() == ADMIN
