@@ -1,10 +1,14 @@
-"""The `dropfleet` command line."""
+"""The `dropfleet` command line: run a simulation, serve the API, and query it."""
 
+import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from dropfleet.server.api_client import ApiClient, ApiError
 from dropfleet.server.simulation import PROJECT_ROOT, run_simulation
 
 app = typer.Typer(help="dropfleet: federated DropBack on Flower.", no_args_is_help=True)
@@ -51,6 +55,131 @@ def api(
     from dropfleet.server.api.app import create_app
 
     uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+ApiUrl = Annotated[str | None, typer.Option("--api", help="API URL (default: $DROPFLEET_API_URL)")]
+AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+console = Console(highlight=False)
+
+
+def _client(api: str | None) -> ApiClient:
+    return ApiClient(api)
+
+
+def _fail(exc: ApiError) -> typer.Exit:
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(1)
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+@app.command()
+def status(api: ApiUrl = None, as_json: AsJson = False) -> None:
+    """Is the API ready, and how is the latest run doing?"""
+    try:
+        info = _client(api).status()
+    except ApiError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(info, default=str))
+        return
+    console.print(f"API {info['api']}: {info['ready']}, {info['runs']} run(s)")
+    run, last = info["latest_run"], info["latest_round"]
+    if run:
+        console.print(
+            f"latest run {run['run_id']} ({run['strategy']}, {run['model_id']}): {run['status']}, "
+            f"round {last['round'] if last else 0}/{run['num_rounds']}, "
+            f"accuracy {_pct(last['accuracy'] if last else None)}"
+        )
+
+
+@app.command()
+def runs(api: ApiUrl = None, as_json: AsJson = False) -> None:
+    """List runs with their progress."""
+    try:
+        client = _client(api)
+        items = [(r, client.rounds(r["run_id"])) for r in client.runs()]
+    except ApiError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps([{**r, "rounds": rs} for r, rs in items], default=str))
+        return
+    table = Table("run", "strategy", "model", "status", "rounds", "accuracy", "bytes up", "bytes down")
+    for r, rs in items:
+        last = rs[-1] if rs else None
+        table.add_row(
+            r["run_id"],
+            r["strategy"],
+            r["model_id"],
+            r["status"],
+            f"{max(len(rs) - 1, 0)}/{r['num_rounds']}",
+            _pct(last["accuracy"] if last else None),
+            f"{sum(x['bytes_up'] for x in rs):,}",
+            f"{sum(x['bytes_down'] for x in rs):,}",
+        )
+    console.print(table)
+
+
+@app.command()
+def model(
+    run: Annotated[str, typer.Option("--run", help="run id")],
+    out: Annotated[Path, typer.Option("--out", help="file for the protobuf bytes")],
+    round: Annotated[int | None, typer.Option("--round", help="default: the latest")] = None,
+    api: ApiUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a published global model (proto/sparse_model.proto bytes)."""
+    from dropfleet.common.codec import decode
+
+    try:
+        data, headers = _client(api).model_bytes(run, round)
+    except ApiError as exc:
+        raise _fail(exc) from None
+    decoded = decode(data)  # never write bytes that do not decode
+    out.write_bytes(data)
+    info = {
+        "run_id": run,
+        "round": int(headers.get("x-dropfleet-round", -1)),
+        "file": str(out),
+        "bytes": len(data),
+        "k": decoded.num_tracked,
+        "seed": decoded.seed,
+        "model_id": decoded.model_id,
+    }
+    if as_json:
+        typer.echo(json.dumps(info))
+    else:
+        console.print(
+            f"wrote {out}: run {run} round {info['round']}, {decoded.model_id}, seed {decoded.seed}, "
+            f"{decoded.num_tracked:,} tracked weights, {len(data):,} bytes"
+        )
+
+
+@app.command()
+def fleet(api: ApiUrl = None, as_json: AsJson = False) -> None:
+    """List the nodes that took part."""
+    try:
+        nodes = _client(api).nodes()
+    except ApiError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(nodes, default=str))
+        return
+    table = Table("node", "profile", "k", "rounds", "failures", "rejected", "bytes up", "last error")
+    for n in nodes:
+        table.add_row(
+            n["node_id"],
+            n["profile"] or "-",
+            str(n["k"] or "-"),
+            str(n["rounds_joined"]),
+            str(n["failures"]),
+            str(n["rejected"]),
+            f"{n['bytes_up']:,}",
+            (n["last_error"] or "")[:40],
+        )
+    console.print(table)
 
 
 def _parse_value(value: str) -> object:

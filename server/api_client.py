@@ -1,0 +1,64 @@
+"""A small client of the REST API, used by the `dropfleet` command line."""
+
+import os
+from typing import Any
+
+import httpx
+
+from dropfleet.common.errors import DropfleetError
+
+API_URL_ENV = "DROPFLEET_API_URL"
+TOKEN_ENV = "DROPFLEET_TOKEN"
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+
+
+class ApiError(DropfleetError):
+    """The API answered with an error, or could not be reached."""
+
+
+class ApiClient:
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30.0) -> None:
+        self.url = (url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
+        token = token or os.environ.get(TOKEN_ENV)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _get(self, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.get(path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach {self.url}: {exc}") from None
+        if response.is_error:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise ApiError(f"{response.status_code} from {path}: {detail}")
+        return response
+
+    def status(self) -> dict[str, Any]:
+        ready = self._get("/v1/ready").json()
+        runs = self._get("/v1/runs").json()
+        latest = runs[0] if runs else None
+        rounds = self._get(f"/v1/runs/{latest['run_id']}/rounds").json() if latest else []
+        return {
+            "api": self.url,
+            "ready": ready["status"],
+            "runs": len(runs),
+            "latest_run": latest,
+            "latest_round": rounds[-1] if rounds else None,
+        }
+
+    def runs(self) -> list[dict[str, Any]]:
+        return self._get("/v1/runs").json()
+
+    def rounds(self, run_id: str) -> list[dict[str, Any]]:
+        return self._get(f"/v1/runs/{run_id}/rounds").json()
+
+    def model_bytes(self, run_id: str, server_round: int | None = None) -> tuple[bytes, dict[str, str]]:
+        params = {"format": "protobuf"} | ({"round": server_round} if server_round is not None else {})
+        response = self._get(f"/v1/runs/{run_id}/model", params=params)
+        return response.content, dict(response.headers)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return self._get("/v1/nodes").json()

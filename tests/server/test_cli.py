@@ -1,0 +1,58 @@
+"""`dropfleet status|runs|model|fleet` against a real API server."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dropfleet.common.codec import decode
+from tests.integration.procs import free_port, stop
+from tests.server.live_api import fill, start_api
+
+DROPFLEET = str(Path(sys.executable).parent / "dropfleet")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    live = start_api(tmp_path_factory.mktemp("cli"))
+    live.models = fill(live.store)
+    yield live
+    stop([live.proc])
+
+
+def cli(*args, api_url):
+    return subprocess.run([DROPFLEET, *args, "--api", api_url], capture_output=True, text=True, timeout=60)
+
+
+def test_status_human_and_json(api):
+    human = cli("status", api_url=api.url)
+    assert human.returncode == 0 and "latest run 101" in human.stdout and "70.00%" in human.stdout
+    data = json.loads(cli("status", "--json", api_url=api.url).stdout)
+    assert data["ready"] == "ready" and data["latest_round"]["round"] == 2
+
+
+def test_runs_and_fleet(api):
+    assert "101" in cli("runs", api_url=api.url).stdout
+    runs = json.loads(cli("runs", "--json", api_url=api.url).stdout)
+    assert runs[0]["rounds"][-1]["accuracy"] == pytest.approx(0.7)
+    nodes = json.loads(cli("fleet", "--json", api_url=api.url).stdout)
+    assert {n["node_id"] for n in nodes} == {"7", "8"}
+
+
+def test_model_download_decodes(api, tmp_path):
+    out = tmp_path / "model.pb"
+    done = cli("model", "--run", "101", "--out", str(out), "--json", api_url=api.url)
+    info = json.loads(done.stdout)
+    assert out.read_bytes() == api.models[-1] and info["k"] == decode(out.read_bytes()).num_tracked
+    first = tmp_path / "first.pb"
+    assert cli("model", "--run", "101", "--round", "1", "--out", str(first), api_url=api.url).returncode == 0
+    assert first.read_bytes() == api.models[1]
+
+
+def test_errors_are_clear(api, tmp_path):
+    missing = cli("model", "--run", "999", "--out", str(tmp_path / "x.pb"), api_url=api.url)
+    assert missing.returncode == 1 and "run 999 not found" in missing.stderr
+    down = cli("status", api_url=f"http://127.0.0.1:{free_port()}")
+    assert down.returncode == 1 and "cannot reach" in down.stderr
