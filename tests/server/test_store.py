@@ -1,0 +1,164 @@
+"""The store on SQLite and on a real PostgreSQL: migrations, atomic publish, crashes, readers."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.exc import IntegrityError
+
+from dropfleet.server.store import Store
+from dropfleet.server.store.schema import Base
+from dropfleet.server.store.store import NodeEvent
+from tests.server import postgres
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    tmp = Path(tempfile.mkdtemp(prefix="dropfleet-pg-", dir="/tmp"))
+    os.chmod(tmp, 0o755)
+    try:
+        url, proc = postgres.start(tmp)
+    except (FileNotFoundError, subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"no PostgreSQL server can be started here: {exc}")
+    yield url
+    os.killpg(proc.pid, signal.SIGINT)  # PostgreSQL's fast shutdown, through runuser
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    url = request.getfixturevalue("postgres_url")
+    # A fresh schema per test: drop everything the previous test left.
+    store = Store(url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+    store.engine.dispose()
+    return url
+
+
+def test_migrations_match_the_models_and_are_idempotent(store_url):
+    store = Store(store_url)
+    store.migrate()
+    store.migrate()
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+
+
+def test_publish_and_read_back(store_url):
+    store = Store(store_url)
+    store.migrate()
+    store.start_run("1", "dropback", "mlp-90k", 7, 2, {"global-k": 100})
+    store.publish_round("1", 0, {"accuracy": 0.1}, b"model-0", 0)
+    store.publish_round(
+        "1",
+        1,
+        {"accuracy": 0.5, "bytes_up": 10},
+        b"model-1",
+        100,
+        [NodeEvent(5, "accepted", bytes_up=10, bytes_down=20, profile="pi4-4g", k=9)],
+    )
+    store.finish_run("1", "finished")
+    assert store.get_run("1")["status"] == "finished"
+    assert [r["round"] for r in store.rounds("1")] == [0, 1]
+    latest = store.model("1")
+    assert latest["round"] == 1 and latest["data"] == b"model-1"
+    assert latest["checksum"] == hashlib.sha256(b"model-1").hexdigest()
+    assert store.model("1", 0)["data"] == b"model-0" and store.model("1", 5) is None
+    assert store.nodes()[0]["rounds_joined"] == 1 and store.nodes()[0]["k"] == 9
+
+
+def test_a_failed_publish_changes_nothing(store_url):
+    store = Store(store_url)
+    store.migrate()
+    store.start_run("1", "dropback", "mlp-90k", 7, 3, {})
+    event = NodeEvent(5, "accepted", bytes_up=10)
+    store.publish_round("1", 1, {"accuracy": 0.5}, b"first", 10, [event])
+    with pytest.raises(IntegrityError):  # the same round twice: the whole transaction rolls back
+        store.publish_round("1", 1, {"accuracy": 0.9}, b"second", 10, [event])
+    assert store.model("1", 1)["data"] == b"first"
+    assert store.rounds("1")[0]["accuracy"] == 0.5
+    assert store.nodes()[0]["rounds_joined"] == 1 and store.nodes()[0]["bytes_up"] == 10
+
+
+WRITER = """
+import sys
+from dropfleet.server.store import Store
+store = Store(sys.argv[1])
+store.start_run("9", "dropback", "mlp-90k", 0, 10**6, {})
+payload = bytes(range(256)) * 8192  # 2 MiB per model: a publish takes a while
+r = 0
+while True:
+    store.publish_round("9", r, {"accuracy": 0.5}, payload + r.to_bytes(4, "little"), r)
+    r += 1
+    print(r, flush=True)
+"""
+
+
+def test_kill_9_mid_publish_leaves_no_round_without_its_model(store_url, tmp_path):
+    Store(store_url).migrate()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let it publish a few rounds, then kill it in the middle of another
+        writer.stdout.readline()
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+    store = Store(store_url)
+    rounds = {r["round"] for r in store.rounds("9")}
+    models = set(store.model_rounds("9"))
+    assert len(rounds) >= 3 and rounds == models
+    for r in models:
+        m = store.model("9", r)
+        assert hashlib.sha256(m["data"]).hexdigest() == m["checksum"] and m["size"] == len(m["data"])
+
+
+def test_readers_never_see_torn_writes(store_url):
+    store = Store(store_url)
+    store.migrate()
+    store.start_run("3", "dropback", "mlp-90k", 0, 100, {})
+    stop, problems, reads = threading.Event(), [], [0]
+
+    def reader():
+        mine = Store(store_url)
+        while not stop.is_set():
+            # Models first: a round and its model commit together, so every model seen
+            # here must have its round in the later read.
+            models = set(mine.model_rounds("3"))
+            rounds = {r["round"] for r in mine.rounds("3")}
+            latest = mine.model("3")
+            if latest is not None and hashlib.sha256(latest["data"]).hexdigest() != latest["checksum"]:
+                problems.append("torn model")
+            if not models <= rounds:
+                problems.append(f"model without round: {models - rounds}")
+            reads[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for r in range(40):
+        store.publish_round(
+            "3", r, {"accuracy": r / 40}, os.urandom(50_000), r, [NodeEvent(1, "accepted", bytes_up=1)]
+        )
+    stop.set()
+    for t in threads:
+        t.join()
+    assert problems == [] and reads[0] > 10
+    assert store.nodes()[0]["rounds_joined"] == 40
