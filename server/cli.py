@@ -1,4 +1,4 @@
-"""The `dropfleet` command line: run a simulation, serve the API, and query it."""
+"""The `dropfleet` command line: simulate, run a process fleet, serve the API, and query it."""
 
 import json
 from pathlib import Path
@@ -158,17 +158,17 @@ def model(
 
 
 @app.command()
-def fleet(api: ApiUrl = None, as_json: AsJson = False) -> None:
+def nodes(api: ApiUrl = None, as_json: AsJson = False) -> None:
     """List the nodes that took part."""
     try:
-        nodes = _client(api).nodes()
+        items = _client(api).nodes()
     except ApiError as exc:
         raise _fail(exc) from None
     if as_json:
-        typer.echo(json.dumps(nodes, default=str))
+        typer.echo(json.dumps(items, default=str))
         return
     table = Table("node", "profile", "k", "rounds", "failures", "rejected", "bytes up", "last error")
-    for n in nodes:
+    for n in items:
         table.add_row(
             n["node_id"],
             n["profile"] or "-",
@@ -180,6 +180,82 @@ def fleet(api: ApiUrl = None, as_json: AsJson = False) -> None:
             (n["last_error"] or "")[:40],
         )
     console.print(table)
+
+
+fleet_app = typer.Typer(
+    help="The process fleet: the compose topology as local processes.", no_args_is_help=True
+)
+app.add_typer(fleet_app, name="fleet")
+StateDir = Annotated[Path, typer.Option(help="where PID files, logs, certificates and the store live")]
+
+
+@fleet_app.command("up")
+def fleet_up(
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start")] = 4,
+    profiles: Annotated[str, typer.Option(help="device profiles, assigned round robin")] = (
+        "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+    ),
+    tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+    superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 9093,
+    api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
+    node_port_base: Annotated[
+        int, typer.Option(help="runtime API port of SuperNode 0 (then +1, +2...)")
+    ] = 9100,
+    state_dir: StateDir = Path(".fleet"),
+    as_json: AsJson = False,
+) -> None:
+    """Start SuperLink, SuperExecs, SuperNodes and the API on 127.0.0.1 and wait until healthy."""
+    from dropfleet.common.errors import DropfleetError
+    from dropfleet.deploy.fleet import FleetSpec, up
+
+    spec = FleetSpec(
+        nodes=nodes,
+        profiles=tuple(p.strip() for p in profiles.split(",") if p.strip()),
+        tls=tls,
+        superlink_port=superlink_port,
+        api_port=api_port,
+        node_port_base=node_port_base,
+        state_dir=state_dir,
+    )
+    try:
+        info = up(spec)
+    except DropfleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    console.print(
+        f"fleet up: {nodes} SuperNode(s), SuperLink {info['superlink']} (TLS {'on' if tls else 'off'})"
+    )
+    console.print(f"  API         {info['api']}   (admin token in {info['admin_token_file']})")
+    console.print(f"  flwr        FLWR_HOME={info['flwr_home']} flwr run . {info['connection']}")
+    console.print(f"  store       {info['database_url']}")
+    console.print(f"  logs        {info['logs']}")
+
+
+@fleet_app.command("status")
+def fleet_status(state_dir: StateDir = Path(".fleet"), as_json: AsJson = False) -> None:
+    """Which fleet processes are running."""
+    from dropfleet.deploy.fleet import status as fleet_state
+
+    state = fleet_state(state_dir)
+    if as_json:
+        typer.echo(json.dumps(state))
+        return
+    if not state:
+        console.print("no fleet")
+    for name, alive in state.items():
+        console.print(f"{name:<24} {'running' if alive else 'stopped'}")
+
+
+@fleet_app.command("down")
+def fleet_down(state_dir: StateDir = Path(".fleet")) -> None:
+    """Stop exactly what `fleet up` started."""
+    from dropfleet.deploy.fleet import down
+
+    stopped = down(state_dir)
+    console.print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
 def _parse_value(value: str) -> object:

@@ -1,4 +1,4 @@
-"""`dropfleet status|runs|model|fleet` against a real API server."""
+"""`dropfleet status|runs|model|nodes` against a real API server."""
 
 import json
 import subprocess
@@ -37,7 +37,7 @@ def test_runs_and_fleet(api):
     assert "101" in cli("runs", api_url=api.url).stdout
     runs = json.loads(cli("runs", "--json", api_url=api.url).stdout)
     assert runs[0]["rounds"][-1]["accuracy"] == pytest.approx(0.7)
-    nodes = json.loads(cli("fleet", "--json", api_url=api.url).stdout)
+    nodes = json.loads(cli("nodes", "--json", api_url=api.url).stdout)
     assert {n["node_id"] for n in nodes} == {"7", "8"}
 
 

@@ -1,0 +1,1 @@
+"""Deployment: the process fleet launcher, TLS material, container and edge-board kits."""

@@ -1,0 +1,283 @@
+"""The process fleet: the docker-compose topology as local processes on 127.0.0.1.
+
+    dropfleet fleet up --nodes 4      # SuperLink + SuperExecs + SuperNodes + API, TLS on
+    dropfleet fleet status
+    dropfleet fleet down              # stops exactly what `up` started (PID files)
+
+Every process is started in its own session with its command line recorded
+next to its PID, so `down` stops only processes that are still the ones it
+started, also after `up` or the machine's shell crashed half-way.
+"""
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from dropfleet.common.errors import ConfigError, DropfleetError
+from dropfleet.deploy.certs import create_certificates
+from dropfleet.server.simulation import OFFLINE_ENV
+
+BIN = Path(sys.executable).parent
+# The same ports as docker-compose.yml (SuperNode runtime ports differ per node here).
+SUPERLINK_PORT = 9093
+API_PORT = 8080
+NODE_PORT_BASE = 9100
+CONNECTION = "fleet"
+
+
+class FleetError(DropfleetError, RuntimeError):
+    """The fleet could not be brought up, or its state directory is inconsistent."""
+
+
+@dataclass(frozen=True)
+class FleetSpec:
+    nodes: int = 4
+    profiles: tuple[str, ...] = ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")
+    tls: bool = True
+    host: str = "127.0.0.1"
+    superlink_port: int = SUPERLINK_PORT
+    api_port: int = API_PORT
+    node_port_base: int = NODE_PORT_BASE
+    state_dir: Path = field(default_factory=lambda: Path(".fleet"))
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError(f"a fleet needs at least one node, got {self.nodes}")
+        if not self.profiles:
+            raise ConfigError("at least one device profile is needed")
+        from dropfleet.client.profiles import get_profile
+
+        for p in self.profiles:
+            get_profile(p)
+
+
+def _env(spec: FleetSpec, state: Path) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV}
+    env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
+    env["FLWR_HOME"] = str(state / "flwr")
+    env.setdefault("DROPFLEET_DATABASE_URL", f"sqlite:///{state / 'store.db'}")
+    return env
+
+
+def _tls_client_args(spec: FleetSpec, certs: dict[str, Path] | None) -> list[str]:
+    return ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
+
+
+def plan(spec: FleetSpec, state: Path, certs: dict[str, Path] | None) -> dict[str, list[str]]:
+    """Every process of the fleet and its command line, by name (what compose runs too)."""
+    link = f"{spec.host}:{spec.superlink_port}"
+    superlink = [
+        str(BIN / "flower-superlink"),
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.superlink_port),
+        "--isolation",
+        "process",
+        "--database",
+        str(state / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+    ]
+    superlink += (
+        [
+            "--ssl-ca-certfile",
+            str(certs["ca"]),
+            "--ssl-certfile",
+            str(certs["cert"]),
+            "--ssl-keyfile",
+            str(certs["key"]),
+        ]
+        if certs
+        else ["--insecure"]
+    )
+    procs = {
+        "superlink": superlink,
+        "superexec-serverapp": [
+            str(BIN / "flower-superexec"),
+            "--runtime-api-address",
+            link,
+            *_tls_client_args(spec, certs),
+        ],
+    }
+    for i in range(spec.nodes):
+        port = spec.node_port_base + i
+        profile = spec.profiles[i % len(spec.profiles)]
+        node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
+        procs[f"supernode-{i}"] = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            link,
+            "--isolation",
+            "process",
+            "--host",
+            spec.host,
+            "--port",
+            str(port),
+            "--node-config",
+            node_config,
+            *_tls_client_args(spec, certs),
+        ]
+        # The SuperNode's runtime API is local to the node (loopback), hence no TLS here.
+        procs[f"superexec-clientapp-{i}"] = [
+            str(BIN / "flower-superexec"),
+            "--insecure",
+            "--runtime-api-address",
+            f"{spec.host}:{port}",
+        ]
+    procs["api"] = [str(BIN / "dropfleet"), "api", "--host", spec.host, "--port", str(spec.api_port)]
+    return procs
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait(check: callable, what: str, timeout: float, procs: dict[str, subprocess.Popen]) -> None:  # type: ignore[valid-type]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, p in procs.items():
+            if p.poll() is not None:
+                raise FleetError(f"{name} exited with code {p.returncode} while waiting for {what}")
+        try:
+            if check():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.3)
+    raise FleetError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
+    """Start the fleet, wait until healthy, and return where everything is."""
+    spec.validate()
+    state = spec.state_dir.resolve()
+    if list((state / "pids").glob("*.json")) if (state / "pids").exists() else []:
+        raise FleetError(f"{state} already has a fleet; run `dropfleet fleet down` first")
+    ports = [spec.superlink_port, spec.api_port] + [spec.node_port_base + i for i in range(spec.nodes)]
+    busy = [p for p in ports if not _port_free(spec.host, p)]
+    if busy:
+        raise FleetError(f"ports already in use on {spec.host}: {busy}")
+    for sub in ("pids", "logs", "flwr"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    certs = create_certificates(state / "certs") if spec.tls else None
+    token_file = state / "admin-token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_urlsafe(32))
+        token_file.chmod(0o600)
+    connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+    connection += f'address = "{spec.host}:{spec.superlink_port}"\n'
+    connection += f'root-certificates = "{certs["ca"]}"\n' if certs else "insecure = true\n"
+    (state / "flwr" / "config.toml").write_text(connection)
+    env = _env(spec, state)
+    api_env = {
+        **env,
+        "DROPFLEET_ADMIN_TOKEN": token_file.read_text(),
+        "DROPFLEET_FLOWER_CONNECTION": CONNECTION,
+        "DROPFLEET_FLWR_HOME": str(state / "flwr"),
+    }
+    started: dict[str, subprocess.Popen] = {}
+    verify = str(certs["ca"]) if certs else False
+    scheme = "https" if certs else "http"
+    try:
+        for name, cmd in plan(spec, state, certs).items():
+            log = (state / "logs" / f"{name}.log").open("w")
+            p = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=api_env if name == "api" else env,
+                cwd=state,
+            )
+            started[name] = p
+            (state / "pids" / f"{name}.json").write_text(json.dumps({"pid": p.pid, "cmd": cmd}))
+            if name == "superlink":
+                url = f"{scheme}://{spec.host}:{spec.superlink_port}/health"
+                _wait(
+                    lambda url=url: httpx.get(url, verify=verify, timeout=1).is_success,
+                    "the SuperLink",
+                    timeout,
+                    started,
+                )
+        _wait(
+            lambda: httpx.get(f"http://{spec.host}:{spec.api_port}/v1/ready", timeout=1).is_success,
+            "the API",
+            timeout,
+            started,
+        )
+        for i in range(spec.nodes):
+            port = spec.node_port_base + i
+            _wait(lambda port=port: not _port_free(spec.host, port), f"supernode-{i}", timeout, started)
+    except BaseException:
+        down(spec.state_dir)
+        raise
+    info = {
+        "state_dir": str(state),
+        "superlink": f"{spec.host}:{spec.superlink_port}",
+        "tls": spec.tls,
+        "api": f"http://{spec.host}:{spec.api_port}",
+        "admin_token_file": str(token_file),
+        "flwr_home": str(state / "flwr"),
+        "connection": CONNECTION,
+        "nodes": spec.nodes,
+        "database_url": env["DROPFLEET_DATABASE_URL"],
+        "logs": str(state / "logs"),
+        "spec": {**asdict(spec), "state_dir": str(state)},
+    }
+    (state / "fleet.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def _alive_as_started(pid: int, cmd: list[str]) -> bool:
+    try:
+        recorded = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return [c.decode(errors="replace") for c in recorded if c][-len(cmd) :] == cmd
+
+
+def status(state_dir: Path) -> dict[str, bool]:
+    """Which of the fleet's processes are still running."""
+    pids = state_dir.resolve() / "pids"
+    out = {}
+    for f in sorted(pids.glob("*.json")) if pids.exists() else []:
+        rec = json.loads(f.read_text())
+        out[f.stem] = _alive_as_started(rec["pid"], rec["cmd"])
+    return out
+
+
+def down(state_dir: Path, timeout: float = 20.0) -> list[str]:
+    """Stop every process the fleet started (and their children); returns their names."""
+    pids = state_dir.resolve() / "pids"
+    records = {f: json.loads(f.read_text()) for f in pids.glob("*.json")} if pids.exists() else {}
+    live = {f: r for f, r in records.items() if _alive_as_started(r["pid"], r["cmd"])}
+    for rec in live.values():
+        try:
+            os.killpg(rec["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive_as_started(r["pid"], r["cmd"]) for r in live.values()):
+        time.sleep(0.2)
+    for rec in live.values():
+        try:
+            os.killpg(rec["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for f in records:
+        f.unlink(missing_ok=True)
+    return sorted(f.stem for f in live)

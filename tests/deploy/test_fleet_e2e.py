@@ -1,0 +1,112 @@
+"""End to end: `dropfleet fleet up` (TLS), a run started over REST, followed, downloaded, `fleet down`."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from dropfleet.common.codec import decode
+from tests.integration.procs import free_port, processes_mentioning
+
+DROPFLEET = str(Path(sys.executable).parent / "dropfleet")
+NODES = 3
+
+
+def free_range(n: int) -> int:
+    for _ in range(100):
+        base = free_port()
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def run(*args, timeout=180):
+    return subprocess.run([DROPFLEET, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_fleet_up_run_over_rest_and_down(tmp_path):
+    state = tmp_path / "fleet"
+    api_port, link_port = free_port(), free_port()
+    node_base = free_range(NODES)
+    up = run(
+        "fleet",
+        "up",
+        "--nodes",
+        str(NODES),
+        "--state-dir",
+        str(state),
+        "--api-port",
+        str(api_port),
+        "--superlink-port",
+        str(link_port),
+        "--node-port-base",
+        str(node_base),
+        "--json",
+        timeout=240,
+    )
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        info = json.loads(up.stdout)
+        assert info["tls"] is True and Path(info["state_dir"], "certs", "ca.crt").exists()
+        # The SuperLink speaks TLS only: plain HTTP is refused, the fleet CA verifies it.
+        httpx.get(
+            f"https://127.0.0.1:{link_port}/health", verify=str(state / "certs" / "ca.crt")
+        ).raise_for_status()
+        api = info["api"]
+        token = (state / "admin-token").read_text()
+        started = httpx.post(
+            f"{api}/v1/runs",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+            json={
+                "run_config": {
+                    "num-server-rounds": 2,
+                    "train-subset": 300,
+                    "min-available-nodes": NODES,
+                    "min-train-nodes": NODES,
+                    "fraction-evaluate": 0.34,
+                }
+            },
+        )
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{api}/v1/runs/{run_id}").status_code == 404:  # the ServerApp registers the run
+            assert time.monotonic() < deadline, "run never appeared in the store"
+            time.sleep(1)
+        events = []
+        with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=600) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+        rounds = [e for e in events if "round" in e]
+        assert [r["round"] for r in rounds] == [0, 1, 2] and events[-1] == {"status": "finished"}
+        assert rounds[2]["accuracy"] > rounds[0]["accuracy"] and rounds[2]["replied"] == NODES
+        out = tmp_path / "model.pb"
+        got = run("model", "--run", run_id, "--out", str(out), "--api", api)
+        assert got.returncode == 0, got.stderr
+        model = decode(out.read_bytes())
+        assert model.num_tracked == 8961 and model.model_id == "mlp-90k"
+        nodes = json.loads(run("nodes", "--json", "--api", api).stdout)
+        assert len(nodes) == NODES and {n["profile"] for n in nodes} == {"mcu-256k", "pi-zero-512m", "pi4-4g"}
+        assert all(n["rounds_joined"] == 2 for n in nodes)
+    finally:
+        down = run("fleet", "down", "--state-dir", str(state))
+    assert down.returncode == 0 and "stopped" in down.stdout
+    time.sleep(1)
+    assert processes_mentioning(str(state)) == []
+    assert json.loads(run("fleet", "status", "--json", "--state-dir", str(state)).stdout) == {}
