@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test test-all lint proto bench bench-quick clean
+.PHONY: install data demo test test-all lint proto locks compose bench bench-quick clean
 
 install: $(STAMP) data
 
@@ -39,6 +39,7 @@ demo: install
 # The default suite: everything but the tests marked slow; under ~10 minutes.
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: install
@@ -46,9 +47,19 @@ test-all: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/sparse_model.proto
+
+# requirements-client.lock (slim client image, edge boards) from requirements.lock.
+locks: install
+	$(PY) -m dropfleet.deploy.locks .
+
+# docker-compose.yml from the process fleet's topology (NODES=12 make compose).
+NODES ?= 4
+compose: install
+	$(VENV)/bin/dropfleet compose --nodes $(NODES) > docker-compose.yml
 
 bench: install
 	$(PY) bench/centralized.py

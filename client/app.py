@@ -5,6 +5,8 @@ A refusal (budget too small, device unavailable this round, bad global model)
 is an error reply with a clear reason, which the server logs and counts.
 """
 
+from dataclasses import replace
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -39,6 +41,8 @@ def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]
         profile = get_profile(str(node["profile"]))
     else:
         profile = profile_for_partition(partition_id, config.profiles)
+    if "state-budget-bytes" in node:  # a real board states its own budget
+        profile = replace(profile, state_budget_bytes=int(node["state-budget-bytes"]))
     return partition_id, num_partitions, profile
 
 

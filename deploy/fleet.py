@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -68,73 +69,110 @@ def _env(spec: FleetSpec, state: Path) -> dict[str, str]:
     return env
 
 
-def _tls_client_args(spec: FleetSpec, certs: dict[str, Path] | None) -> list[str]:
-    return ["--root-certificates", str(certs["ca"])] if certs else ["--insecure"]
+@dataclass(frozen=True)
+class Layout:
+    """Where a fleet's processes find each other and their files (local or in containers)."""
+
+    superlink_host: str  # how clients reach the SuperLink
+    bind_host: str  # what servers bind to
+    node_host: str  # where a SuperNode's local runtime API listens (its SuperExec connects there)
+    bin_dir: str  # "" in containers: commands are on PATH
+    data_dir: str
+    certs_dir: str | None  # None: TLS off
+    node_port: Callable[[int], int]  # runtime API port of SuperNode i
 
 
-def plan(spec: FleetSpec, state: Path, certs: dict[str, Path] | None) -> dict[str, list[str]]:
-    """Every process of the fleet and its command line, by name (what compose runs too)."""
-    link = f"{spec.host}:{spec.superlink_port}"
+def _exe(layout: Layout, name: str) -> str:
+    return f"{layout.bin_dir}/{name}" if layout.bin_dir else name
+
+
+def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
+    """Every process of the fleet and its command line, by name: the process fleet and
+    docker-compose.yml are both generated from this, so they cannot drift apart."""
+    link = f"{layout.superlink_host}:{spec.superlink_port}"
+    certs = layout.certs_dir
+    to_link = ["--root-certificates", f"{certs}/ca.crt"] if certs else ["--insecure"]
     superlink = [
-        str(BIN / "flower-superlink"),
+        _exe(layout, "flower-superlink"),
         "--host",
-        spec.host,
+        layout.bind_host,
         "--port",
         str(spec.superlink_port),
         "--isolation",
         "process",
         "--database",
-        str(state / "superlink.db"),
+        f"{layout.data_dir}/superlink.db",
         "--disable-runtime-dependency-installation",
     ]
     superlink += (
         [
-            "--ssl-ca-certfile",
-            str(certs["ca"]),
-            "--ssl-certfile",
-            str(certs["cert"]),
-            "--ssl-keyfile",
-            str(certs["key"]),
+            f"--ssl-ca-certfile={certs}/ca.crt",
+            f"--ssl-certfile={certs}/server.pem",
+            f"--ssl-keyfile={certs}/server.key",
         ]
         if certs
         else ["--insecure"]
     )
     procs = {
         "superlink": superlink,
-        "superexec-serverapp": [
-            str(BIN / "flower-superexec"),
-            "--runtime-api-address",
-            link,
-            *_tls_client_args(spec, certs),
-        ],
+        "superexec-serverapp": [_exe(layout, "flower-superexec"), "--runtime-api-address", link, *to_link],
     }
     for i in range(spec.nodes):
-        port = spec.node_port_base + i
+        port = layout.node_port(i)
         profile = spec.profiles[i % len(spec.profiles)]
         node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
         procs[f"supernode-{i}"] = [
-            str(BIN / "flower-supernode"),
+            _exe(layout, "flower-supernode"),
             "--superlink",
             link,
             "--isolation",
             "process",
             "--host",
-            spec.host,
+            layout.node_host,
             "--port",
             str(port),
             "--node-config",
             node_config,
-            *_tls_client_args(spec, certs),
+            *to_link,
         ]
         # The SuperNode's runtime API is local to the node (loopback), hence no TLS here.
         procs[f"superexec-clientapp-{i}"] = [
-            str(BIN / "flower-superexec"),
+            _exe(layout, "flower-superexec"),
             "--insecure",
             "--runtime-api-address",
-            f"{spec.host}:{port}",
+            f"{layout.node_host}:{port}",
         ]
-    procs["api"] = [str(BIN / "dropfleet"), "api", "--host", spec.host, "--port", str(spec.api_port)]
+    procs["api"] = [
+        _exe(layout, "dropfleet"),
+        "api",
+        "--host",
+        layout.bind_host,
+        "--port",
+        str(spec.api_port),
+    ]
     return procs
+
+
+def local_layout(spec: FleetSpec, state: Path) -> Layout:
+    return Layout(
+        superlink_host=spec.host,
+        bind_host=spec.host,
+        node_host=spec.host,
+        bin_dir=str(BIN),
+        data_dir=str(state),
+        certs_dir=str(state / "certs") if spec.tls else None,
+        node_port=lambda i: spec.node_port_base + i,
+    )
+
+
+def write_flower_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
+    """$FLWR_HOME/config.toml whose default connection is this fleet's SuperLink."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
+    text += f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n"
+    path = flwr_home / "config.toml"
+    path.write_text(text)
+    return path
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -178,10 +216,9 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(32))
         token_file.chmod(0o600)
-    connection = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-    connection += f'address = "{spec.host}:{spec.superlink_port}"\n'
-    connection += f'root-certificates = "{certs["ca"]}"\n' if certs else "insecure = true\n"
-    (state / "flwr" / "config.toml").write_text(connection)
+    write_flower_connection(
+        state / "flwr", f"{spec.host}:{spec.superlink_port}", certs["ca"] if certs else None
+    )
     env = _env(spec, state)
     api_env = {
         **env,
@@ -193,7 +230,7 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     verify = str(certs["ca"]) if certs else False
     scheme = "https" if certs else "http"
     try:
-        for name, cmd in plan(spec, state, certs).items():
+        for name, cmd in topology(spec, local_layout(spec, state)).items():
             log = (state / "logs" / f"{name}.log").open("w")
             p = subprocess.Popen(
                 cmd,

@@ -258,6 +258,44 @@ def fleet_down(state_dir: StateDir = Path(".fleet")) -> None:
     console.print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))
 
 
+@app.command()
+def compose(
+    nodes: Annotated[int, typer.Option(help="SuperNodes in the compose fleet")] = 4,
+    profiles: Annotated[str, typer.Option(help="device profiles, assigned round robin")] = (
+        "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+    ),
+    tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+) -> None:
+    """Print a docker-compose.yml for a fleet of N SuperNodes (same topology as `fleet up`)."""
+    from dropfleet.deploy.compose import render
+    from dropfleet.deploy.fleet import FleetSpec
+
+    spec = FleetSpec(
+        nodes=nodes, profiles=tuple(p.strip() for p in profiles.split(",") if p.strip()), tls=tls
+    )
+    spec.validate()
+    typer.echo(render(spec), nl=False)
+
+
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="directory for ca.crt, server.pem, server.key")],
+    flwr_home: Annotated[Path | None, typer.Option(help="also write a Flower connection config here")] = None,
+    superlink: Annotated[str, typer.Option(help="SuperLink address for that connection")] = "superlink:9093",
+    tls: Annotated[bool, typer.Option(help="create certificates (off: an insecure connection)")] = True,
+) -> None:
+    """Create the fleet's TLS material (the compose `certs` one-shot service runs this)."""
+    from dropfleet.deploy.certs import create_certificates
+    from dropfleet.deploy.fleet import write_flower_connection
+
+    paths = (
+        create_certificates(out, names=(superlink.split(":")[0], "localhost", "127.0.0.1")) if tls else None
+    )
+    if flwr_home is not None:
+        write_flower_connection(flwr_home, superlink, paths["ca"] if paths else None)
+    console.print(f"certificates in {out}" if paths else "TLS off: no certificates")
+
+
 def _parse_value(value: str) -> object:
     for cast in (int, float):
         try:

@@ -1,0 +1,167 @@
+"""Generate docker-compose.yml from the same topology as the process fleet.
+
+    dropfleet compose --nodes 8 > docker-compose.yml   # scaling the fleet is one number
+
+Each SuperNode gets its device profile through --node-config, and the
+container that runs its ClientApps (its SuperExec, sharing the SuperNode's
+network namespace so the runtime API stays on loopback, as in the process
+fleet) gets a memory limit and CPU share from that profile.
+"""
+
+import copy
+from typing import Any
+
+import yaml
+
+from dropfleet.client.profiles import get_profile
+from dropfleet.deploy.fleet import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, topology
+
+SERVER_IMAGE = "dropfleet-server:0.1.0"
+CLIENT_IMAGE = "dropfleet-client:0.1.0"
+NODE_RUNTIME_PORT = 9094  # each SuperNode container has its own loopback
+# CPython + torch need about this much to import; a profile's RAM below it is
+# raised to it (the model-state budget, not the container, is what DropBack obeys).
+MIN_CONTAINER_BYTES = 768 * 1024 * 1024
+STORE_URL = "sqlite:////data/store/dropfleet.db"
+
+
+def container_layout(spec: FleetSpec) -> Layout:
+    return Layout(
+        superlink_host="superlink",
+        bind_host="0.0.0.0",
+        node_host="127.0.0.1",
+        bin_dir="",
+        data_dir="/data",
+        certs_dir="/certs" if spec.tls else None,
+        node_port=lambda i: NODE_RUNTIME_PORT,
+    )
+
+
+def _py_check(url: str, ca: str | None) -> list[str]:
+    verify = f"'{ca}'" if ca else "False"
+    code = (
+        f"import httpx,sys; sys.exit(0 if httpx.get('{url}', verify={verify}, timeout=3).is_success else 1)"
+    )
+    return ["CMD", "python", "-c", code]
+
+
+def _health(test: list[str]) -> dict[str, Any]:
+    return {"test": test, "interval": "5s", "timeout": "5s", "retries": 20, "start_period": "10s"}
+
+
+def generate(spec: FleetSpec) -> dict[str, Any]:
+    procs = topology(spec, container_layout(spec))
+    scheme = "https" if spec.tls else "http"
+    ca = "/certs/ca.crt" if spec.tls else None
+    store_env = {
+        "DROPFLEET_DATABASE_URL": "${DROPFLEET_DATABASE_URL:-" + STORE_URL + "}",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    certs_ro = ["certs:/certs:ro"] if spec.tls else []
+    services: dict[str, Any] = {
+        "certs": {
+            "image": SERVER_IMAGE,
+            "build": {"context": ".", "dockerfile": "deploy/Dockerfile.server"},
+            "command": [
+                "dropfleet",
+                "certs",
+                "--out",
+                "/certs",
+                "--flwr-home",
+                "/flwr",
+                "--superlink",
+                f"superlink:{spec.superlink_port}",
+            ]
+            + ([] if spec.tls else ["--no-tls"]),
+            "volumes": ["certs:/certs", "flwr-home:/flwr"],
+            "restart": "no",
+        },
+        "superlink": {
+            "image": SERVER_IMAGE,
+            "command": procs["superlink"],
+            "ports": [f"{spec.superlink_port}:{spec.superlink_port}"],
+            "volumes": ["superlink:/data", *certs_ro],
+            "environment": store_env,
+            "depends_on": {"certs": {"condition": "service_completed_successfully"}},
+            "healthcheck": _health(_py_check(f"{scheme}://localhost:{spec.superlink_port}/health", ca)),
+            "restart": "unless-stopped",
+        },
+        "superexec-serverapp": {
+            "image": SERVER_IMAGE,
+            "command": procs["superexec-serverapp"],
+            "volumes": ["store:/data/store", *certs_ro],
+            "environment": store_env,
+            "depends_on": {"superlink": {"condition": "service_healthy"}},
+            "restart": "unless-stopped",
+        },
+        "api": {
+            "image": SERVER_IMAGE,
+            "command": procs["api"],
+            "ports": [f"{spec.api_port}:{spec.api_port}"],
+            "volumes": ["store:/data/store", "flwr-home:/flwr:ro", *certs_ro],
+            "environment": {
+                **store_env,
+                "DROPFLEET_ENVIRONMENT": "${DROPFLEET_ENVIRONMENT:-development}",
+                "DROPFLEET_ADMIN_TOKEN": "${DROPFLEET_ADMIN_TOKEN:-change-me}",
+                "DROPFLEET_FLWR_HOME": "/flwr",
+                "DROPFLEET_FLOWER_CONNECTION": "fleet",
+                "DROPFLEET_APP_DIR": "/app",
+            },
+            "depends_on": {"superlink": {"condition": "service_healthy"}},
+            "healthcheck": _health(_py_check(f"http://localhost:{spec.api_port}/v1/ready", None)),
+            "restart": "unless-stopped",
+        },
+        "postgres": {
+            "image": "postgres:15",
+            "profiles": ["postgres"],
+            "environment": {
+                "POSTGRES_USER": "dropfleet",
+                "POSTGRES_PASSWORD": "${POSTGRES_PASSWORD:-dropfleet}",
+                "POSTGRES_DB": "dropfleet",
+            },
+            "volumes": ["postgres:/var/lib/postgresql/data"],
+            "healthcheck": _health(["CMD", "pg_isready", "-U", "dropfleet"]),
+        },
+    }
+    for i in range(spec.nodes):
+        profile = get_profile(spec.profiles[i % len(spec.profiles)])
+        services[f"supernode-{i}"] = {
+            "image": CLIENT_IMAGE,
+            "build": {"context": ".", "dockerfile": "deploy/Dockerfile.client"},
+            "command": procs[f"supernode-{i}"],
+            "volumes": certs_ro,
+            "depends_on": {"superlink": {"condition": "service_healthy"}},
+            "restart": "unless-stopped",
+            "healthcheck": _health(_py_check(f"http://127.0.0.1:{NODE_RUNTIME_PORT}/health", None)),
+            "labels": {"dropfleet.profile": profile.name},
+        }
+        services[f"superexec-clientapp-{i}"] = {
+            "image": CLIENT_IMAGE,
+            "command": procs[f"superexec-clientapp-{i}"],
+            "network_mode": f"service:supernode-{i}",
+            "mem_limit": max(profile.memory_bytes, MIN_CONTAINER_BYTES),
+            "cpus": profile.cpus,
+            "depends_on": {f"supernode-{i}": {"condition": "service_started"}},
+            "restart": "unless-stopped",
+            "labels": {"dropfleet.profile": profile.name},
+        }
+    volumes = {name: {} for name in ("certs", "flwr-home", "superlink", "store", "postgres")}
+    return {"services": copy.deepcopy(services), "volumes": volumes}  # deep copy: no YAML anchors
+
+
+HEADER = """\
+# Generated by `dropfleet compose --nodes {nodes}` from the process fleet's topology
+# (deploy/fleet.py). Do not edit by hand: regenerate, e.g. with more SuperNodes:
+#     dropfleet compose --nodes 12 > docker-compose.yml
+# `docker compose up` builds the images from deploy/ and starts the fleet;
+# `docker compose --profile postgres up` adds PostgreSQL (set DROPFLEET_DATABASE_URL).
+"""
+
+
+def render(spec: FleetSpec) -> str:
+    body = yaml.safe_dump(generate(spec), sort_keys=False, width=120, default_flow_style=False)
+    return HEADER.format(nodes=spec.nodes) + body
+
+
+DEFAULT_SPEC = FleetSpec(nodes=4, superlink_port=SUPERLINK_PORT, api_port=API_PORT)

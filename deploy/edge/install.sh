@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Install a dropfleet client (SuperNode + SuperExec) on an arm64 or x86_64 board
+# with Python 3.11: a venv with the pinned client wheels only, the node config,
+# a node key, and the systemd units. Run from a checkout of the repository:
+#     sudo deploy/edge/install.sh                 # install into /opt/dropfleet
+#     deploy/edge/install.sh --prefix /tmp/x --no-systemd   # try it unprivileged
+set -euo pipefail
+
+PREFIX=/opt/dropfleet
+ETC=/etc/dropfleet
+SYSTEMD=1
+PYTHON=${PYTHON:-python3.11}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --prefix) PREFIX=$2; shift 2 ;;
+    --etc) ETC=$2; shift 2 ;;
+    --no-systemd) SYSTEMD=0; shift ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    *) echo "unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+
+"$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+  || { echo "Python 3.11 is required" >&2; exit 1; }
+echo "venv in $PREFIX/venv"
+"$PYTHON" -m venv "$PREFIX/venv"
+"$PREFIX/venv/bin/pip" install -q --upgrade pip
+# Pinned client wheels; torch==2.13.0 is a CPU build on aarch64 (PyPI) and from
+# PyTorch's CPU index on x86_64.
+"$PREFIX/venv/bin/pip" install -q --extra-index-url https://download.pytorch.org/whl/cpu \
+  -r "$REPO/requirements-client.lock"
+"$PREFIX/venv/bin/pip" install -q --no-deps "$REPO"
+"$PREFIX/venv/bin/python" -c 'import dropfleet.client.app' # the ClientApp imports
+
+mkdir -p "$ETC/keys"
+[ -f "$ETC/node.env" ] || cp "$REPO/deploy/edge/node.env" "$ETC/node.env"
+if [ ! -f "$ETC/keys/node_key" ]; then
+  ssh-keygen -q -t ecdsa -b 384 -N "" -f "$ETC/keys/node_key" -C dropfleet-node
+  echo "node public key: $ETC/keys/node_key.pub (register it: flwr supernode register $ETC/keys/node_key.pub fleet)"
+fi
+
+if [ "$SYSTEMD" = 1 ]; then
+  id dropfleet >/dev/null 2>&1 || useradd --system --home /var/lib/dropfleet --shell /usr/sbin/nologin dropfleet
+  chown -R root:dropfleet "$ETC" && chmod 750 "$ETC/keys" && chmod 640 "$ETC/keys/node_key"
+  install -m 644 "$REPO/deploy/edge/dropfleet-supernode.service" /etc/systemd/system/
+  install -m 644 "$REPO/deploy/edge/dropfleet-superexec.service" /etc/systemd/system/
+  systemctl daemon-reload
+  echo "edit $ETC/node.env, copy the fleet's ca.crt to $ETC/ca.crt, then:"
+  echo "  systemctl enable --now dropfleet-supernode dropfleet-superexec"
+fi
+echo "installed"

@@ -1,0 +1,141 @@
+"""docker-compose.yml mirrors the process fleet and validates; the edge kit's units verify."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dropfleet.client.profiles import get_profile
+from dropfleet.deploy.compose import DEFAULT_SPEC, render
+from dropfleet.deploy.fleet import FleetSpec, local_layout, topology
+from dropfleet.deploy.locks import client_lock
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+
+
+def test_committed_compose_file_is_generated():
+    assert COMPOSE.read_text() == render(DEFAULT_SPEC), "docker-compose.yml is stale: run `make compose`"
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+@pytest.mark.parametrize("profile", [[], ["--profile", "postgres"]])
+def test_compose_file_validates(tmp_path, profile):
+    for nodes in (4, 9):
+        path = tmp_path / f"compose-{nodes}.yml"
+        path.write_text(render(FleetSpec(nodes=nodes)))
+        done = subprocess.run(
+            ["docker-compose", "-f", str(path), *profile, "config", "-q"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert done.returncode == 0, done.stderr
+
+
+def _normalize(cmd: list[str], local: bool, state: Path) -> list[str]:
+    out = []
+    for arg in cmd:
+        if local:
+            arg = arg.replace(str(state / "certs"), "/certs").replace(str(state), "/data")
+            arg = arg.replace(str(Path(sys.executable).parent) + "/", "")
+        arg = re.sub(r"\b(127\.0\.0\.1|0\.0\.0\.0|superlink)\b", "HOST", arg)
+        out.append(arg)
+    return out
+
+
+def test_compose_runs_what_the_process_fleet_runs(tmp_path):
+    spec = FleetSpec(nodes=3, node_port_base=9094, state_dir=tmp_path)
+    local = topology(spec, local_layout(spec, tmp_path))
+    services = yaml.safe_load(render(spec))["services"]
+    assert set(local) <= set(services)
+    for name, cmd in local.items():
+        want = _normalize(cmd, True, tmp_path)
+        got = _normalize(services[name]["command"], False, tmp_path)
+        if name.startswith(("supernode-", "superexec-clientapp-")):  # every node container has port 9094
+            want = [w.replace("9095", "9094").replace("9096", "9094") for w in want]
+        assert got == want, name
+
+
+def test_every_service_is_healthy_ordered_and_constrained():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("superlink", "api", "postgres", *tuple(n for n in services if n.startswith("supernode-"))):
+        assert "healthcheck" in services[name], name
+    assert services["superlink"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert services["api"]["depends_on"]["superlink"]["condition"] == "service_healthy"
+    assert "--isolation" in services["superlink"]["command"] and "process" in services["superlink"]["command"]
+    assert any(a.startswith("--ssl-certfile") for a in services["superlink"]["command"])
+    assert services["superlink"]["ports"] == ["9093:9093"] and services["api"]["ports"] == ["8080:8080"]
+    for name, svc in services.items():
+        if name.startswith("superexec-clientapp-"):
+            i = int(name.rsplit("-", 1)[1])
+            profile = get_profile(DEFAULT_SPEC.profiles[i % len(DEFAULT_SPEC.profiles)])
+            assert svc["cpus"] == profile.cpus and svc["mem_limit"] >= profile.memory_bytes
+            assert svc["network_mode"] == f"service:supernode-{i}"
+            assert f'profile="{profile.name}"' in " ".join(services[f"supernode-{i}"]["command"])
+
+
+def test_images_are_pinned_non_root_and_never_install_at_run_time():
+    for name in ("Dockerfile.server", "Dockerfile.client"):
+        text = (ROOT / "deploy" / name).read_text()
+        assert "USER dropfleet" in text and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
+        assert re.search(r"-r requirements(-client)?\.lock", text)
+    client = (ROOT / "requirements-client.lock").read_text()
+    assert client == client_lock((ROOT / "requirements.lock").read_text()), "run `make locks`"
+    assert "ray==" not in client and "torch==2.13.0" in client and "flwr==1.42.0" in client
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_systemd_units_verify(tmp_path):
+    venv_bin = Path(sys.executable).parent
+    for unit in ("dropfleet-supernode.service", "dropfleet-superexec.service"):
+        text = (ROOT / "deploy" / "edge" / unit).read_text()
+        # Verify against binaries that exist here; on a board they live in /opt/dropfleet/venv.
+        (tmp_path / unit).write_text(text.replace("/opt/dropfleet/venv/bin", str(venv_bin)))
+    env = {**os.environ, "SYSTEMD_LOG_LEVEL": "err"}
+    done = subprocess.run(
+        ["systemd-analyze", "verify", *[str(p) for p in sorted(tmp_path.glob("*.service"))]],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    problems = [
+        line
+        for line in (done.stdout + done.stderr).splitlines()
+        if "dropfleet" in line and "node.env" not in line and "User=" not in line
+    ]
+    assert problems == [], problems
+
+
+def test_edge_install_script_is_valid_bash():
+    script = ROOT / "deploy" / "edge" / "install.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert os.access(script, os.X_OK)
+    helped = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--prefix" in helped.stdout
+
+
+@pytest.mark.slow
+def test_edge_install_script_in_a_fresh_prefix(tmp_path):
+    done = subprocess.run(
+        [
+            str(ROOT / "deploy" / "edge" / "install.sh"),
+            "--prefix",
+            str(tmp_path / "opt"),
+            "--etc",
+            str(tmp_path / "etc"),
+            "--no-systemd",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "opt" / "venv" / "bin" / "flower-supernode").exists()
+    assert (tmp_path / "etc" / "keys" / "node_key.pub").exists()
+    assert not (tmp_path / "opt" / "venv" / "lib" / "python3.11" / "site-packages" / "ray").exists()
