@@ -61,11 +61,16 @@ NODES ?= 4
 compose: install
 	$(VENV)/bin/dropfleet compose --nodes $(NODES) > docker-compose.yml
 
+# Benchmarks print ratios measured side by side and write results/bench-*.json.
 bench: install
 	$(PY) bench/centralized.py
+	$(PY) bench/wire.py
+	$(PY) bench/aggregation.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
+	$(PY) bench/wire.py --quick
+	$(PY) bench/aggregation.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
