@@ -15,6 +15,7 @@ from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.common.merge import merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
+from tests.factories import random_sparse_model
 
 N = 89_610
 
@@ -71,17 +72,7 @@ def test_a_device_never_exceeds_its_budget(profile_name):
 
 
 def _random_model(k, seed):
-    from dropfleet.common.sparse import parameter_shapes, sparse_from_dense_delta
-
-    rng = np.random.default_rng(seed)
-    flat = np.zeros(N, np.float32)
-    flat[rng.choice(N, k, replace=False)] = (rng.standard_normal(k) * 0.01).astype(np.float32)
-    deltas, start = {}, 0
-    for name, shape in parameter_shapes("mlp-90k").items():
-        n = int(np.prod(shape))
-        deltas[name] = flat[start : start + n].reshape(shape)
-        start += n
-    return sparse_from_dense_delta("mlp-90k", RunConfig().seed, deltas)
+    return random_sparse_model(k, seed, RunConfig().seed)
 
 
 def test_empty_global_model_starts_training():

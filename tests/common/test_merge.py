@@ -7,22 +7,15 @@ from hypothesis import strategies as st
 
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.merge import churn, flat_positions, merge_sparse
-from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes
+from tests.factories import random_sparse_model
 
 SHAPES = parameter_shapes("mlp-90k")
 N = sum(int(np.prod(s)) for s in SHAPES.values())
 
 
 def client(k: int, seed: int, model_seed: int = 3) -> SparseModel:
-    rng = np.random.default_rng(seed)
-    flat = np.zeros(N, np.float32)
-    flat[rng.choice(N, k, replace=False)] = rng.standard_normal(k).astype(np.float32)
-    deltas, start = {}, 0
-    for name, shape in SHAPES.items():
-        n = int(np.prod(shape))
-        deltas[name] = flat[start : start + n].reshape(shape)
-        start += n
-    return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
+    return random_sparse_model(k, seed, model_seed, scale=1.0)
 
 
 def dense_reference(updates, big_k):

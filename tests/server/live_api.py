@@ -5,13 +5,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from dropfleet.common.codec import encode
 from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.sparse import SparseModel
 from dropfleet.server.store import Store
 from dropfleet.server.store.store import NodeEvent
+from tests.factories import random_sparse_model
 from tests.integration.procs import free_port, stop, wait_healthy
 
 ADMIN = "admin-token-for-tests-0123456789"
@@ -27,16 +26,7 @@ class LiveApi:
 
 
 def random_model(k: int, seed: int) -> SparseModel:
-    rng = np.random.default_rng(seed)
-    n = 89_610
-    flat = np.zeros(n, np.float32)
-    flat[rng.choice(n, k, replace=False)] = (rng.standard_normal(k) * 0.01).astype(np.float32)
-    deltas, start = {}, 0
-    for name, shape in parameter_shapes("mlp-90k").items():
-        size = int(np.prod(shape))
-        deltas[name] = flat[start : start + size].reshape(shape)
-        start += size
-    return sparse_from_dense_delta("mlp-90k", 0, deltas)
+    return random_sparse_model(k, seed)
 
 
 def fill(store: Store, run_id: str = "101", rounds: int = 2, status: str = "finished") -> list[bytes]:

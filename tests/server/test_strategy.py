@@ -10,11 +10,12 @@ from rich.console import Console
 
 from dropfleet.common.codec import decode, encode
 from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import SPARSE_ARRAY, SPARSE_RECORD, SPARSE_STYPE, pack_sparse, record_payload
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategy import SparseDropBack
+from tests.factories import random_sparse_model
 
 N = 89_610
 CONFIG = RunConfig(global_k=3000, value_precision="fp32")
@@ -29,15 +30,7 @@ def task_identity():
 
 
 def model(k, seed, model_seed=CONFIG.seed, scale=0.01):
-    rng = np.random.default_rng(seed)
-    flat = np.zeros(N, np.float32)
-    flat[rng.choice(N, k, replace=False)] = (rng.standard_normal(k) * scale).astype(np.float32)
-    deltas, start = {}, 0
-    for name, shape in parameter_shapes("mlp-90k").items():
-        n = int(np.prod(shape))
-        deltas[name] = flat[start : start + n].reshape(shape)
-        start += n
-    return sparse_from_dense_delta("mlp-90k", model_seed, deltas)
+    return random_sparse_model(k, seed, model_seed, scale)
 
 
 def reply(node_id, content=None, error=None):
