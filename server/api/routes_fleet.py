@@ -1,5 +1,6 @@
 """The fleet: nodes seen by the aggregator, their profiles, online state from the SuperLink."""
 
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
@@ -28,17 +29,38 @@ async def list_nodes(
                 flower_control.list_supernodes, settings.flower_connection, settings.flower_env
             )
         except FlowerControlError:
-            listed = None
+            listed = None  # SuperLink unreachable: online stays unknown (null)
         if listed is not None:
-            entries = listed.get("nodes", listed) if isinstance(listed, dict) else listed
+            entries = listed.get("nodes", []) if isinstance(listed, dict) else listed
             live = {
-                str(n.get("node-id", n.get("node_id"))): str(n.get("status", "")).lower()
+                str(n.get("node-id")): str(n.get("status", "")).lower() == "online"
                 for n in entries
                 if isinstance(n, dict)
             }
             for n in nodes:
-                n["online"] = live.get(n["node_id"]) in ("online", "active", "connected")
+                n["online"] = live.pop(n["node_id"], False)
+            now = datetime.now(UTC)
+            # Connected nodes that have not taken part in a round yet.
+            nodes += [_fresh_node(node_id, is_online, now) for node_id, is_online in sorted(live.items())]
     return nodes
+
+
+def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
+    return {
+        "node_id": node_id,
+        "profile": None,
+        "partition_id": None,
+        "budget_bytes": None,
+        "k": None,
+        "last_seen": now,
+        "rounds_joined": 0,
+        "failures": 0,
+        "rejected": 0,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "last_error": None,
+        "online": online,
+    }
 
 
 @router.get("/profiles", response_model=list[ProfileOut])

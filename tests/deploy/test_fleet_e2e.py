@@ -68,6 +68,8 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         ).raise_for_status()
         api = info["api"]
         token = (state / "admin-token").read_text()
+        before = httpx.get(f"{api}/v1/nodes", params={"online": True}, timeout=60).json()
+        assert len(before) == NODES and all(n["online"] for n in before)  # per the SuperLink
         started = httpx.post(
             f"{api}/v1/runs",
             headers={"Authorization": f"Bearer {token}"},
@@ -101,8 +103,11 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         assert got.returncode == 0, got.stderr
         model = decode(out.read_bytes())
         assert model.num_tracked == 8961 and model.model_id == "mlp-90k"
-        nodes = json.loads(run("nodes", "--json", "--api", api).stdout)
-        assert len(nodes) == NODES and {n["profile"] for n in nodes} == {"mcu-256k", "pi-zero-512m", "pi4-4g"}
+        nodes = httpx.get(f"{api}/v1/nodes", params={"online": True}, timeout=60).json()
+        assert len(nodes) == NODES and all(n["online"] for n in nodes)
+        assert json.loads(run("nodes", "--json", "--api", api).stdout)[0]["node_id"] in {
+            n["node_id"] for n in nodes
+        } and {n["profile"] for n in nodes} == {"mcu-256k", "pi-zero-512m", "pi4-4g"}
         assert all(n["rounds_joined"] == 2 for n in nodes)
     finally:
         down = run("fleet", "down", "--state-dir", str(state))

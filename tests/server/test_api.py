@@ -197,3 +197,8 @@ def test_refuses_to_start_with_a_placeholder_secret_outside_development():
     with pytest.raises(ValueError, match="placeholder"):
         Settings(environment="production", admin_token="short")
     assert Settings(environment="production", admin_token=ADMIN).admin_token.get_secret_value() == ADMIN
+
+
+def test_online_state_is_unknown_when_the_superlink_is_unreachable(api):
+    r = httpx.get(api.url + "/v1/nodes", params={"online": True}, timeout=120)
+    assert r.status_code == 200 and {n["online"] for n in r.json()} == {None}
