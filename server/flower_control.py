@@ -42,9 +42,12 @@ def _json(output: str) -> Any:
     if start < 0:
         raise FlowerControlError("flwr printed no JSON")
     try:
-        return json.loads(output[start:])
+        data = json.loads(output[start:])
     except json.JSONDecodeError as exc:
         raise FlowerControlError(f"unparsable flwr output: {exc}") from None
+    if isinstance(data, dict) and data.get("success") is False:  # flwr reports failures in JSON, exit 0
+        raise FlowerControlError(f"flwr failed: {data.get('error-message', data)}")
+    return data
 
 
 def start_run(
