@@ -11,6 +11,7 @@ from typing import Any
 from dropfleet.common.codec import PRECISIONS
 from dropfleet.common.data import PARTITIONERS
 from dropfleet.common.errors import ConfigError
+from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
 
 STRATEGIES = ("dropback", "fedavg")
@@ -41,6 +42,9 @@ class RunConfig:
     max_examples: int = 100_000
     results_file: str = "results/run.jsonl"
     store_url: str = ""
+    aggregation: str = "mean"
+    trim_fraction: float = 0.1
+    clip_norm: float = 0.0
     train_subset: int = 0
 
     @classmethod
@@ -85,6 +89,9 @@ class RunConfig:
             ("max-payload-bytes", self.max_payload_bytes >= 1024),
             ("max-examples", self.max_examples >= 1),
             ("train-subset", self.train_subset >= 0),
+            ("aggregation", self.aggregation in RULES),
+            ("trim-fraction", 0 <= self.trim_fraction < 0.5),
+            ("clip-norm", self.clip_norm >= 0),
         ]
         for key, ok in checks:
             if not ok:

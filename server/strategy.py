@@ -136,7 +136,13 @@ class SparseDropBack(_Metered):
             stats.global_tracked = self.global_model.num_tracked
             return None, None
         previous = self.global_model
-        merged = merge_sparse([(u.model, float(u.num_examples)) for _, u in accepted], self.config.global_k)
+        merged = merge_sparse(
+            [(u.model, float(u.num_examples)) for _, u in accepted],
+            self.config.global_k,
+            rule=self.config.aggregation,
+            trim=self.config.trim_fraction,
+            clip_norm=self.config.clip_norm or None,
+        )
         arrays = self._publish(merged)
         stats.churn = churn(previous, self.global_model)
         stats.global_tracked = self.global_model.num_tracked

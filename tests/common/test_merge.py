@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.merge import churn, flat_positions, merge_sparse
-from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes
+from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes, sparse_from_dense_delta
 from tests.factories import random_sparse_model
 
 SHAPES = parameter_shapes("mlp-90k")
@@ -99,3 +99,59 @@ def test_property_matches_reference(ks, big_k, seed):
     np.testing.assert_allclose(
         flat(merged), dense_reference(updates, big_k).astype(np.float32), rtol=1e-6, atol=1e-12
     )
+
+
+def _poisoned(seed=0):
+    """8 honest clients near a common delta on the same 500 weights, 2 attackers pushing 1000x."""
+    rng = np.random.default_rng(seed)
+    base = client(500, 42)
+    honest, attackers = [], []
+    for i in range(10):
+        tensors = []
+        for t in base.tensors:
+            noise = rng.standard_normal(t.count).astype(np.float32) * 0.05
+            values = t.values * (1000.0 if i >= 8 else 1.0) + noise
+            tensors.append(type(t)(t.name, t.shape, t.indices, values.astype(np.float32)))
+        model = SparseModel(base.seed, base.model_id, tuple(tensors))
+        (attackers if i >= 8 else honest).append((model, 100.0))
+    return base, honest, attackers
+
+
+@pytest.mark.parametrize(("rule", "clip"), [("median", None), ("trimmed-mean", None), ("mean", 1.0)])
+def test_robust_rules_keep_poisoning_clients_from_moving_the_model(rule, clip):
+    base, honest, attackers = _poisoned()
+    truth = flat(base)
+    plain = flat(merge_sparse(honest + attackers, 500))
+    robust = flat(merge_sparse(honest + attackers, 500, rule=rule, trim=0.2, clip_norm=clip))
+    clean = flat(merge_sparse(honest, 500, rule=rule, trim=0.2, clip_norm=clip))
+    assert np.linalg.norm(plain - truth) > 100 * np.linalg.norm(truth)  # the plain mean is hijacked
+    assert np.linalg.norm(robust - clean) < 0.5 * np.linalg.norm(clean) + 0.5  # robust barely moves
+
+
+def test_robust_rules_equal_the_mean_when_clients_agree():
+    a = client(300, 5)
+    for rule in ("median", "trimmed-mean"):
+        np.testing.assert_allclose(
+            flat(merge_sparse([(a, 1.0), (a, 2.0), (a, 3.0)], 300, rule=rule)), flat(a), rtol=1e-6
+        )
+
+
+def test_median_and_trimmed_mean_per_coordinate():
+    def one(v):
+        return sparse_from_dense_delta(
+            "mlp-90k",
+            3,
+            {
+                **{n: np.zeros(s, np.float32) for n, s in SHAPES.items()},
+                "5.bias": np.array([v] + [0] * 9, np.float32),
+            },
+        )
+
+    ups = [(one(v), 1.0) for v in (1.0, 2.0, 3.0, 100.0)]
+    assert flat(merge_sparse(ups, 10, rule="median"))[-10] == pytest.approx(2.5)
+    assert flat(merge_sparse(ups, 10, rule="trimmed-mean", trim=0.25))[-10] == pytest.approx(2.5)
+    assert flat(merge_sparse(ups, 10))[-10] == pytest.approx(26.5)
+    with pytest.raises(ConfigError):
+        merge_sparse(ups, 10, rule="krum")
+    with pytest.raises(ConfigError):
+        merge_sparse(ups, 10, trim=0.5)
