@@ -45,6 +45,15 @@ def _py_check(url: str, ca: str | None) -> list[str]:
     return ["CMD", "python", "-c", code]
 
 
+def _running(program: str) -> list[str]:
+    """Liveness for services without an HTTP endpoint: their program is running."""
+    code = (
+        "import os,sys; sys.exit(0 if any(b'" + program + "' in open(f'/proc/{p}/cmdline','rb').read() "
+        "for p in os.listdir('/proc') if p.isdigit()) else 1)"
+    )
+    return ["CMD", "python", "-c", code]
+
+
 def _health(test: list[str]) -> dict[str, Any]:
     return {"test": test, "interval": "5s", "timeout": "5s", "retries": 20, "start_period": "10s"}
 
@@ -94,6 +103,7 @@ def generate(spec: FleetSpec) -> dict[str, Any]:
             "environment": store_env,
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "restart": "unless-stopped",
+            "healthcheck": _health(_running("flower-superexec")),
         },
         "api": {
             "image": SERVER_IMAGE,
@@ -144,6 +154,7 @@ def generate(spec: FleetSpec) -> dict[str, Any]:
             "cpus": profile.cpus,
             "depends_on": {f"supernode-{i}": {"condition": "service_started"}},
             "restart": "unless-stopped",
+            "healthcheck": _health(_running("flower-superexec")),
             "labels": {"dropfleet.profile": profile.name},
         }
     volumes = {name: {} for name in ("certs", "flwr-home", "superlink", "store", "postgres")}

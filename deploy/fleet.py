@@ -29,7 +29,7 @@ from dropfleet.server.simulation import OFFLINE_ENV
 
 BIN = Path(sys.executable).parent
 # The same ports as docker-compose.yml (SuperNode runtime ports differ per node here).
-SUPERLINK_PORT = 9093
+SUPERLINK_PORT = 8000
 API_PORT = 8080
 NODE_PORT_BASE = 9100
 CONNECTION = "fleet"

@@ -196,7 +196,7 @@ def fleet_up(
         "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
-    superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 9093,
+    superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
     api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
     node_port_base: Annotated[
         int, typer.Option(help="runtime API port of SuperNode 0 (then +1, +2...)")
@@ -281,7 +281,7 @@ def compose(
 def certs(
     out: Annotated[Path, typer.Option(help="directory for ca.crt, server.pem, server.key")],
     flwr_home: Annotated[Path | None, typer.Option(help="also write a Flower connection config here")] = None,
-    superlink: Annotated[str, typer.Option(help="SuperLink address for that connection")] = "superlink:9093",
+    superlink: Annotated[str, typer.Option(help="SuperLink address for that connection")] = "superlink:8000",
     tls: Annotated[bool, typer.Option(help="create certificates (off: an insecure connection)")] = True,
 ) -> None:
     """Create the fleet's TLS material (the compose `certs` one-shot service runs this)."""
