@@ -172,7 +172,8 @@ class Store:
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         with self._tx() as s:
             run = s.get(Run, run_id)
-            if run is not None:
+            if run is not None and not (run.status == "stopped" and status == "failed"):
+                # A run stopped on request ends "stopped", not "failed" when its ServerApp is terminated.
                 run.status, run.error, run.finished_at = status, error, datetime.now(UTC)
 
     # ----- reads (the API) -----------------------------------------------------------

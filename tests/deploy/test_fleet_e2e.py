@@ -109,6 +109,23 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
             n["node_id"] for n in nodes
         } and {n["profile"] for n in nodes} == {"mcu-256k", "pi-zero-512m", "pi4-4g"}
         assert all(n["rounds_joined"] == 2 for n in nodes)
+        # A second, long run is stopped over REST through the SuperLink.
+        auth = {"Authorization": f"Bearer {token}"}
+        long_run = httpx.post(
+            f"{api}/v1/runs",
+            headers=auth,
+            timeout=120,
+            json={"run_config": {"num-server-rounds": 100, "train-subset": 300, "fraction-evaluate": 0.0}},
+        ).json()["run_id"]
+        while httpx.get(f"{api}/v1/runs/{long_run}").status_code == 404:
+            time.sleep(1)
+        stopped = httpx.post(f"{api}/v1/runs/{long_run}/stop", headers=auth, timeout=120)
+        assert stopped.status_code == 202, stopped.text
+        time.sleep(3)
+        assert httpx.get(f"{api}/v1/runs/{long_run}").json()["status"] == "stopped"
+        rounds_then = len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json())
+        time.sleep(5)
+        assert len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json()) == rounds_then < 100
     finally:
         down = run("fleet", "down", "--state-dir", str(state))
     assert down.returncode == 0 and "stopped" in down.stdout
