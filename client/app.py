@@ -95,14 +95,16 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_global(msg: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions, _ = _node(context, config)
-    _, val_data = local_data(config, partition_id, num_partitions)
+    train_data, val_data = local_data(config, partition_id, num_partitions)
     if DENSE_RECORD in msg.content.array_records:
         model = seeded_model(config.model_id, config.seed)
         model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())
         result = evaluate(model, val_data)
     else:
         try:
-            result = evaluate_sparse(unpack_sparse(msg.content, config.max_payload_bytes), val_data)
+            result = evaluate_sparse(
+                unpack_sparse(msg.content, config.max_payload_bytes), val_data, train_data
+            )
         except DropfleetError as exc:
             return _refuse(msg, BAD_REQUEST, str(exc))
     metrics = MetricRecord(

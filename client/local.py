@@ -15,7 +15,7 @@ from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import SparseModel, initial_at_tracked, load_deltas_, sparse_from_optimizer
-from dropfleet.common.train import EvalResult, evaluate, train_epochs
+from dropfleet.common.train import EvalResult, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.fleet.config import RunConfig
 
 VALIDATION_FRACTION = 0.1
@@ -100,7 +100,10 @@ def train_dense(
     return model.state_dict(), loss
 
 
-def evaluate_sparse(global_model: SparseModel, data: Split) -> EvalResult:
+def evaluate_sparse(global_model: SparseModel, data: Split, calibration: Split) -> EvalResult:
+    """Evaluate the global model; batch-norm statistics come from this node's training data."""
     from dropfleet.common.sparse import materialize
 
-    return evaluate(materialize(global_model), data)
+    model = materialize(global_model)
+    recalibrate_batch_norm(model, calibration)
+    return evaluate(model, data)

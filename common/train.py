@@ -57,3 +57,24 @@ def evaluate(model: nn.Module, data: Split, batch_size: int = 1000) -> EvalResul
         correct += int((out.argmax(1) == y).sum())
     n = len(data)
     return EvalResult(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), examples=n)
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model: nn.Module, data: Split, batches: int = 20, batch_size: int = 256) -> None:
+    """Re-estimate batch-norm running statistics from `data`.
+
+    A sparse model carries weights (BN scale and shift included) but no running
+    statistics, which are buffers; a receiver rebuilds them before evaluating.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    for start in range(0, min(len(data), batches * batch_size), batch_size):
+        model(data.images[start : start + batch_size])
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum

@@ -1,19 +1,23 @@
 """The Flower ServerApp: runs the sparse DropBack strategy (or the dense baseline)."""
 
+from functools import cache
+
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from dropfleet.common.codec import decode
-from dropfleet.common.data import load_fashion_mnist
+from dropfleet.common.data import Split, load_fashion_mnist
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import materialize
-from dropfleet.common.train import evaluate
+from dropfleet.common.train import evaluate, recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack
 
+CALIBRATION_EXAMPLES = 5120
 app = ServerApp()
 
 
@@ -36,12 +40,19 @@ def main(grid: Grid, context: Context) -> None:
     )
     test = load_fashion_mnist("test")
 
+    @cache
+    def calibration() -> Split:
+        """Training examples (never the test set) to re-estimate batch-norm statistics."""
+        return load_fashion_mnist("train").subset(np.arange(CALIBRATION_EXAMPLES))
+
     if config.strategy == "dropback":
         strategy: SparseDropBack | DenseFedAvg = SparseDropBack(config, recorder)
         initial = strategy.initial_arrays()
 
         def to_model(arrays: ArrayRecord):  # noqa: ANN202
-            return materialize(decode(record_payload(arrays), config.max_payload_bytes))
+            model = materialize(decode(record_payload(arrays), config.max_payload_bytes))
+            recalibrate_batch_norm(model, calibration())  # BN statistics do not travel
+            return model
     else:
         strategy = DenseFedAvg(config, recorder)
         initial = ArrayRecord(seeded_model(config.model_id, config.seed).state_dict())
