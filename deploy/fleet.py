@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from dropfleet.common.errors import ConfigError, DropfleetError
 from dropfleet.deploy.certs import create_certificates
@@ -44,6 +46,7 @@ class FleetSpec:
     nodes: int = 4
     profiles: tuple[str, ...] = ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")
     tls: bool = True
+    node_auth: bool = False  # only registered SuperNodes may connect (needs TLS)
     host: str = "127.0.0.1"
     superlink_port: int = SUPERLINK_PORT
     api_port: int = API_PORT
@@ -51,6 +54,8 @@ class FleetSpec:
     state_dir: Path = field(default_factory=lambda: Path(".fleet"))
 
     def validate(self) -> None:
+        if self.node_auth and not self.tls:
+            raise ConfigError("SuperNode authentication needs TLS")
         if self.nodes < 1:
             raise ConfigError(f"a fleet needs at least one node, got {self.nodes}")
         if not self.profiles:
@@ -113,6 +118,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         if certs
         else ["--insecure"]
     )
+    if spec.node_auth:
+        superlink.append("--enable-supernode-auth")
     procs = {
         "superlink": superlink,
         "superexec-serverapp": [_exe(layout, "flower-superexec"), "--runtime-api-address", link, *to_link],
@@ -135,6 +142,14 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
             node_config,
             *to_link,
         ]
+        if spec.node_auth:
+            key = f"{layout.data_dir}/keys/node-{i}"
+            procs[f"supernode-{i}"] += [
+                "--auth-supernode-private-key",
+                key,
+                "--auth-supernode-public-key",
+                f"{key}.pub",
+            ]
         # The SuperNode's runtime API is local to the node (loopback), hence no TLS here.
         procs[f"superexec-clientapp-{i}"] = [
             _exe(layout, "flower-superexec"),
@@ -163,6 +178,55 @@ def local_layout(spec: FleetSpec, state: Path) -> Layout:
         certs_dir=str(state / "certs") if spec.tls else None,
         node_port=lambda i: spec.node_port_base + i,
     )
+
+
+def node_keys(state: Path, nodes: int) -> list[Path]:
+    """An EC P-384 key pair per SuperNode (OpenSSH format), created once."""
+    keys = state / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(nodes):
+        path = keys / f"node-{i}"
+        if not path.exists():
+            key = ec.generate_private_key(ec.SECP384R1())
+            path.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.OpenSSH,
+                    serialization.NoEncryption(),
+                )
+            )
+            path.chmod(0o600)
+            path.with_suffix(".pub").write_bytes(
+                key.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                )
+            )
+        out.append(path)
+    return out
+
+
+def _wait_and_register(
+    spec: FleetSpec,
+    state: Path,
+    env: dict[str, str],
+    verify: str | bool,
+    started: dict[str, subprocess.Popen],
+    timeout: float,
+) -> None:
+    """With node auth on, register every node's public key before any SuperNode starts."""
+    url = f"https://{spec.host}:{spec.superlink_port}/health"
+    _wait(lambda: httpx.get(url, verify=verify, timeout=1).is_success, "the SuperLink", timeout, started)
+    for key in node_keys(state, spec.nodes):
+        done = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(key.with_suffix(".pub")), CONNECTION],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0 or "registered successfully" not in done.stdout:
+            raise FleetError(f"could not register {key.name}: {(done.stdout + done.stderr).strip()[-300:]}")
 
 
 def write_flower_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
@@ -242,6 +306,8 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
             )
             started[name] = p
             (state / "pids" / f"{name}.json").write_text(json.dumps({"pid": p.pid, "cmd": cmd}))
+            if name == "superlink" and spec.node_auth:
+                _wait_and_register(spec, state, env, verify, started, timeout)
             if name == "superlink":
                 url = f"{scheme}://{spec.host}:{spec.superlink_port}/health"
                 _wait(

@@ -196,6 +196,7 @@ def fleet_up(
         "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+    node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
     superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
     api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
     node_port_base: Annotated[
@@ -212,6 +213,7 @@ def fleet_up(
         nodes=nodes,
         profiles=tuple(p.strip() for p in profiles.split(",") if p.strip()),
         tls=tls,
+        node_auth=node_auth,
         superlink_port=superlink_port,
         api_port=api_port,
         node_port_base=node_port_base,
