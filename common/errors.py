@@ -42,6 +42,10 @@ class DatasetError(DropfleetError, OSError):
     """A data set cannot be found or read."""
 
 
+class RunFailedError(DropfleetError, RuntimeError):
+    """A run cannot go on (e.g. too few devices answered too many rounds in a row)."""
+
+
 class ReplyRejectedError(WireFormatError):
     """A client reply fails validation; the server drops it and counts it."""
 

@@ -36,6 +36,7 @@ class RunConfig:
     fraction_evaluate: float = 0.5
     min_available_nodes: int = 2
     min_train_nodes: int = 2
+    max_short_rounds: int = 3
     round_timeout: float = 600.0
     fleet_mix: str = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
     max_payload_bytes: int = 16 * 1024 * 1024
@@ -85,6 +86,7 @@ class RunConfig:
             ("fraction-evaluate", 0 <= self.fraction_evaluate <= 1),
             ("min-available-nodes", self.min_available_nodes >= 1),
             ("min-train-nodes", self.min_train_nodes >= 1),
+            ("max-short-rounds", self.max_short_rounds >= 1),
             ("round-timeout", self.round_timeout > 0),
             ("max-payload-bytes", self.max_payload_bytes >= 1024),
             ("max-examples", self.max_examples >= 1),

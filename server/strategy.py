@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from dropfleet.common.codec import decode
-from dropfleet.common.errors import ReplyRejectedError
+from dropfleet.common.errors import ReplyRejectedError, RunFailedError
 from dropfleet.common.merge import churn, merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
@@ -88,6 +88,7 @@ class SparseDropBack(_Metered):
     def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
         super().__init__(config, recorder, arrayrecord_key="sparse-model")
         self.global_model = SparseModel.empty(config.model_id, config.seed)
+        self._short_rounds = 0
 
     def initial_arrays(self) -> ArrayRecord:
         """The first global model: just the seed, with an empty tracked set."""
@@ -131,10 +132,25 @@ class SparseDropBack(_Metered):
             )
             accepted.append((msg, update))
         stats.replied = len(accepted)
-        if not accepted:
-            log(WARNING, "Round %s: no acceptable replies; the global model is unchanged", server_round)
+        if len(accepted) < self.config.min_train_nodes:
+            self._short_rounds += 1
+            log(
+                WARNING,
+                "Round %s: %s acceptable replies < min-train-nodes %s; the global model is unchanged "
+                "(%s such round(s) in a row)",
+                server_round,
+                len(accepted),
+                self.config.min_train_nodes,
+                self._short_rounds,
+            )
             stats.global_tracked = self.global_model.num_tracked
+            if self._short_rounds >= self.config.max_short_rounds:
+                raise RunFailedError(
+                    f"{self._short_rounds} rounds in a row had fewer than {self.config.min_train_nodes} "
+                    f"acceptable replies (last: {len(accepted)} of {stats.sampled} sampled)"
+                )
             return None, None
+        self._short_rounds = 0
         previous = self.global_model
         merged = merge_sparse(
             [(u.model, float(u.num_examples)) for _, u in accepted],

@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from rich.console import Console
 
 from dropfleet.common.codec import decode, encode
+from dropfleet.common.errors import RunFailedError
 from dropfleet.common.merge import merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
@@ -141,6 +142,16 @@ def test_hostile_replies_are_rejected_counted_and_change_nothing():
         "budget too small",
     ):
         assert needle in reasons, needle
+
+
+def test_too_few_answers_keep_the_model_then_fail_the_run_with_a_reason():
+    s, _ = strategy()
+    lone = [reply(11, content(model(2000, 11)))]  # min-train-nodes is 2
+    for r in (1, 2):
+        assert s.aggregate_train(r, lone) == (None, None)
+    assert s.global_model.num_tracked == 0
+    with pytest.raises(RunFailedError, match="3 rounds in a row had fewer than 2 acceptable replies"):
+        s.aggregate_train(3, lone)
 
 
 def test_only_bad_replies_keep_the_global_model():
