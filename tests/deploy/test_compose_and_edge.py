@@ -139,3 +139,20 @@ def test_edge_install_script_in_a_fresh_prefix(tmp_path):
     assert (tmp_path / "opt" / "venv" / "bin" / "flower-supernode").exists()
     assert (tmp_path / "etc" / "keys" / "node_key.pub").exists()
     assert not (tmp_path / "opt" / "venv" / "lib" / "python3.11" / "site-packages" / "ray").exists()
+
+
+def test_every_environment_variable_in_compose_is_one_the_code_reads():
+    from dropfleet.server.api.settings import Settings
+    from dropfleet.server.simulation import OFFLINE_ENV
+    from dropfleet.server.store.store import DATABASE_URL_ENV
+
+    known = (
+        {f"DROPFLEET_{name.upper()}" for name in Settings.model_fields}
+        | set(OFFLINE_ENV)
+        | {DATABASE_URL_ENV}
+    )
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, svc in services.items():
+        if name == "postgres":
+            continue
+        assert set(svc.get("environment", {})) <= known, name
