@@ -66,11 +66,13 @@ bench: install
 	$(PY) bench/centralized.py
 	$(PY) bench/wire.py
 	$(PY) bench/aggregation.py
+	$(PY) bench/overhead.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
 	$(PY) bench/wire.py --quick
 	$(PY) bench/aggregation.py --quick
+	$(PY) bench/overhead.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

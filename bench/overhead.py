@@ -1,0 +1,74 @@
+"""Optimizer overhead: DropBack step time / plain SGD step time, before and after freezing.
+
+    python bench/overhead.py [--quick]
+
+For each model, an SGD copy and a DropBack copy (k = N/20) train in lockstep on
+the same Fashion-MNIST batches; each pair of steps runs back to back and the
+median of the per-step ratios is reported, before and after the tracked set
+is frozen (half-way).
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dropfleet.common.data import load_fashion_mnist
+from dropfleet.common.dropback import DropBack
+from dropfleet.common.layer_init import seeded_model
+
+
+def measure(model_id: str, steps: int, batch: int, data) -> dict:
+    sgd_model, db_model = seeded_model(model_id, 0), seeded_model(model_id, 0)
+    n = sum(p.numel() for p in sgd_model.parameters())
+    sgd = torch.optim.SGD(sgd_model.parameters(), lr=0.05)
+    db = DropBack(db_model.parameters(), lr=0.05, k=n // 20, freeze_after=steps // 2)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    ratios = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (batch,), generator=gen)
+        x, y = data.images[idx], data.labels[idx]
+        times = []
+        for model, opt in ((sgd_model, sgd), (db_model, db)):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        ratios.append(times[1] / times[0])
+    r = np.array(ratios[10:])  # skip warm-up
+    half = steps // 2 - 10
+    return {
+        "model": model_id,
+        "n": n,
+        "k": n // 20,
+        "before_freeze": float(np.median(r[:half])),
+        "after_freeze": float(np.median(r[half:])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("results/bench-overhead.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = load_fashion_mnist("test")
+    steps = 120 if args.quick else 1000
+    rows = [measure(m, steps, 64, data) for m in ("mlp-90k", "cnn-bn-prelu")]
+    print("DropBack / SGD step time:")
+    print(f"{'model':<14} {'N':>8} {'k':>7} {'before freeze':>14} {'after freeze':>13}")
+    for r in rows:
+        before, after = r["before_freeze"], r["after_freeze"]
+        print(f"{r['model']:<14} {r['n']:>8,} {r['k']:>7,} {before:>13.2f}x {after:>12.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
