@@ -52,3 +52,7 @@ class ReplyRejectedError(WireFormatError):
 
 class FlowerControlError(DropfleetError, RuntimeError):
     """A Flower CLI call (start, stop, list) failed or could not be parsed."""
+
+
+class StaleWriterError(DropfleetError, RuntimeError):
+    """A ServerApp tried to publish a round for a run that another attempt has taken over."""

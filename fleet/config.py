@@ -47,6 +47,7 @@ class RunConfig:
     trim_fraction: float = 0.1
     clip_norm: float = 0.0
     train_subset: int = 0
+    resume_run: str = ""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
@@ -94,11 +95,19 @@ class RunConfig:
             ("aggregation", self.aggregation in RULES),
             ("trim-fraction", 0 <= self.trim_fraction < 0.5),
             ("clip-norm", self.clip_norm >= 0),
+            (
+                "resume-run",
+                self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
+            ),
         ]
         for key, ok in checks:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}")
+        if self.resume_run and self.strategy != "dropback":
+            raise ConfigError(
+                "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
+            )
 
     @property
     def profiles(self) -> list[str]:

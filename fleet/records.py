@@ -19,7 +19,11 @@ DENSE_RECORD = "arrays"
 
 def pack_sparse(model: SparseModel, precision: str) -> ArrayRecord:
     """Encode `model` into an ArrayRecord holding one opaque Array."""
-    data = encode(model, precision)
+    return payload_record(encode(model, precision))
+
+
+def payload_record(data: bytes) -> ArrayRecord:
+    """An ArrayRecord carrying already-encoded sparse model bytes, unchanged."""
     return ArrayRecord(
         {SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)}
     )

@@ -24,8 +24,11 @@ class ApiClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def _get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self._request("GET", path, **kwargs)
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.get(path, **kwargs)
+            response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from None
         if response.is_error:
@@ -62,3 +65,7 @@ class ApiClient:
 
     def nodes(self) -> list[dict[str, Any]]:
         return self._get("/v1/nodes").json()
+
+    def resume(self, run_id: str, force: bool = False) -> dict[str, Any]:
+        """Continue a run from its last published round (needs an admin token)."""
+        return self._request("POST", f"/v1/runs/{run_id}/resume", params={"force": force}, timeout=180).json()

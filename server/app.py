@@ -13,6 +13,7 @@ from dropfleet.common.sparse import materialize
 from dropfleet.common.train import evaluate, recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
+from dropfleet.server.checkpoint import resume
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack
@@ -26,17 +27,30 @@ def main(grid: Grid, context: Context) -> None:
     config = RunConfig.from_mapping(context.run_config)
     store = Store(config.store_url or None)
     store.migrate()
-    run_id = str(context.run_id)
-    store.start_run(
-        run_id,
-        config.strategy,
-        config.model_id,
-        config.seed,
-        config.num_server_rounds,
-        dict(context.run_config),
-    )
+    attempt = str(context.run_id)
+    checkpoint = resume(store, config, attempt) if config.resume_run else None
+    if checkpoint is None:
+        run_id = attempt
+        store.start_run(
+            run_id,
+            config.strategy,
+            config.model_id,
+            config.seed,
+            config.num_server_rounds,
+            dict(context.run_config),
+            attempt=attempt,
+        )
+    else:
+        run_id = checkpoint.run_id
+    done = checkpoint.round if checkpoint else 0
     recorder = RoundRecorder(
-        config.strategy, config.num_server_rounds, config.results_file, store=store, run_id=run_id
+        config.strategy,
+        config.num_server_rounds,
+        config.results_file,
+        store=store,
+        run_id=run_id,
+        attempt=attempt,
+        resumed_after=checkpoint.round if checkpoint else None,
     )
     test = load_fashion_mnist("test")
 
@@ -46,7 +60,7 @@ def main(grid: Grid, context: Context) -> None:
         return load_fashion_mnist("train").subset(np.arange(CALIBRATION_EXAMPLES))
 
     if config.strategy == "dropback":
-        strategy: SparseDropBack | DenseFedAvg = SparseDropBack(config, recorder)
+        strategy: SparseDropBack | DenseFedAvg = SparseDropBack(config, recorder, checkpoint)
         initial = strategy.initial_arrays()
 
         def to_model(arrays: ArrayRecord):  # noqa: ANN202
@@ -62,7 +76,10 @@ def main(grid: Grid, context: Context) -> None:
             model.load_state_dict(arrays.to_torch_state_dict())
             return model
 
-    def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if checkpoint is not None and server_round == 0:
+            return None  # the checkpoint's round is published already
+        server_round += done
         result = evaluate(to_model(arrays), test)
         published = record_payload(arrays) if config.strategy == "dropback" else None
         recorder.finish_round(server_round, result.accuracy, result.loss, published)
@@ -72,16 +89,16 @@ def main(grid: Grid, context: Context) -> None:
         strategy.start(
             grid=grid,
             initial_arrays=initial,
-            num_rounds=config.num_server_rounds,
+            num_rounds=config.num_server_rounds - done,
             timeout=config.round_timeout,
             train_config=ConfigRecord(),
             evaluate_config=ConfigRecord(),
             evaluate_fn=evaluate_on_test_set,
         )
     except BaseException as exc:
-        store.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}")
+        store.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}", attempt=attempt)
         raise
     else:
-        store.finish_run(run_id, "finished")
+        store.finish_run(run_id, "finished", attempt=attempt)
     finally:
         recorder.close()

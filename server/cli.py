@@ -123,6 +123,26 @@ def runs(api: ApiUrl = None, as_json: AsJson = False) -> None:
 
 
 @app.command()
+def resume(
+    run: Annotated[str, typer.Argument(help="run id")],
+    force: Annotated[
+        bool, typer.Option(help="stop the previous attempt first if the SuperLink still lists it")
+    ] = False,
+    api: ApiUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Continue a run whose ServerApp died, from its last published round ($DROPFLEET_TOKEN)."""
+    try:
+        started = _client(api).resume(run, force)
+    except ApiError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(started))
+    else:
+        console.print(f"run {started['run_id']} resumed as Flower run {started['attempt']}")
+
+
+@app.command()
 def model(
     run: Annotated[str, typer.Option("--run", help="run id")],
     out: Annotated[Path, typer.Option("--out", help="file for the protobuf bytes")],

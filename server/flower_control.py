@@ -71,8 +71,18 @@ def stop_run(run_id: str, connection: str, env: Mapping[str, str], timeout: floa
     _flwr(["stop", run_id, connection], env, timeout)
 
 
-def list_runs(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:
-    return _json(_flwr(["ls", connection, "--format", "json"], env, timeout))
+def run_status(run_id: str, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> dict[str, Any]:
+    """One run as `flwr ls --run-id` reports it (status, network bytes, compute time)."""
+    data = _json(_flwr(["ls", connection, "--run-id", run_id, "--format", "json"], env, timeout))
+    for run in data.get("runs", []) if isinstance(data, dict) else []:
+        if str(run.get("run-id")) == run_id:
+            return run
+    raise FlowerControlError(f"the SuperLink does not know run {run_id}")
+
+
+def is_live(run: Mapping[str, Any]) -> bool:
+    """Whether a run from `run_status` may still have a ServerApp (pending, starting or running)."""
+    return not str(run.get("status", "")).startswith("finished")
 
 
 def list_supernodes(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:

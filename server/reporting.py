@@ -64,14 +64,19 @@ class RoundRecorder:
         console: Console | None = None,
         store: Store | None = None,
         run_id: str = "",
+        attempt: str | None = None,
+        resumed_after: int | None = None,
     ) -> None:
+        """`attempt` fences store writes to the owning Flower run; `resumed_after` is the
+        last round published before a resume (its results file is appended to, not reset)."""
         self.strategy = strategy
-        self.store, self.run_id = store, run_id
+        self.store, self.run_id, self.attempt = store, run_id, attempt
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.path = Path(results_file) if results_file else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            if resumed_after is None:
+                self.path.write_text("")
         self.history: list[RoundStats] = []
         self._current = RoundStats(round=0, strategy=strategy)
         self._started = time.monotonic()
@@ -83,7 +88,7 @@ class RoundRecorder:
             console=self.console,
             transient=False,
         )
-        self._task = self._progress.add_task("rounds", total=num_rounds)
+        self._task = self._progress.add_task("rounds", total=num_rounds, completed=resumed_after or 0)
         self._progress.start()
 
     def current(self, server_round: int) -> RoundStats:
@@ -102,7 +107,13 @@ class RoundRecorder:
         self.history.append(stats)
         if self.store is not None:
             self.store.publish_round(
-                self.run_id, server_round, stats.report(), model, stats.global_tracked, stats.fleet_events()
+                self.run_id,
+                server_round,
+                stats.report(),
+                model,
+                stats.global_tracked,
+                stats.fleet_events(),
+                attempt=self.attempt,
             )
         if self.path:
             with self.path.open("a") as fh:

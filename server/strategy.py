@@ -19,7 +19,8 @@ from dropfleet.common.errors import ReplyRejectedError, RunFailedError
 from dropfleet.common.merge import churn, merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import DENSE_RECORD, pack_sparse, record_bytes, record_payload
+from dropfleet.fleet.records import DENSE_RECORD, pack_sparse, payload_record, record_bytes, record_payload
+from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder, RoundStats
 from dropfleet.server.store.store import NodeEvent
 from dropfleet.server.validation import validate_reply
@@ -39,10 +40,13 @@ class _Metered(FedAvg):
         )
         self.config = config
         self.recorder = recorder
+        # Flower's loop counts rounds from 1; a resumed run goes on from the checkpoint's round.
+        self.round_offset = 0
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_train(server_round, arrays, config, grid))
         stats = self.recorder.current(server_round)
         stats.sampled = len(messages)
@@ -61,11 +65,13 @@ class _Metered(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._meter_down(self.recorder.current(server_round), messages, arrays)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             stats = self.recorder.current(server_round)
@@ -85,13 +91,21 @@ class _Metered(FedAvg):
 class SparseDropBack(_Metered):
     """Merges sparse DropBack replies and publishes the global top-K tracked set."""
 
-    def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
+    def __init__(
+        self, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None = None
+    ) -> None:
         super().__init__(config, recorder, arrayrecord_key="sparse-model")
         self.global_model = SparseModel.empty(config.model_id, config.seed)
         self._short_rounds = 0
+        self.checkpoint = checkpoint
+        if checkpoint is not None:
+            self.global_model, self._short_rounds = checkpoint.model, checkpoint.short_rounds
+            self.round_offset = checkpoint.round
 
     def initial_arrays(self) -> ArrayRecord:
-        """The first global model: just the seed, with an empty tracked set."""
+        """The first global model: the bare seed, or the checkpoint's bytes exactly as published."""
+        if self.checkpoint is not None:
+            return payload_record(self.checkpoint.payload)
         return self._publish(self.global_model)
 
     def _publish(self, model: SparseModel) -> ArrayRecord:
@@ -103,6 +117,7 @@ class SparseDropBack(_Metered):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
@@ -201,6 +216,7 @@ class DenseFedAvg(_Metered):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         replies = list(replies)
         errors = [m for m in replies if m.has_error()]
         self._record_failures(server_round, errors)

@@ -27,6 +27,8 @@ def test_pyproject_config_matches_the_defaults():
         ({"strategy": "fedprox"}, "'strategy'"),
         ({"value-precision": "fp8"}, "'value-precision'"),
         ({"model-id": "gpt"}, "'model-id'"),
+        ({"resume-run": "last"}, "'resume-run'"),
+        ({"resume-run": "12", "strategy": "fedavg"}, "needs strategy 'dropback'"),
         ({"learning-rate": -0.1}, "'learning-rate'"),
         ({"alpha": True}, "'alpha' must be float"),
     ],

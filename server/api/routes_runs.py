@@ -127,7 +127,56 @@ async def start_run(body: StartRun, settings: SettingsDep) -> StartedRun:
         body.run_config,
         settings.flower_env,
     )
-    return StartedRun(run_id=run_id)
+    return StartedRun(run_id=run_id, attempt=run_id)
+
+
+@router.post(
+    "/{run_id}/resume",
+    response_model=StartedRun,
+    status_code=status.HTTP_202_ACCEPTED,
+    dependencies=[Depends(require_admin)],
+    responses={
+        401: {"description": "no admin token"},
+        404: {"description": "unknown run"},
+        409: {"description": "the run has finished, or its ServerApp may still be alive"},
+        502: {"description": "the SuperLink refused or is unreachable"},
+    },
+)
+async def resume_run(
+    run_id: RunId,
+    store: StoreDep,
+    settings: SettingsDep,
+    force: Annotated[
+        bool, Query(description="stop the previous attempt first if the SuperLink still lists it as live")
+    ] = False,
+) -> StartedRun:
+    """Continue a run whose ServerApp died, from its last published round (a new Flower run)."""
+    run = await run_in_threadpool(get_run_or_404, store, run_id)
+    if run["status"] == "finished":
+        raise HTTPException(status.HTTP_409_CONFLICT, f"run {run_id} has finished")
+    previous = run["attempt"] or run_id
+    flower_run = await run_in_threadpool(
+        flower_control.run_status, previous, settings.flower_connection, settings.flower_env
+    )
+    if flower_control.is_live(flower_run):
+        if not force:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"Flower run {previous} is still {flower_run.get('status')}; wait until the SuperLink "
+                "declares it failed (no heartbeat for 60 s), or resume with force=true to stop it first",
+            )
+        await run_in_threadpool(
+            flower_control.stop_run, previous, settings.flower_connection, settings.flower_env
+        )
+    run_config = {**run["config"], "resume-run": run_id}
+    attempt = await run_in_threadpool(
+        flower_control.start_run,
+        settings.app_dir,
+        settings.flower_connection,
+        run_config,
+        settings.flower_env,
+    )
+    return StartedRun(run_id=run_id, attempt=attempt)
 
 
 @router.post(
@@ -141,8 +190,10 @@ async def start_run(body: StartRun, settings: SettingsDep) -> StartedRun:
     },
 )
 async def stop_run(run_id: RunId, store: StoreDep, settings: SettingsDep) -> dict[str, str]:
-    """Ask the SuperLink to stop a run (`flwr stop`)."""
-    await run_in_threadpool(get_run_or_404, store, run_id)
-    await run_in_threadpool(flower_control.stop_run, run_id, settings.flower_connection, settings.flower_env)
+    """Ask the SuperLink to stop a run (`flwr stop` on the Flower run that carries it now)."""
+    run = await run_in_threadpool(get_run_or_404, store, run_id)
+    await run_in_threadpool(
+        flower_control.stop_run, run["attempt"] or run_id, settings.flower_connection, settings.flower_env
+    )
     await run_in_threadpool(store.finish_run, run_id, "stopped")
     return {"run_id": run_id, "status": "stopping"}

@@ -17,6 +17,8 @@ class RunOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     error: str | None
+    attempt: str | None = Field(None, description="the Flower run whose ServerApp owns this run now")
+    resumes: int = Field(0, description="how many times the run was resumed after its ServerApp stopped")
 
 
 class RoundOut(BaseModel):
@@ -93,6 +95,7 @@ class StartRun(BaseModel):
 
 class StartedRun(BaseModel):
     run_id: str
+    attempt: str = Field(description="the Flower run now carrying it (equals run_id unless resumed)")
 
 
 class Health(BaseModel):

@@ -27,6 +27,9 @@ class Run(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    # The Flower run whose ServerApp owns this run now: only it may publish (a fencing token).
+    attempt: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    resumes: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Round(Base):

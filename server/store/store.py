@@ -20,6 +20,7 @@ from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from dropfleet.common.errors import ConfigError, StaleWriterError
 from dropfleet.server.store.schema import Node, PublishedModel, Round, Run
 
 DATABASE_URL_ENV = "DROPFLEET_DATABASE_URL"
@@ -99,8 +100,16 @@ class Store:
 
     # ----- writes (the aggregator) -------------------------------------------------
     def start_run(
-        self, run_id: str, strategy: str, model_id: str, seed: int, num_rounds: int, config: dict[str, Any]
+        self,
+        run_id: str,
+        strategy: str,
+        model_id: str,
+        seed: int,
+        num_rounds: int,
+        config: dict[str, Any],
+        attempt: str | None = None,
     ) -> None:
+        """Record a new run, owned by Flower run `attempt` (default: `run_id`)."""
         with self._tx() as s:
             run = s.get(Run, run_id)
             if run is None:
@@ -113,10 +122,24 @@ class Store:
                         num_rounds=num_rounds,
                         config=config,
                         status="running",
+                        attempt=attempt or run_id,
+                        resumes=0,
                     )
                 )
             else:
                 run.status, run.error, run.finished_at = "running", None, None
+                run.attempt = attempt or run_id
+
+    def take_over(self, run_id: str, attempt: str) -> None:
+        """Make Flower run `attempt` the owner of `run_id`; from now on the old owner cannot publish."""
+        with self._tx() as s:
+            run = s.get(Run, run_id, with_for_update=True)
+            if run is None:
+                raise ConfigError(f"cannot resume run {run_id}: the store has no such run")
+            if run.status == "finished":
+                raise ConfigError(f"cannot resume run {run_id}: it has finished")
+            run.attempt, run.resumes = attempt, run.resumes + 1
+            run.status, run.error, run.finished_at = "running", None, None
 
     def publish_round(
         self,
@@ -126,10 +149,23 @@ class Store:
         model: bytes | None,
         tracked: int,
         nodes: list[NodeEvent] = (),
+        attempt: str | None = None,
     ) -> None:
-        """Round metrics, its global model and node counters, all or nothing."""
+        """Round metrics, its global model and node counters, all or nothing.
+
+        With `attempt`, only the run's current owner may publish: a ServerApp
+        that was replaced by a resumed one gets `StaleWriterError` and writes nothing.
+        """
         now = datetime.now(UTC)
         with self._tx() as s:
+            if attempt is not None:
+                run = s.get(Run, run_id, with_for_update=True)
+                if run is None or run.attempt != attempt:
+                    owner = run.attempt if run else None
+                    raise StaleWriterError(
+                        f"run {run_id} is owned by Flower run {owner}, not {attempt}: round {server_round} "
+                        "not published"
+                    )
             s.add(
                 Round(
                     run_id=run_id,
@@ -169,10 +205,15 @@ class Store:
                     node.failures += 1
                     node.last_error = (ev.error or "")[:2000]
 
-    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+    def finish_run(
+        self, run_id: str, status: str, error: str | None = None, attempt: str | None = None
+    ) -> None:
+        """Close a run; with `attempt`, only if that attempt still owns it."""
         with self._tx() as s:
             run = s.get(Run, run_id)
-            if run is not None and not (run.status == "stopped" and status == "failed"):
+            if run is None or (attempt is not None and run.attempt != attempt):
+                return
+            if not (run.status == "stopped" and status == "failed"):
                 # A run stopped on request ends "stopped", not "failed" when its ServerApp is terminated.
                 run.status, run.error, run.finished_at = status, error, datetime.now(UTC)
 

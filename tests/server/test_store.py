@@ -2,14 +2,11 @@
 
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -19,39 +16,6 @@ from sqlalchemy.exc import IntegrityError
 from dropfleet.server.store import Store
 from dropfleet.server.store.schema import Base
 from dropfleet.server.store.store import NodeEvent
-from tests.server import postgres
-
-
-@pytest.fixture(scope="session")
-def postgres_url():
-    tmp = Path(tempfile.mkdtemp(prefix="dropfleet-pg-", dir="/tmp"))
-    os.chmod(tmp, 0o755)
-    try:
-        url, proc = postgres.start(tmp)
-    except (FileNotFoundError, subprocess.CalledProcessError, OSError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        pytest.skip(f"no PostgreSQL server can be started here: {exc}")
-    yield url
-    os.killpg(proc.pid, signal.SIGINT)  # PostgreSQL's fast shutdown, through runuser
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url = request.getfixturevalue("postgres_url")
-    # A fresh schema per test: drop everything the previous test left.
-    store = Store(url)
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
-    store.engine.dispose()
-    return url
 
 
 def test_migrations_match_the_models_and_are_idempotent(store_url):
