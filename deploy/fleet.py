@@ -207,16 +207,10 @@ def node_keys(state: Path, nodes: int) -> list[Path]:
 
 
 def _wait_and_register(
-    spec: FleetSpec,
-    state: Path,
-    env: dict[str, str],
-    verify: str | bool,
-    started: dict[str, subprocess.Popen],
-    timeout: float,
+    spec: FleetSpec, state: Path, env: dict[str, str], started: dict[str, subprocess.Popen], timeout: float
 ) -> None:
     """With node auth on, register every node's public key before any SuperNode starts."""
-    url = f"https://{spec.host}:{spec.superlink_port}/health"
-    _wait(lambda: httpx.get(url, verify=verify, timeout=1).is_success, "the SuperLink", timeout, started)
+    _wait_superlink(spec, state, started, timeout)
     for key in node_keys(state, spec.nodes):
         done = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(key.with_suffix(".pub")), CONNECTION],
@@ -284,47 +278,15 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         state / "flwr", f"{spec.host}:{spec.superlink_port}", certs["ca"] if certs else None
     )
     env = _env(spec, state)
-    api_env = {
-        **env,
-        "DROPFLEET_ADMIN_TOKEN": token_file.read_text(),
-        "DROPFLEET_FLOWER_CONNECTION": CONNECTION,
-        "DROPFLEET_FLWR_HOME": str(state / "flwr"),
-    }
     started: dict[str, subprocess.Popen] = {}
-    verify = str(certs["ca"]) if certs else False
-    scheme = "https" if certs else "http"
     try:
         for name, cmd in topology(spec, local_layout(spec, state)).items():
-            log = (state / "logs" / f"{name}.log").open("w")
-            p = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=api_env if name == "api" else env,
-                cwd=state,
-            )
-            started[name] = p
-            (state / "pids" / f"{name}.json").write_text(json.dumps({"pid": p.pid, "cmd": cmd}))
+            started[name] = _spawn(spec, state, name, cmd)
             if name == "superlink" and spec.node_auth:
-                _wait_and_register(spec, state, env, verify, started, timeout)
+                _wait_and_register(spec, state, env, started, timeout)
             if name == "superlink":
-                url = f"{scheme}://{spec.host}:{spec.superlink_port}/health"
-                _wait(
-                    lambda url=url: httpx.get(url, verify=verify, timeout=1).is_success,
-                    "the SuperLink",
-                    timeout,
-                    started,
-                )
-        _wait(
-            lambda: httpx.get(f"http://{spec.host}:{spec.api_port}/v1/ready", timeout=1).is_success,
-            "the API",
-            timeout,
-            started,
-        )
-        for i in range(spec.nodes):
-            port = spec.node_port_base + i
-            _wait(lambda port=port: not _port_free(spec.host, port), f"supernode-{i}", timeout, started)
+                _wait_superlink(spec, state, started, timeout)
+        _wait_ready(spec, started, timeout)
     except BaseException:
         down(spec.state_dir)
         raise
@@ -343,6 +305,92 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     }
     (state / "fleet.json").write_text(json.dumps(info, indent=2))
     return info
+
+
+def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: str = "w") -> subprocess.Popen:
+    """Start one fleet process in its own session and record its PID with its command line."""
+    env = _env(spec, state)
+    if name == "api":
+        env |= {
+            "DROPFLEET_ADMIN_TOKEN": (state / "admin-token").read_text(),
+            "DROPFLEET_FLOWER_CONNECTION": CONNECTION,
+            "DROPFLEET_FLWR_HOME": str(state / "flwr"),
+        }
+    log = (state / "logs" / f"{name}.log").open(log_mode)
+    p = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=state
+    )
+    (state / "pids" / f"{name}.json").write_text(json.dumps({"pid": p.pid, "cmd": cmd}))
+    return p
+
+
+def _wait_superlink(
+    spec: FleetSpec, state: Path, started: dict[str, subprocess.Popen], timeout: float
+) -> None:
+    ca = state / "certs" / "ca.crt"
+    verify: str | bool = str(ca) if spec.tls else False
+    url = f"{'https' if spec.tls else 'http'}://{spec.host}:{spec.superlink_port}/health"
+    _wait(lambda: httpx.get(url, verify=verify, timeout=1).is_success, "the SuperLink", timeout, started)
+
+
+def _wait_ready(
+    spec: FleetSpec, started: dict[str, subprocess.Popen], timeout: float, only: list[str] | None = None
+) -> None:
+    """The API answers and the SuperNodes' runtime APIs listen (only those named in `only`, if given)."""
+    if only is None or "api" in only:
+        _wait(
+            lambda: httpx.get(f"http://{spec.host}:{spec.api_port}/v1/ready", timeout=1).is_success,
+            "the API",
+            timeout,
+            started,
+        )
+    for i in range(spec.nodes):
+        if only is not None and f"supernode-{i}" not in only:
+            continue
+        port = spec.node_port_base + i
+        _wait(lambda port=port: not _port_free(spec.host, port), f"supernode-{i}", timeout, started)
+
+
+def restart(state_dir: Path, names: list[str] | None = None, timeout: float = 90.0) -> list[str]:
+    """Restart the named fleet processes (killing them first), or by default every one that died.
+
+    What a supervisor (compose's `restart: unless-stopped`, systemd's `Restart=`)
+    does for the containers and the edge units, for the process fleet.
+    """
+    state = state_dir.resolve()
+    try:
+        recorded = json.loads((state / "fleet.json").read_text())["spec"]
+    except (OSError, KeyError, ValueError) as exc:
+        raise FleetError(f"{state} has no fleet to restart: {exc}") from None
+    spec = FleetSpec(**{**recorded, "profiles": tuple(recorded["profiles"]), "state_dir": state})
+    commands = topology(spec, local_layout(spec, state))
+    unknown = sorted(set(names or ()) - set(commands))
+    if unknown:
+        raise FleetError(f"no fleet process named {unknown}; known: {sorted(commands)}")
+    alive = status(state)
+    chosen = list(names) if names else [n for n in commands if not alive.get(n, False)]
+    for name in chosen:
+        if alive.get(name):
+            rec = json.loads((state / "pids" / f"{name}.json").read_text())
+            _kill_group(rec, signal.SIGKILL)
+    started: dict[str, subprocess.Popen] = {}
+    for name in commands:  # in topology order: the SuperLink before those that connect to it
+        if name in chosen:
+            started[name] = _spawn(spec, state, name, commands[name], log_mode="a")
+            if name == "superlink":
+                _wait_superlink(spec, state, started, timeout)
+    _wait_ready(spec, started, timeout, only=chosen)
+    return chosen
+
+
+def _kill_group(rec: dict, sig: signal.Signals) -> None:
+    try:
+        os.killpg(rec["pid"], sig)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _alive_as_started(rec["pid"], rec["cmd"]):
+        time.sleep(0.1)
 
 
 def _alive_as_started(pid: int, cmd: list[str]) -> bool:

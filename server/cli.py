@@ -271,6 +271,27 @@ def fleet_status(state_dir: StateDir = Path(".fleet"), as_json: AsJson = False) 
         console.print(f"{name:<24} {'running' if alive else 'stopped'}")
 
 
+@fleet_app.command("restart")
+def fleet_restart(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="processes to restart (default: every one that died)")
+    ] = None,
+    state_dir: StateDir = Path(".fleet"),
+) -> None:
+    """Restart fleet processes, as a supervisor would: the SuperLink keeps its database."""
+    from dropfleet.common.errors import DropfleetError
+    from dropfleet.deploy.fleet import restart
+
+    try:
+        restarted = restart(state_dir, names)
+    except DropfleetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    console.print(
+        f"restarted {len(restarted)} process(es)" + (f": {', '.join(restarted)}" if restarted else "")
+    )
+
+
 @fleet_app.command("down")
 def fleet_down(state_dir: StateDir = Path(".fleet")) -> None:
     """Stop exactly what `fleet up` started."""
