@@ -1,0 +1,247 @@
+"""Streaming DropBack: train without ever holding the dense weights.
+
+The ordinary mode (`DropBack` on a materialized model) keeps all N weights
+resident. Here a device keeps only the tracked set, k (index, value) pairs:
+each layer's weights are regenerated from the seed plus the tracked values
+just before the layer runs, forward and again in backward, and dropped right
+after. The backward pass scores that layer's weights exactly as `DropBack`
+does (|w - w0| after the SGD step: |lr g| for an untracked weight) and merges
+its best candidates into a running top-k, so the selection streams over layers
+and the next tracked set is known when the backward pass ends.
+
+Peak weight memory is then about one layer (its weights, initial values and
+gradient) plus the tracked set; the price is regenerating each layer twice per
+step. Models made of Linear layers with ReLU between them are supported.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from dropfleet.common.errors import ConfigError
+from dropfleet.common.init_scheme import initial_tensor, initial_values
+from dropfleet.common.layer_init import model_init_specs
+from dropfleet.common.models import build_model
+from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
+
+# Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
+BYTES_PER_TRACKED = 8
+
+
+@dataclass
+class _Tensor:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # first global flat index
+
+
+@dataclass
+class _Candidates:
+    """The running top-k of one step: global flat indices, their new values and scores."""
+
+    index: Tensor
+    value: Tensor
+    score: Tensor
+
+    @classmethod
+    def empty(cls) -> "_Candidates":
+        return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0))
+
+    def merge(self, index: Tensor, value: Tensor, score: Tensor, k: int) -> "_Candidates":
+        index = torch.cat([self.index, index])
+        value = torch.cat([self.value, value])
+        score = torch.cat([self.score, score])
+        if score.numel() > k:
+            keep = torch.topk(score, k, sorted=False).indices
+            index, value, score = index[keep], value[keep], score[keep]
+        return _Candidates(index, value, score)
+
+
+class StreamingDropBack:
+    """DropBack training of a Linear/ReLU model from a seed and k tracked weights.
+
+    Args:
+        model_id: a registered model made of Linear layers (e.g. ``mlp-90k``).
+        seed: the seed its initial weights are regenerated from.
+        k: the tracked budget.
+        lr: the SGD learning rate.
+    """
+
+    def __init__(self, model_id: str, seed: int, k: int, lr: float, freeze_after: int | None = None) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
+        if not 0.0 < lr < float("inf"):
+            raise ConfigError(f"Invalid learning rate: {lr!r} (must be finite and > 0)")
+        modules = [m for m in build_model(model_id).modules() if m.__class__ is not nn.Sequential]
+        if not all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in modules):
+            raise ConfigError(f"streaming mode supports Linear/ReLU models only, not {model_id!r}")
+        self.model_id, self.seed, self.k, self.lr = model_id, seed, k, lr
+        self.freeze_after = freeze_after
+        self._steps = 0
+        self._specs = model_init_specs(model_id)
+        self._tensors: list[_Tensor] = []
+        offset = 0
+        for name, shape in parameter_shapes(model_id).items():
+            self._tensors.append(_Tensor(name, shape, offset))
+            offset += int(np.prod(shape))
+        self.numel = offset
+        self._layers = [(self._tensors[i], self._tensors[i + 1]) for i in range(0, len(self._tensors), 2)]
+        # The whole persistent state: sorted global indices (int32) and the weights there.
+        self._index = torch.zeros(0, dtype=torch.int32)
+        self._value = torch.zeros(0)
+        self._frozen = False
+        self._pending: _Candidates | None = None
+        self._pending_values: Tensor | None = None  # frozen steps: the tracked values being updated
+        # The weights are not autograd leaves; this empty leaf makes autograd call our backward.
+        self._anchor = torch.zeros(0, requires_grad=True)
+
+    # ----- state ---------------------------------------------------------------------
+    @property
+    def num_tracked(self) -> int:
+        return int(self._index.numel())
+
+    def state_bytes(self) -> int:
+        """Bytes kept across steps: the tracked indices and values, nothing dense."""
+        return BYTES_PER_TRACKED * self.num_tracked
+
+    def freeze(self) -> None:
+        """From now on only the tracked weights change and no selection runs."""
+        self._frozen = True
+
+    def load(self, sparse: SparseModel) -> None:
+        """Start from a published model: w = w0 + delta, trimmed to the k farthest from w0."""
+        if (sparse.model_id, sparse.seed) != (self.model_id, self.seed):
+            raise ConfigError(
+                f"model {sparse.model_id!r} seed {sparse.seed} is not {self.model_id!r} seed {self.seed}"
+            )
+        index, value, score = [], [], []
+        for t, meta in zip(sparse.tensors, self._tensors, strict=True):
+            w0 = initial_values(self.seed, t.name, self._specs[t.name], t.indices, sparse.init_scheme)
+            w = torch.from_numpy(w0) + torch.from_numpy(t.values.astype(np.float32))
+            index.append(torch.from_numpy(t.indices.astype(np.int64)) + meta.offset)
+            value.append(w)
+            score.append((w - torch.from_numpy(w0)).abs())
+        idx, val, sc = torch.cat(index), torch.cat(value), torch.cat(score)
+        if idx.numel() > self.k:  # the same trim as DropBack.set_tracked: stable, farthest first
+            keep = torch.from_numpy(np.sort(np.argsort(-sc.numpy(), kind="stable")[: self.k]))
+            idx, val = idx[keep], val[keep]
+        self._index, self._value = idx.to(torch.int32), val.clone()
+
+    def to_sparse(self) -> SparseModel:
+        """The tracked set as a `SparseModel` (deltas w - w0, regenerated for k entries only)."""
+        tensors = []
+        index = self._index.to(torch.int64)
+        for meta in self._tensors:
+            size = int(np.prod(meta.shape))
+            mask = (index >= meta.offset) & (index < meta.offset + size)
+            local = (index[mask] - meta.offset).numpy()
+            w0 = initial_values(self.seed, meta.name, self._specs[meta.name], local)
+            tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
+        return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
+
+    # ----- weights on demand -------------------------------------------------------------
+    def _initial(self, meta: _Tensor) -> Tensor:
+        return torch.from_numpy(initial_tensor(self.seed, meta.name, self._specs[meta.name], meta.shape))
+
+    def _tracked_in(self, meta: _Tensor) -> tuple[Tensor, Tensor]:
+        """Local flat indices and values of the tracked weights of one tensor."""
+        where = self._tracked_slice(meta)
+        return self._index[where].to(torch.int64) - meta.offset, self._value[where]
+
+    def _tracked_slice(self, meta: _Tensor) -> slice:
+        """Where one tensor's entries lie in the (sorted) tracked index."""
+        size = int(np.prod(meta.shape))
+        bounds = torch.tensor([meta.offset, meta.offset + size], dtype=torch.int32)
+        lo, hi = torch.searchsorted(self._index, bounds).tolist()
+        return slice(lo, hi)
+
+    def _weights(self, meta: _Tensor) -> tuple[Tensor, Tensor]:
+        """(w0, w) of one tensor, materialized now and dropped by the caller."""
+        w0 = self._initial(meta)
+        w = w0.clone()
+        local, value = self._tracked_in(meta)
+        w.view(-1)[local] = value
+        return w0, w
+
+    # ----- training ----------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits; with grad enabled, backward streams the step's selection."""
+        h = x.reshape(x.shape[0], -1)
+        for i, (weight, bias) in enumerate(self._layers):
+            h = _StreamedLinear.apply(h, self._anchor, self, weight, bias)
+            if i < len(self._layers) - 1:
+                h = torch.relu(h)
+        return h
+
+    __call__ = forward
+
+    # The model and its optimizer are one object, used the way a training loop uses both:
+    # zero_grad() opens a step, loss.backward() scores layer by layer, step() commits.
+    def train(self, mode: bool = True) -> "StreamingDropBack":
+        return self
+
+    def eval(self) -> "StreamingDropBack":
+        return self
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Open a step (the freeze decision is made here: backward must know it)."""
+        if not self._frozen and self.freeze_after is not None and self._steps >= self.freeze_after:
+            self.freeze()
+        self._pending = _Candidates.empty()
+        self._pending_values = self._value.clone() if self._frozen else None
+
+    def step(self) -> None:
+        """Commit what the last backward pass streamed."""
+        if self._pending is None:
+            raise ConfigError("step() without zero_grad() and backward() first")
+        if self._frozen:
+            self._value = self._pending_values
+        else:
+            order = torch.argsort(self._pending.index)
+            self._index, self._value = self._pending.index[order].to(torch.int32), self._pending.value[order]
+        self._pending, self._pending_values = None, None
+        self._steps += 1
+
+    def _absorb(self, meta: _Tensor, grad: Tensor, w0: Tensor) -> None:
+        """Score one tensor's weights after the SGD step and fold its best into the running top-k."""
+        step = grad.reshape(-1) * -self.lr
+        local, value = self._tracked_in(meta)
+        if self._frozen:
+            self._pending_values[self._tracked_slice(meta)] = value + step[local]
+            return
+        moved = value + step[local]
+        score = step.abs()
+        score[local] = (moved - w0.view(-1)[local]).abs()
+        new = w0.view(-1) + step
+        new[local] = moved
+        n = min(self.k, score.numel())
+        best = torch.topk(score, n, sorted=False).indices
+        self._pending = self._pending.merge(best + meta.offset, new[best], score[best], self.k)
+
+
+class _StreamedLinear(torch.autograd.Function):
+    """y = x W^T + b with W and b regenerated in forward and again in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, x: Tensor, anchor: Tensor, owner: StreamingDropBack, weight: _Tensor, bias: _Tensor
+    ) -> Tensor:
+        _, w = owner._weights(weight)
+        _, b = owner._weights(bias)
+        ctx.save_for_backward(x)
+        ctx.owner, ctx.weight, ctx.bias = owner, weight, bias
+        return torch.addmm(b, x, w.t())
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        owner = ctx.owner
+        w0, w = owner._weights(ctx.weight)
+        grad_x = grad_out @ w if ctx.needs_input_grad[0] else None
+        owner._absorb(ctx.weight, grad_out.t() @ x, w0)
+        del w0, w
+        owner._absorb(ctx.bias, grad_out.sum(0), owner._initial(ctx.bias))
+        return grad_x, None, None, None, None
