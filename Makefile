@@ -67,12 +67,14 @@ bench: install
 	$(PY) bench/wire.py
 	$(PY) bench/aggregation.py
 	$(PY) bench/overhead.py
+	$(PY) bench/memory.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
 	$(PY) bench/wire.py --quick
 	$(PY) bench/aggregation.py --quick
 	$(PY) bench/overhead.py --quick
+	$(PY) bench/memory.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

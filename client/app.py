@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
-        update = train_sparse(global_model, train_data, profile, config, server_round)
+        streaming = bool(context.node_config.get("streaming", False))  # a board too small for dense weights
+        update = train_sparse(global_model, train_data, profile, config, server_round, streaming)
     except DropfleetError as exc:
         code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
         return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")

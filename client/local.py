@@ -14,7 +14,14 @@ from dropfleet.common.data import Split, load_fashion_mnist, partition_indices
 from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError
 from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.sparse import SparseModel, initial_at_tracked, load_deltas_, sparse_from_optimizer
+from dropfleet.common.sparse import (
+    SparseModel,
+    initial_at_tracked,
+    load_deltas_,
+    parameter_shapes,
+    sparse_from_optimizer,
+)
+from dropfleet.common.streaming import StreamingDropBack
 from dropfleet.common.train import EvalResult, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.fleet.config import RunConfig
 
@@ -61,28 +68,45 @@ def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, p
 
 
 def train_sparse(
-    global_model: SparseModel, data: Split, profile: DeviceProfile, config: RunConfig, server_round: int
+    global_model: SparseModel,
+    data: Split,
+    profile: DeviceProfile,
+    config: RunConfig,
+    server_round: int,
+    streaming: bool = False,
 ) -> LocalUpdate:
-    """Start from the published global set (trimmed to this device's k) and run DropBack."""
-    model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
-    num_weights = sum(p.numel() for p in model.parameters())
+    """Start from the published global set (trimmed to this device's k) and run DropBack.
+
+    With `streaming`, the dense weights are never resident: each layer is
+    regenerated from the seed and the tracked set when it runs (same result,
+    bit for bit; slower).
+    """
+    num_weights = sum(int(np.prod(s)) for s in parameter_shapes(global_model.model_id).values())
     k = client_k(profile, config, num_weights)
-    load_deltas_(model, global_model)
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
-    opt = DropBack(model.parameters(), lr=config.learning_rate, k=k, freeze_after=freeze)
-    opt.set_tracked(initial_at_tracked(global_model))
-    loss = train_epochs(
-        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
-    )
-    if opt.state_bytes() > profile.state_budget_bytes:  # guarded by construction; never trust it blindly
-        raise BudgetError(f"state grew to {opt.state_bytes()} bytes > budget {profile.state_budget_bytes}")
+    seed = config.seed * 1_000_003 + server_round
+    if streaming:
+        trainer = StreamingDropBack(global_model.model_id, global_model.seed, k, config.learning_rate, freeze)
+        trainer.load(global_model)
+        loss = train_epochs(trainer, trainer, data, config.local_epochs, config.batch_size, seed=seed)
+        update, state_bytes = trainer.to_sparse(), trainer.state_bytes()
+    else:
+        model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
+        load_deltas_(model, global_model)
+        opt = DropBack(model.parameters(), lr=config.learning_rate, k=k, freeze_after=freeze)
+        opt.set_tracked(initial_at_tracked(global_model))
+        loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size, seed=seed)
+        update = sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id)
+        state_bytes = opt.state_bytes()
+    if state_bytes > profile.state_budget_bytes:  # guarded by construction; never trust it blindly
+        raise BudgetError(f"state grew to {state_bytes} bytes > budget {profile.state_budget_bytes}")
     return LocalUpdate(
-        model=sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id),
+        model=update,
         num_examples=len(data),
         train_loss=loss,
         k=k,
-        state_bytes=opt.state_bytes(),
+        state_bytes=state_bytes,
         budget_bytes=profile.state_budget_bytes,
     )
 

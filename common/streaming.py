@@ -10,8 +10,9 @@ its best candidates into a running top-k, so the selection streams over layers
 and the next tracked set is known when the backward pass ends.
 
 Peak weight memory is then about one layer (its weights, initial values and
-gradient) plus the tracked set; the price is regenerating each layer twice per
-step. Models made of Linear layers with ReLU between them are supported.
+gradient) plus the tracked set, or one block of rows of a layer with
+`block_weights`; the price is regenerating every weight twice per step. Models
+made of Linear layers with ReLU between them are supported.
 """
 
 from dataclasses import dataclass
@@ -22,13 +23,15 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.init_scheme import initial_tensor, initial_values
+from dropfleet.common.init_scheme import initial_values
 from dropfleet.common.layer_init import model_init_specs
 from dropfleet.common.models import build_model
 from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
 
 # Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
 BYTES_PER_TRACKED = 8
+# Initial values are generated this many at a time (the generator's temporaries are ~100 B each).
+REGEN_CHUNK = 4096
 
 
 @dataclass
@@ -48,16 +51,38 @@ class _Candidates:
 
     @classmethod
     def empty(cls) -> "_Candidates":
-        return cls(torch.zeros(0, dtype=torch.int64), torch.zeros(0), torch.zeros(0))
+        return cls(torch.zeros(0, dtype=torch.int32), torch.zeros(0), torch.zeros(0))
 
-    def merge(self, index: Tensor, value: Tensor, score: Tensor, k: int) -> "_Candidates":
-        index = torch.cat([self.index, index])
-        value = torch.cat([self.value, value])
-        score = torch.cat([self.score, score])
-        if score.numel() > k:
-            keep = torch.topk(score, k, sorted=False).indices
-            index, value, score = index[keep], value[keep], score[keep]
-        return _Candidates(index, value, score)
+    def full(self, k: int) -> bool:
+        return self.score.numel() >= k
+
+    def floor(self) -> float:
+        """The score a newcomer must beat to enter a full set: the k-th best so far."""
+        return float(self.score.min())
+
+    def merge(self, index: Tensor, value: Tensor, score: Tensor, k: int) -> None:
+        """Keep the k best of these and the newcomers."""
+        if not self.full(k):
+            self.index = torch.cat([self.index, index.to(torch.int32)])
+            self.value = torch.cat([self.value, value])
+            self.score = torch.cat([self.score, score])
+            if self.score.numel() > k:
+                keep = torch.topk(self.score, k, sorted=False).indices
+                self.index, self.value, self.score = self.index[keep], self.value[keep], self.score[keep]
+            return
+        # Full: the m newcomers can only displace the m weakest; swap in place, O(m) extra memory.
+        m = score.numel()
+        if m == 0:
+            return
+        weakest = torch.topk(self.score, m, largest=False, sorted=False).indices
+        contest = torch.cat([self.score[weakest], score])
+        winners = torch.topk(contest, m, sorted=False).indices
+        from_new = winners >= m
+        free = weakest[torch.isin(torch.arange(m), winners[~from_new], invert=True)]  # holders that lost
+        pick = winners[from_new] - m
+        self.index[free] = index[pick].to(torch.int32)
+        self.value[free] = value[pick]
+        self.score[free] = score[pick]
 
 
 class StreamingDropBack:
@@ -68,9 +93,22 @@ class StreamingDropBack:
         seed: the seed its initial weights are regenerated from.
         k: the tracked budget.
         lr: the SGD learning rate.
+        freeze_after: steps after which the tracked set is frozen (None: never).
+        block_weights: at most this many weights are materialized at once (a
+            block of rows of one layer); None: one whole layer at a time, which
+            reproduces `DropBack` bit for bit. Smaller blocks sum a layer's
+            input gradient block by block, so results agree to float rounding.
     """
 
-    def __init__(self, model_id: str, seed: int, k: int, lr: float, freeze_after: int | None = None) -> None:
+    def __init__(
+        self,
+        model_id: str,
+        seed: int,
+        k: int,
+        lr: float,
+        freeze_after: int | None = None,
+        block_weights: int | None = None,
+    ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
         if not 0.0 < lr < float("inf"):
@@ -80,6 +118,9 @@ class StreamingDropBack:
             raise ConfigError(f"streaming mode supports Linear/ReLU models only, not {model_id!r}")
         self.model_id, self.seed, self.k, self.lr = model_id, seed, k, lr
         self.freeze_after = freeze_after
+        if block_weights is not None and block_weights < 1:
+            raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
+        self.block_weights = block_weights
         self._steps = 0
         self._specs = model_init_specs(model_id)
         self._tensors: list[_Tensor] = []
@@ -143,28 +184,31 @@ class StreamingDropBack:
         return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
 
     # ----- weights on demand -------------------------------------------------------------
-    def _initial(self, meta: _Tensor) -> Tensor:
-        return torch.from_numpy(initial_tensor(self.seed, meta.name, self._specs[meta.name], meta.shape))
-
-    def _tracked_in(self, meta: _Tensor) -> tuple[Tensor, Tensor]:
-        """Local flat indices and values of the tracked weights of one tensor."""
-        where = self._tracked_slice(meta)
-        return self._index[where].to(torch.int64) - meta.offset, self._value[where]
-
-    def _tracked_slice(self, meta: _Tensor) -> slice:
-        """Where one tensor's entries lie in the (sorted) tracked index."""
-        size = int(np.prod(meta.shape))
-        bounds = torch.tensor([meta.offset, meta.offset + size], dtype=torch.int32)
+    def _tracked_slice(self, meta: _Tensor, start: int, stop: int) -> slice:
+        """Where flat entries [start, stop) of one tensor lie in the (sorted) tracked index."""
+        bounds = torch.tensor([meta.offset + start, meta.offset + stop], dtype=torch.int32)
         lo, hi = torch.searchsorted(self._index, bounds).tolist()
         return slice(lo, hi)
 
-    def _weights(self, meta: _Tensor) -> tuple[Tensor, Tensor]:
-        """(w0, w) of one tensor, materialized now and dropped by the caller."""
-        w0 = self._initial(meta)
+    def _weights(self, meta: _Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller."""
+        w0 = torch.empty(stop - start)
+        for a in range(start, stop, REGEN_CHUNK):  # bounds the generator's temporaries
+            b = min(a + REGEN_CHUNK, stop)
+            idx = np.arange(a, b, dtype=np.uint64)
+            w0[a - start : b - start] = torch.from_numpy(
+                initial_values(self.seed, meta.name, self._specs[meta.name], idx)
+            )
         w = w0.clone()
-        local, value = self._tracked_in(meta)
-        w.view(-1)[local] = value
+        where = self._tracked_slice(meta, start, stop)
+        w[self._index[where].to(torch.int64) - (meta.offset + start)] = self._value[where]
         return w0, w
+
+    def _row_blocks(self, meta: _Tensor) -> list[tuple[int, int]]:
+        """Row ranges of a weight matrix holding at most `block_weights` weights each."""
+        rows, cols = meta.shape[0], int(np.prod(meta.shape[1:]))
+        step = rows if self.block_weights is None else max(1, self.block_weights // cols)
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
     # ----- training ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -201,47 +245,63 @@ class StreamingDropBack:
             self._value = self._pending_values
         else:
             order = torch.argsort(self._pending.index)
-            self._index, self._value = self._pending.index[order].to(torch.int32), self._pending.value[order]
+            self._index, self._value = self._pending.index[order], self._pending.value[order]
         self._pending, self._pending_values = None, None
         self._steps += 1
 
-    def _absorb(self, meta: _Tensor, grad: Tensor, w0: Tensor) -> None:
-        """Score one tensor's weights after the SGD step and fold its best into the running top-k."""
-        step = grad.reshape(-1) * -self.lr
-        local, value = self._tracked_in(meta)
+    def _absorb(self, meta: _Tensor, start: int, grad: Tensor, w0: Tensor) -> None:
+        """Score weights [start, start + len) of a tensor after the SGD step; fold the best into the top-k."""
+        # In place where possible: a block's temporaries are what peak memory is made of.
+        step = grad.reshape(-1).mul_(-self.lr)
+        where = self._tracked_slice(meta, start, start + step.numel())
+        local = self._index[where].to(torch.int64) - (meta.offset + start)
+        moved = self._value[where] + step[local]
         if self._frozen:
-            self._pending_values[self._tracked_slice(meta)] = value + step[local]
+            self._pending_values[where] = moved
             return
-        moved = value + step[local]
-        score = step.abs()
-        score[local] = (moved - w0.view(-1)[local]).abs()
-        new = w0.view(-1) + step
+        score = step.abs()  # |w - w0| of an untracked weight after the step
+        score[local] = (moved - w0[local]).abs()
+        new = w0.add_(step)
         new[local] = moved
-        n = min(self.k, score.numel())
-        best = torch.topk(score, n, sorted=False).indices
-        self._pending = self._pending.merge(best + meta.offset, new[best], score[best], self.k)
+        del step
+        if self._pending.full(self.k):  # only what beats the k-th best so far can enter
+            best = torch.nonzero(score > self._pending.floor()).view(-1)
+            if best.numel() > self.k:
+                best = best[torch.topk(score[best], self.k, sorted=False).indices]
+        else:
+            best = torch.topk(score, min(self.k, score.numel()), sorted=False).indices
+        self._pending.merge(best + (meta.offset + start), new[best], score[best], self.k)
 
 
 class _StreamedLinear(torch.autograd.Function):
-    """y = x W^T + b with W and b regenerated in forward and again in backward."""
+    """y = x W^T + b with W regenerated block by block in forward and again in backward."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, x: Tensor, anchor: Tensor, owner: StreamingDropBack, weight: _Tensor, bias: _Tensor
     ) -> Tensor:
-        _, w = owner._weights(weight)
-        _, b = owner._weights(bias)
+        cols = x.shape[1]
+        _, b = owner._weights(bias, 0, bias.shape[0])
+        y = torch.empty(x.shape[0], weight.shape[0])
+        for r0, r1 in owner._row_blocks(weight):
+            _, w = owner._weights(weight, r0 * cols, r1 * cols)
+            y[:, r0:r1] = torch.addmm(b[r0:r1], x, w.view(r1 - r0, cols).t())
         ctx.save_for_backward(x)
         ctx.owner, ctx.weight, ctx.bias = owner, weight, bias
-        return torch.addmm(b, x, w.t())
+        return y
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (x,) = ctx.saved_tensors
-        owner = ctx.owner
-        w0, w = owner._weights(ctx.weight)
-        grad_x = grad_out @ w if ctx.needs_input_grad[0] else None
-        owner._absorb(ctx.weight, grad_out.t() @ x, w0)
-        del w0, w
-        owner._absorb(ctx.bias, grad_out.sum(0), owner._initial(ctx.bias))
+        owner, cols = ctx.owner, x.shape[1]
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        for r0, r1 in owner._row_blocks(ctx.weight):
+            w0, w = owner._weights(ctx.weight, r0 * cols, r1 * cols)
+            g = grad_out[:, r0:r1]
+            if grad_x is not None:
+                grad_x += g @ w.view(r1 - r0, cols)
+            owner._absorb(ctx.weight, r0 * cols, g.t() @ x, w0)
+            del w0, w
+        b0, _ = owner._weights(ctx.bias, 0, ctx.bias.shape[0])
+        owner._absorb(ctx.bias, 0, grad_out.sum(0), b0)
         return grad_x, None, None, None, None

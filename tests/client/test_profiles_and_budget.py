@@ -10,6 +10,7 @@ from dropfleet.client.profiles import (
     load_profiles,
     profile_for_partition,
 )
+from dropfleet.common.codec import encode
 from dropfleet.common.dropback import BYTES_PER_TRACKED, FIXED_STATE_BYTES
 from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.common.merge import merge_sparse
@@ -82,3 +83,15 @@ def test_empty_global_model_starts_training():
     update = train_sparse(SparseModel.empty("mlp-90k", 0), train, get_profile("mcu-256k"), config, 1)
     assert update.model.num_tracked == update.k
     assert update.num_examples == 270 and np.isfinite(update.train_loss)
+
+
+def test_a_streaming_device_sends_the_same_update_with_less_state():
+    config = RunConfig(train_subset=300, partitioner="iid")
+    train, _ = local_data(config, 2, 10)
+    start = merge_sparse([(_random_model(3_000, s), 1.0) for s in range(2)], 4_000)
+    profile = get_profile("pi-zero-512m")
+    ordinary = train_sparse(start, train, profile, config, 3)
+    streamed = train_sparse(start, train, profile, config, 3, streaming=True)
+    assert encode(streamed.model, "fp32") == encode(ordinary.model, "fp32")  # bit for bit on the wire
+    assert streamed.train_loss == ordinary.train_loss and streamed.k == ordinary.k
+    assert streamed.state_bytes < ordinary.state_bytes

@@ -87,3 +87,15 @@ def test_refusals():
         trainer.load(random_sparse_model(10, model_seed=1))
     with pytest.raises(ConfigError, match="zero_grad"):
         trainer.step()
+
+
+def test_row_blocks_bound_the_materialized_weights_and_agree_to_rounding(fmnist_train, fmnist_test):
+    data = fmnist_train.subset(np.arange(3200))
+    whole, _ = streamed(data)
+    blocked = StreamingDropBack("mlp-90k", 0, K, 0.1, block_weights=4096)
+    assert max(r1 - r0 for r0, r1 in blocked._row_blocks(blocked._layers[0][0])) * 784 <= 4096
+    train_epochs(blocked, blocked, data, 1, 32, seed=5)
+    same = np.intersect1d(whole._index.numpy(), blocked._index.numpy()).size
+    assert same >= 0.95 * K  # block sums round differently; the selection barely moves
+    test = fmnist_test.subset(np.arange(5000))
+    assert abs(evaluate(whole, test).accuracy - evaluate(blocked, test).accuracy) <= 0.005
