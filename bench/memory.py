@@ -12,8 +12,9 @@ a time, and streaming DropBack in blocks of at most 2,048 weights.
   (adds gradients and scratch buffers), found by walking the objects.
 - peak: what is held when a step starts (after zero_grad) plus the memory
   allocated during one forward/backward/step: the peak of the torch
-  profiler's memory timeline (every tensor allocation and free, in order) plus the Python/numpy peak from tracemalloc (an upper
-  bound: the two peaks need not coincide).
+  profiler's memory timeline (every tensor allocation and free, in order)
+  plus the Python/numpy peak from tracemalloc (an upper bound: the two peaks
+  need not coincide).
 - time: step time relative to SGD (streaming regenerates every weight twice).
 Ratios are SGD's figure over the mode's figure, measured in this run.
 """
