@@ -7,7 +7,7 @@ is an error reply with a clear reason, which the server logs and counts.
 
 from dataclasses import replace
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
@@ -17,18 +17,33 @@ from dropfleet.client.local import (
     local_data,
     train_dense,
     train_sparse,
+    train_topk,
 )
 from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
-from dropfleet.common.errors import BudgetError, DropfleetError
+from dropfleet.common.data import Split
+from dropfleet.common.errors import BudgetError, DropfleetError, WireFormatError
 from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.sparse import dense_deltas
+from dropfleet.common.topk import zeros
 from dropfleet.common.train import evaluate
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, pack_sparse, unpack_sparse
+from dropfleet.fleet.records import (
+    DENSE_RECORD,
+    SPARSE_RECORD,
+    TOPK_RECORD,
+    pack_sparse,
+    payload_record,
+    unpack_sparse,
+    unpack_topk_update,
+)
 
 # Error codes in replies (Flower reserves small numbers for its own errors).
 REFUSED_BUDGET = 4001
 UNAVAILABLE = 4002
 BAD_REQUEST = 4003
+
+# Node state of the sparsified-FedAvg baseline (kept across rounds by Flower).
+TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
 
 app = ClientApp(mods=[audit_mod])
 
@@ -63,6 +78,12 @@ def train(msg: Message, context: Context) -> Message:
         new_state, loss = train_dense(state, train_data, config, server_round)
         metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss})
         return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
+    if TOPK_RECORD in msg.content.array_records:
+        try:
+            return _train_topk(msg, context, config, train_data, profile, partition_id, server_round)
+        except DropfleetError as exc:
+            code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
+            return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
         streaming = bool(context.node_config.get("streaming", False))  # a board too small for dense weights
@@ -88,6 +109,45 @@ def train(msg: Message, context: Context) -> Message:
                 "device": device,
             }
         ),
+        reply_to=msg,
+    )
+
+
+def _train_topk(
+    msg: Message,
+    context: Context,
+    config: RunConfig,
+    train_data: Split,
+    profile: DeviceProfile,
+    partition_id: int,
+    server_round: int,
+) -> Message:
+    """The sparsified-FedAvg baseline: the dense model and residual live in this node's state."""
+    update, version = unpack_topk_update(msg.content.array_records[TOPK_RECORD], config.max_payload_bytes)
+    state = context.state
+    if TOPK_STATE not in state.array_records:  # version 0: the seeded model, no residual yet
+        model = seeded_model(config.model_id, config.seed)
+        state[TOPK_STATE] = ArrayRecord({n: Array(p.detach().numpy()) for n, p in model.named_parameters()})
+        state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in zeros(config.model_id).items()})
+        state[TOPK_META] = ConfigRecord({"version": 0})
+    held = int(state[TOPK_META]["version"])
+    weights = {n: a.numpy().copy() for n, a in state[TOPK_STATE].items()}
+    if version == held + 1:
+        for name, delta in dense_deltas(update).items():
+            weights[name] += delta
+    elif version != held:
+        raise WireFormatError(
+            f"out of sync: this node holds model version {held}, the update leads to {version}"
+        )
+    residual = {n: a.numpy().copy() for n, a in state[TOPK_RESIDUAL].items()}
+    payload, residual, loss, k = train_topk(weights, residual, train_data, profile, config, server_round)
+    state[TOPK_STATE] = ArrayRecord({n: Array(a) for n, a in weights.items()})
+    state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in residual.items()})
+    state[TOPK_META] = ConfigRecord({"version": version})
+    metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss, "k": k})
+    device = ConfigRecord({"profile": profile.name, "partition-id": partition_id})
+    return Message(
+        RecordDict({SPARSE_RECORD: payload_record(payload), "metrics": metrics, "device": device}),
         reply_to=msg,
     )
 

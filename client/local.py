@@ -22,6 +22,7 @@ from dropfleet.common.sparse import (
     sparse_from_optimizer,
 )
 from dropfleet.common.streaming import StreamingDropBack
+from dropfleet.common.topk import Dense, sparsify_with_feedback
 from dropfleet.common.train import EvalResult, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.fleet.config import RunConfig
 
@@ -122,6 +123,25 @@ def train_dense(
         model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
     )
     return model.state_dict(), loss
+
+
+def train_topk(
+    weights: Dense, residual: Dense, data: Split, profile: DeviceProfile, config: RunConfig, server_round: int
+) -> tuple[bytes, Dense, float, int]:
+    """The sparsified-FedAvg baseline: SGD from the dense global model, then send the top-k of
+    the update plus residual. Returns (wire bytes, new residual, loss, k)."""
+    model = seeded_model(config.model_id, config.seed)
+    model.load_state_dict({n: torch.from_numpy(w) for n, w in weights.items()})
+    k = client_k(profile, config, sum(w.size for w in weights.values()))
+    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    loss = train_epochs(
+        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
+    )
+    update = {n: p.detach().numpy() - weights[n] for n, p in model.named_parameters()}
+    payload, _, residual = sparsify_with_feedback(
+        update, residual, k, config.model_id, config.seed, config.value_precision
+    )
+    return payload, residual, loss, k
 
 
 def evaluate_sparse(global_model: SparseModel, data: Split, calibration: Split) -> EvalResult:

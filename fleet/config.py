@@ -14,7 +14,7 @@ from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
 
-STRATEGIES = ("dropback", "fedavg")
+STRATEGIES = ("dropback", "fedavg", "topk-ef")
 
 
 @dataclass(frozen=True)

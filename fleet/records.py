@@ -5,6 +5,7 @@ custom serialization type inside an ArrayRecord, so Flower chunks it like any
 array and no dense tensor ever travels.
 """
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from dropfleet.common.codec import decode, encode
@@ -15,6 +16,8 @@ SPARSE_RECORD = "sparse-model"
 SPARSE_ARRAY = "model"
 SPARSE_STYPE = "dropfleet.v1.SparseModel"
 DENSE_RECORD = "arrays"
+TOPK_RECORD = "topk-update"
+TOPK_VERSION = "version"
 
 
 def pack_sparse(model: SparseModel, precision: str) -> ArrayRecord:
@@ -56,3 +59,23 @@ def unpack_sparse(content: RecordDict, max_bytes: int) -> SparseModel:
 def record_bytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord (what its arrays put on the wire)."""
     return sum(len(a.data) for a in record.values())
+
+
+def pack_topk_update(payload: bytes, version: int) -> ArrayRecord:
+    """A sparse update (encoded `SparseModel` of update entries) and the model version it leads to."""
+    record = payload_record(payload)
+    record[TOPK_VERSION] = Array(np.array([version], dtype=np.int64))
+    return record
+
+
+def unpack_topk_update(record: ArrayRecord, max_bytes: int) -> tuple[SparseModel, int]:
+    """The update and its version from `pack_topk_update` (untrusted input)."""
+    if sorted(record) != sorted([SPARSE_ARRAY, TOPK_VERSION]):
+        raise WireFormatError(f"expected arrays {SPARSE_ARRAY!r} and {TOPK_VERSION!r}, got {list(record)}")
+    version = record[TOPK_VERSION].numpy()
+    if version.shape != (1,) or version.dtype != np.int64 or version[0] < 0:
+        raise WireFormatError(f"bad model version {version!r}")
+    array = record[SPARSE_ARRAY]
+    if array.stype != SPARSE_STYPE:
+        raise WireFormatError(f"unexpected serialization type {array.stype!r}")
+    return decode(bytes(array.data), max_bytes=max_bytes), int(version[0])

@@ -3,6 +3,7 @@
 from functools import cache
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
@@ -16,7 +17,7 @@ from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import resume
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
-from dropfleet.server.strategy import DenseFedAvg, SparseDropBack
+from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
 
 CALIBRATION_EXAMPLES = 5120
 app = ServerApp()
@@ -60,12 +61,22 @@ def main(grid: Grid, context: Context) -> None:
         return load_fashion_mnist("train").subset(np.arange(CALIBRATION_EXAMPLES))
 
     if config.strategy == "dropback":
-        strategy: SparseDropBack | DenseFedAvg = SparseDropBack(config, recorder, checkpoint)
+        strategy: SparseDropBack | DenseFedAvg | TopKFedAvg = SparseDropBack(config, recorder, checkpoint)
         initial = strategy.initial_arrays()
 
         def to_model(arrays: ArrayRecord):  # noqa: ANN202
             model = materialize(decode(record_payload(arrays), config.max_payload_bytes))
             recalibrate_batch_norm(model, calibration())  # BN statistics do not travel
+            return model
+    elif config.strategy == "topk-ef":
+        strategy = TopKFedAvg(config, recorder)
+        initial = strategy.initial_arrays()
+
+        def to_model(arrays: ArrayRecord):  # noqa: ANN202 (the strategy holds the dense model)
+            model = seeded_model(config.model_id, config.seed)
+            weights = {n: torch.from_numpy(w.copy()) for n, w in strategy.weights.items()}
+            model.load_state_dict(weights, strict=False)  # parameters; BN statistics do not travel
+            recalibrate_batch_norm(model, calibration())
             return model
     else:
         strategy = DenseFedAvg(config, recorder)

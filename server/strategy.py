@@ -14,16 +14,26 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from dropfleet.common.codec import decode
+from dropfleet.common.codec import decode, encode
 from dropfleet.common.errors import ReplyRejectedError, RunFailedError
+from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.merge import churn, merge_sparse
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.sparse import SparseModel, dense_deltas
+from dropfleet.common.topk import sparsify_with_feedback, zeros
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import DENSE_RECORD, pack_sparse, payload_record, record_bytes, record_payload
+from dropfleet.fleet.records import (
+    DENSE_RECORD,
+    TOPK_RECORD,
+    pack_sparse,
+    pack_topk_update,
+    payload_record,
+    record_bytes,
+    record_payload,
+)
 from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder, RoundStats
 from dropfleet.server.store.store import NodeEvent
-from dropfleet.server.validation import validate_reply
+from dropfleet.server.validation import AcceptedUpdate, validate_reply
 
 
 class _Metered(FedAvg):
@@ -88,36 +98,20 @@ class _Metered(FedAvg):
         ]
 
 
-class SparseDropBack(_Metered):
-    """Merges sparse DropBack replies and publishes the global top-K tracked set."""
+class _SparseReplies(_Metered):
+    """Strategies whose clients reply with a sparse model in the dropfleet wire format."""
 
-    def __init__(
-        self, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None = None
-    ) -> None:
-        super().__init__(config, recorder, arrayrecord_key="sparse-model")
-        self.global_model = SparseModel.empty(config.model_id, config.seed)
+    def __init__(self, config: RunConfig, recorder: RoundRecorder, **kwargs: object) -> None:
+        super().__init__(config, recorder, **kwargs)
         self._short_rounds = 0
-        self.checkpoint = checkpoint
-        if checkpoint is not None:
-            self.global_model, self._short_rounds = checkpoint.model, checkpoint.short_rounds
-            self.round_offset = checkpoint.round
 
-    def initial_arrays(self) -> ArrayRecord:
-        """The first global model: the bare seed, or the checkpoint's bytes exactly as published."""
-        if self.checkpoint is not None:
-            return payload_record(self.checkpoint.payload)
-        return self._publish(self.global_model)
+    def _accept(
+        self, server_round: int, replies: Iterable[Message], expected: SparseModel
+    ) -> list[tuple[Message, AcceptedUpdate]] | None:
+        """Validate sparse replies and count the rejected; None for a short round.
 
-    def _publish(self, model: SparseModel) -> ArrayRecord:
-        record = pack_sparse(model, self.config.value_precision)
-        # Keep exactly what devices will decode (values quantized to the wire precision).
-        self.global_model = decode(record_payload(record), self.config.max_payload_bytes)
-        return record
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+        Too many short rounds in a row raise `RunFailedError`.
+        """
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
@@ -125,7 +119,7 @@ class SparseDropBack(_Metered):
         # Sorted by node so the merge (a float sum) does not depend on arrival order.
         for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
             try:
-                update = validate_reply(msg.content, self.global_model, self.config)
+                update = validate_reply(msg.content, expected, self.config)
             except ReplyRejectedError as exc:
                 stats.rejected += 1
                 stats.failures.append(f"node {msg.metadata.src_node_id} rejected: {exc}")
@@ -158,14 +152,50 @@ class SparseDropBack(_Metered):
                 self.config.min_train_nodes,
                 self._short_rounds,
             )
-            stats.global_tracked = self.global_model.num_tracked
             if self._short_rounds >= self.config.max_short_rounds:
                 raise RunFailedError(
                     f"{self._short_rounds} rounds in a row had fewer than {self.config.min_train_nodes} "
                     f"acceptable replies (last: {len(accepted)} of {stats.sampled} sampled)"
                 )
-            return None, None
+            return None
         self._short_rounds = 0
+        return accepted
+
+
+class SparseDropBack(_SparseReplies):
+    """Merges sparse DropBack replies and publishes the global top-K tracked set."""
+
+    def __init__(
+        self, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None = None
+    ) -> None:
+        super().__init__(config, recorder, arrayrecord_key="sparse-model")
+        self.global_model = SparseModel.empty(config.model_id, config.seed)
+        self.checkpoint = checkpoint
+        if checkpoint is not None:
+            self.global_model, self._short_rounds = checkpoint.model, checkpoint.short_rounds
+            self.round_offset = checkpoint.round
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The first global model: the bare seed, or the checkpoint's bytes exactly as published."""
+        if self.checkpoint is not None:
+            return payload_record(self.checkpoint.payload)
+        return self._publish(self.global_model)
+
+    def _publish(self, model: SparseModel) -> ArrayRecord:
+        record = pack_sparse(model, self.config.value_precision)
+        # Keep exactly what devices will decode (values quantized to the wire precision).
+        self.global_model = decode(record_payload(record), self.config.max_payload_bytes)
+        return record
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        accepted = self._accept(server_round, replies, self.global_model)
+        if accepted is None:
+            self.recorder.current(server_round).global_tracked = self.global_model.num_tracked
+            return None, None
+        stats = self.recorder.current(server_round)
         previous = self.global_model
         merged = merge_sparse(
             [(u.model, float(u.num_examples)) for _, u in accepted],
@@ -187,6 +217,62 @@ class SparseDropBack(_Metered):
             stats.global_tracked,
         )
         return arrays, metrics
+
+
+class TopKFedAvg(_SparseReplies):
+    """The sparsified-FedAvg baseline: dense models, top-k updates with error feedback both ways.
+
+    Clients keep the dense global model and their residual in their node state
+    and send back the top-k of their update (k from their memory budget, as a
+    DropBack device); the server averages them, adds its own residual and
+    sends the top global-k of that, tagged with the model version it leads to
+    (STC-style; every client must take part in every round to stay in sync).
+    """
+
+    def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
+        super().__init__(config, recorder, arrayrecord_key=TOPK_RECORD)
+        model = seeded_model(config.model_id, config.seed)
+        self.weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+        self.residual = zeros(config.model_id)
+        self.expected = SparseModel.empty(config.model_id, config.seed)
+        self.version = 0
+        self.update = encode(self.expected, config.value_precision)
+
+    def initial_arrays(self) -> ArrayRecord:
+        return pack_topk_update(self.update, self.version)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # a baseline for the byte race: the server evaluates the global model centrally
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
+        accepted = self._accept(server_round, replies, self.expected)
+        if accepted is None:
+            return None, None
+        mean = merge_sparse(
+            [(u.model, float(u.num_examples)) for _, u in accepted],
+            sum(u.model.num_tracked for _, u in accepted),  # keep every entry: a plain average
+        )
+        self.update, received, self.residual = sparsify_with_feedback(
+            dense_deltas(mean),
+            self.residual,
+            self.config.global_k,
+            self.config.model_id,
+            self.config.seed,
+            self.config.value_precision,
+        )
+        for name, delta in dense_deltas(received).items():
+            self.weights[name] += delta
+        self.version += 1
+        stats = self.recorder.current(server_round)
+        stats.global_tracked = received.num_tracked
+        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
+        stats.train_loss = metrics.get("train-loss")
+        return pack_topk_update(self.update, self.version), metrics
 
 
 def _device(msg: Message) -> dict[str, object]:
