@@ -2,6 +2,8 @@
 
 import subprocess
 
+import pytest
+
 from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
 from tests.integration.procs import (
     BIN,
@@ -16,6 +18,7 @@ from tests.integration.procs import (
 PROFILES = ["mcu-256k", "pi-zero-512m", "pi4-4g"]
 
 
+@pytest.mark.slow  # the process-fleet tests (tests/deploy) cover the Deployment Engine in `make test`
 def test_superlink_and_supernodes_train(tmp_path):
     home = tmp_path / "flwr"
     home.mkdir()

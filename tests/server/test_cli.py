@@ -56,3 +56,10 @@ def test_errors_are_clear(api, tmp_path):
     assert missing.returncode == 1 and "run 999 not found" in missing.stderr
     down = cli("status", api_url=f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 1 and "cannot reach" in down.stderr
+
+
+def test_fleet_restart_needs_a_fleet(tmp_path):
+    done = subprocess.run(
+        [DROPFLEET, "fleet", "restart", "--state-dir", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "has no fleet to restart" in done.stderr
