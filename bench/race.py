@@ -15,13 +15,17 @@ alpha 0.5, the same rounds, seed and learning rate.
 Per strategy it reports total bytes (up + down, model payload as metered by
 the strategy) to reach the dense baseline's final accuracy minus 1 point, and
 plots accuracy against cumulative bytes. The byte counts are cross-checked
-against the network bytes the SuperLink reports for each run (`flwr ls
---format json`, which also counts message framing and metrics).
+against the network bytes the SuperLink reports (`flwr ls --format json`,
+which also counts message framing and metrics) on a short run of each
+strategy on a real process fleet: the Simulation Engine counts no network
+traffic.
 """
 
 import argparse
 import json
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib
@@ -29,14 +33,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dropfleet.server.simulation import run_simulation
+from dropfleet.deploy.fleet import FleetSpec
+from dropfleet.deploy.fleet import down as fleet_down
+from dropfleet.deploy.fleet import up as fleet_up
+from dropfleet.server.flower_control import is_live, run_status, start_run
+from dropfleet.server.simulation import PROJECT_ROOT, run_simulation, simulation_env
+from dropfleet.server.store import Store
 
 STRATEGIES = ("dropback", "fedavg", "topk-ef")
 
 
 def run(strategy: str, nodes: int, rounds: int, subset: int, work: Path) -> dict:
     results = work / f"{strategy}.jsonl"
-    runs = work / f"{strategy}-runs.json"
     config = {
         "strategy": strategy,
         "num-server-rounds": rounds,
@@ -48,7 +56,7 @@ def run(strategy: str, nodes: int, rounds: int, subset: int, work: Path) -> dict
         "store-url": f"sqlite:///{work / 'store.db'}",
         "train-subset": subset,
     }
-    code = run_simulation(nodes, config, work / f"flwr-{strategy}", runs_out=runs, timeout=3600)
+    code = run_simulation(nodes, config, work / f"flwr-{strategy}", timeout=3600)
     if code != 0:
         raise SystemExit(f"{strategy}: flwr run exited with {code}")
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
@@ -57,14 +65,75 @@ def run(strategy: str, nodes: int, rounds: int, subset: int, work: Path) -> dict
     for r in rows:
         total += r["bytes_up"] + r["bytes_down"]
         curve.append((total, r["accuracy"]))
-    [flower_run] = json.loads(runs.read_text())["runs"]
     return {
         "strategy": strategy,
         "curve": curve,
         "final_accuracy": rows[-1]["accuracy"],
         "metered_bytes": total,
-        "flower_network_bytes": flower_run["network-traffic"]["total-bytes"],
     }
+
+
+def crosscheck(work: Path, rounds: int) -> list[dict]:
+    """Each strategy for a few rounds on a real process fleet (Deployment Engine, no TLS):
+    the payload bytes the strategy metered against the network bytes the SuperLink counted."""
+    spec = FleetSpec(
+        nodes=3,
+        profiles=("pi4-4g",),
+        tls=False,
+        superlink_port=free_port(),
+        api_port=free_port(),
+        node_port_base=free_port_range(3),
+        state_dir=work / "fleet",
+    )
+    info = fleet_up(spec)
+    env = simulation_env(Path(info["flwr_home"]))
+    store = Store(info["database_url"])
+    out = []
+    try:
+        for strategy in STRATEGIES:
+            config = {
+                "strategy": strategy,
+                "num-server-rounds": rounds,
+                "fleet-mix": "pi4-4g",
+                "fraction-evaluate": 0.0,
+                "min-available-nodes": 3,
+                "min-train-nodes": 3,
+                "train-subset": 300,
+            }
+            run_id = start_run(str(PROJECT_ROOT), info["connection"], config, env)
+            deadline = time.monotonic() + 600
+            while is_live(status := run_status(run_id, info["connection"], env)):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{strategy}: run {run_id} did not finish")
+                time.sleep(2)
+            metered = sum(r["bytes_up"] + r["bytes_down"] for r in store.rounds(run_id))
+            network = status["network-traffic"]["total-bytes"]
+            out.append({"strategy": strategy, "metered_bytes": metered, "flower_network_bytes": network})
+    finally:
+        fleet_down(spec.state_dir)
+    return out
+
+
+def free_port_range(n: int) -> int:
+    while True:
+        base = free_port()
+        if all(_free(p) for p in range(base, base + n)):
+            return base
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bytes_to_reach(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -81,6 +150,7 @@ def main() -> None:
     rounds, subset = (3, 200) if args.quick else (args.rounds, 0)
     with tempfile.TemporaryDirectory(prefix="dropfleet-race-") as tmp:
         rows = {s: run(s, args.nodes, rounds, subset, Path(tmp)) for s in STRATEGIES}
+        network = crosscheck(Path(tmp), 2)
     target = rows["fedavg"]["final_accuracy"] - 0.01
     for r in rows.values():
         r["bytes_to_target"] = bytes_to_reach(r["curve"], target)
@@ -90,22 +160,28 @@ def main() -> None:
         f"target = dense final accuracy - 1 pt = {100 * target:.2f}%"
     )
     print(
-        f"{'strategy':<10} {'final acc':>9} {'bytes to target':>16} {'dense / this':>12} "
-        f"{'metered bytes':>14} {'flower net bytes':>17} {'flower / metered':>16}"
+        f"{'strategy':<10} {'final acc':>9} {'bytes to target':>16} {'dense / this':>12} {'total bytes':>14}"
     )
     for r in rows.values():
         reach = r["bytes_to_target"]
         reach_text = f"{reach:,}" if reach is not None else "never"
         ratio = f"{dense / reach:.1f}x" if reach and dense else "-"
-        net = r["flower_network_bytes"]
         print(
             f"{r['strategy']:<10} {100 * r['final_accuracy']:>8.2f}% {reach_text:>16} {ratio:>12} "
-            f"{r['metered_bytes']:>14,} {net:>17,} {net / r['metered_bytes']:>15.2f}x"
+            f"{r['metered_bytes']:>14,}"
+        )
+    print(
+        "Cross-check on the Deployment Engine (3 devices, 2 rounds; the Simulation Engine counts no network):"
+    )
+    print(f"{'strategy':<10} {'metered bytes':>14} {'flower net bytes':>17} {'flower / metered':>16}")
+    for c in network:
+        ratio = c["flower_network_bytes"] / c["metered_bytes"]
+        print(
+            f"{c['strategy']:<10} {c['metered_bytes']:>14,} {c['flower_network_bytes']:>17,} {ratio:>15.2f}x"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps({"nodes": args.nodes, "rounds": rounds, "target": target, "rows": rows}, indent=2)
-    )
+    summary = {"nodes": args.nodes, "rounds": rounds, "target": target, "rows": rows, "crosscheck": network}
+    args.out.write_text(json.dumps(summary, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows.values():
         xs, ys = zip(*r["curve"], strict=True)

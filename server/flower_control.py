@@ -71,11 +71,6 @@ def stop_run(run_id: str, connection: str, env: Mapping[str, str], timeout: floa
     _flwr(["stop", run_id, connection], env, timeout)
 
 
-def list_runs(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:
-    """Every run the SuperLink knows (`flwr ls --format json`)."""
-    return _json(_flwr(["ls", connection, "--format", "json"], env, timeout))
-
-
 def run_status(run_id: str, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> dict[str, Any]:
     """One run as `flwr ls --run-id` reports it (status, network bytes, compute time)."""
     data = _json(_flwr(["ls", connection, "--run-id", run_id, "--format", "json"], env, timeout))

@@ -10,7 +10,6 @@ machine without internet and leaves nothing behind:
   stopped afterwards.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from dropfleet.server.flower_control import list_runs, toml_value
+from dropfleet.server.flower_control import toml_value
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -96,13 +95,8 @@ def run_simulation(
     superlink_port: int | None = None,
     extra_env: Mapping[str, str] | None = None,
     timeout: float | None = None,
-    runs_out: Path | None = None,
 ) -> int:
-    """`flwr run . --stream` on a fresh local simulation; returns its exit code.
-
-    With `runs_out`, what the SuperLink says about its runs (`flwr ls --format
-    json`: status, network bytes, compute time) is written there before it stops.
-    """
+    """`flwr run . --stream` on a fresh local simulation; returns its exit code."""
     write_flower_config(flwr_home)
     env = simulation_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
@@ -118,9 +112,6 @@ def run_simulation(
     if overrides:
         cmd += ["--run-config", overrides]
     try:
-        code = subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout, check=False).returncode
-        if runs_out is not None:
-            runs_out.write_text(json.dumps(list_runs("local", env), indent=2))
-        return code
+        return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout, check=False).returncode
     finally:
         stop_managed_superlink(flwr_home)

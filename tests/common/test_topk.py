@@ -20,9 +20,7 @@ def test_sent_plus_residual_is_update_plus_old_residual(precision):
     residual = zeros("mlp-90k")
     for step in range(3):
         update = random_update(step)
-        _, received, new_residual = sparsify_with_feedback(
-            update, residual, 500, "mlp-90k", 0, precision
-        )
+        _, received, new_residual = sparsify_with_feedback(update, residual, 500, "mlp-90k", 0, precision)
         assert received.num_tracked == 500
         sent = dense_deltas(received)
         for name in update:

@@ -131,6 +131,20 @@ def test_state_changes_need_the_admin_token(api):
     assert httpx.post(api.url + "/v1/runs/101/stop").status_code == 401
 
 
+def test_resume_refusals_change_nothing(api):
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    before = httpx.get(api.url + "/v1/runs/101").json()
+    assert httpx.post(api.url + "/v1/runs/101/resume").status_code == 401
+    r = httpx.post(api.url + "/v1/runs/999/resume", headers=auth)
+    assert r.status_code == 404 and "run 999 not found" in r.text
+    r = httpx.post(api.url + "/v1/runs/101/resume", headers=auth)  # finished
+    assert r.status_code == 409 and "has finished" in r.text
+    r = httpx.post(api.url + "/v1/runs/202/resume", headers=auth, timeout=120)  # the SuperLink is down
+    assert r.status_code == 502 and "flwr failed" in r.json()["detail"]
+    assert httpx.get(api.url + "/v1/runs/101").json() == before
+    assert httpx.get(api.url + "/v1/runs/202").json()["resumes"] == 0
+
+
 def test_superlink_unreachable_is_a_502_with_a_reason(api):
     r = httpx.post(
         api.url + "/v1/runs",
