@@ -38,7 +38,7 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.since, self.interval = since, interval
         self.peak = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
         self._boot = _boot_time()
 
     def _sample(self) -> int:
@@ -57,12 +57,12 @@ class RssSampler(threading.Thread):
         return total
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             self.peak = max(self.peak, self._sample())
-            self._stop.wait(self.interval)
+            self._done.wait(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._done.set()
         self.join()
         return self.peak
 
@@ -84,7 +84,7 @@ def main() -> None:
             "fraction-train": per_round / nodes,
             "fraction-evaluate": 0.0,
             "min-available-nodes": nodes,
-            "min-train-nodes": per_round,
+            "min-train-nodes": max(1, per_round * 4 // 5),  # devices may be unavailable (profiles)
             "partitioner": "iid",  # Dirichlet over 1,000 devices leaves some nearly empty
             "results-file": str(results),
             "store-url": f"sqlite:///{work / 'store.db'}",

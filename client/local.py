@@ -79,8 +79,8 @@ def train_sparse(
     """Start from the published global set (trimmed to this device's k) and run DropBack.
 
     With `streaming`, the dense weights are never resident: each layer is
-    regenerated from the seed and the tracked set when it runs (same result,
-    bit for bit; slower).
+    regenerated from the seed and the tracked set when it runs (the same
+    training; slower; see `StreamingDropBack` on ties).
     """
     num_weights = sum(int(np.prod(s)) for s in parameter_shapes(global_model.model_id).values())
     k = client_k(profile, config, num_weights)

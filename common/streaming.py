@@ -96,8 +96,14 @@ class StreamingDropBack:
         freeze_after: steps after which the tracked set is frozen (None: never).
         block_weights: at most this many weights are materialized at once (a
             block of rows of one layer); None: one whole layer at a time, which
-            reproduces `DropBack` bit for bit. Smaller blocks sum a layer's
-            input gradient block by block, so results agree to float rounding.
+            computes exactly what `DropBack` computes. Smaller blocks sum a
+            layer's input gradient block by block, which differs in rounding.
+
+    Weights with equal scores at the k-th place (common: constant input
+    pixels give whole rows of equal gradients) may be kept in a different
+    choice than `DropBack` makes (it prefers tracked weights, then position);
+    until the first such tie the two produce the same model bit for bit, and
+    afterwards they drift apart by that choice only.
     """
 
     def __init__(
