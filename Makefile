@@ -68,6 +68,8 @@ bench: install
 	$(PY) bench/aggregation.py
 	$(PY) bench/overhead.py
 	$(PY) bench/memory.py
+	$(PY) bench/race.py
+	$(PY) bench/fleet_scale.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
@@ -75,6 +77,8 @@ bench-quick: install
 	$(PY) bench/aggregation.py --quick
 	$(PY) bench/overhead.py --quick
 	$(PY) bench/memory.py --quick
+	$(PY) bench/race.py --quick
+	$(PY) bench/fleet_scale.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
