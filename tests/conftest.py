@@ -20,3 +20,14 @@ def fmnist_test() -> Split:
 @pytest.fixture(scope="session")
 def fmnist_train() -> Split:
     return load_fashion_mnist("train")
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps messages with the current task's ids; outside a run, set them by hand."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield TaskIdentity
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

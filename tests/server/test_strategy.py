@@ -23,11 +23,8 @@ CONFIG = RunConfig(global_k=3000, value_precision="fp32")
 
 
 @pytest.fixture(autouse=True)
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+def _identity(task_identity):
     yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 def model(k, seed, model_seed=CONFIG.seed, scale=0.01):

@@ -1,0 +1,57 @@
+"""The ClientApp's handlers on real Flower messages and contexts (no processes needed)."""
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from dropfleet.client.app import TOPK_META, train
+from dropfleet.common.codec import decode, encode
+from dropfleet.common.sparse import SparseModel
+from dropfleet.fleet.records import SPARSE_RECORD, TOPK_RECORD, pack_sparse, pack_topk_update, sparse_payload
+from tests.factories import random_sparse_model
+
+RUN_CONFIG = {"train-subset": 200, "partitioner": "iid"}
+
+
+def instruction(record_name: str, record, server_round: int, identity) -> Message:
+    identity.node_id = 0
+    return Message(
+        content=RecordDict({record_name: record, "config": ConfigRecord({"server-round": server_round})}),
+        dst_node_id=5,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def context(**node_config: object) -> Context:
+    node = {"partition-id": 0, "num-partitions": 10, "profile": "pi-zero-512m", **node_config}
+    return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=dict(RUN_CONFIG))
+
+
+def run(msg: Message, ctx: Context, identity) -> Message:
+    identity.node_id = 5
+    return train(msg, ctx)
+
+
+def test_a_streaming_node_replies_with_the_same_model_and_less_state(task_identity):
+    start = pack_sparse(random_sparse_model(2000, seed=3), "fp16")
+    replies = {
+        mode: run(instruction(SPARSE_RECORD, start, 1, task_identity), context(streaming=mode), task_identity)
+        for mode in (False, True)
+    }
+    assert sparse_payload(replies[True].content) == sparse_payload(replies[False].content)
+    k = replies[True].content.metric_records["metrics"]["k"]
+    assert replies[True].content.metric_records["metrics"]["state-bytes"] == 8 * k
+    assert replies[False].content.metric_records["metrics"]["state-bytes"] == 64 + 12 * k
+
+
+def test_a_topk_node_keeps_its_model_and_refuses_an_update_it_cannot_apply(task_identity):
+    ctx = context()
+    empty = encode(SparseModel.empty("mlp-90k", 0), "fp16")
+    first = run(instruction(TOPK_RECORD, pack_topk_update(empty, 0), 1, task_identity), ctx, task_identity)
+    sent = decode(sparse_payload(first.content))
+    assert 0 < sent.num_tracked <= first.content.metric_records["metrics"]["k"]
+    assert ctx.state[TOPK_META]["version"] == 0
+    update = encode(random_sparse_model(500, seed=9), "fp16")
+    second = run(instruction(TOPK_RECORD, pack_topk_update(update, 1), 2, task_identity), ctx, task_identity)
+    assert not second.has_error() and ctx.state[TOPK_META]["version"] == 1
+    stale = run(instruction(TOPK_RECORD, pack_topk_update(update, 5), 3, task_identity), ctx, task_identity)
+    assert stale.has_error() and "out of sync" in stale.error.reason
+    assert ctx.state[TOPK_META]["version"] == 1  # refused: nothing changed
