@@ -106,11 +106,9 @@ class Mode:
             self.model = self.opt = StreamingDropBack(model_id, 0, k, 0.1, block_weights=block)
 
     def weights(self) -> int:
-        if self.name == "sgd":
-            return _bytes(list(self.model.parameters()))
-        if self.name == "dropback":
-            return _bytes([self.opt._flat_w, self.opt._idx, self.opt._base])
-        return _bytes([self.opt._index, self.opt._value])
+        """Weights and the optimizer's weight state (what its `state_bytes` accounts for)."""
+        dense = _bytes(list(self.model.parameters())) if isinstance(self.model, nn.Module) else 0
+        return dense + (self.opt.state_bytes() if self.name != "sgd" else 0)
 
     def held(self) -> int:
         own = [] if self.model is self.opt else _buffers(self.opt)
