@@ -71,6 +71,11 @@ def _fail(exc: ApiError) -> typer.Exit:
     return typer.Exit(1)
 
 
+def _profiles(text: str) -> tuple[str, ...]:
+    """A comma-separated profile list, as `--profiles` takes it."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
@@ -231,7 +236,7 @@ def fleet_up(
 
     spec = FleetSpec(
         nodes=nodes,
-        profiles=tuple(p.strip() for p in profiles.split(",") if p.strip()),
+        profiles=_profiles(profiles),
         tls=tls,
         node_auth=node_auth,
         superlink_port=superlink_port,
@@ -313,9 +318,7 @@ def compose(
     from dropfleet.deploy.compose import render
     from dropfleet.deploy.fleet import FleetSpec
 
-    spec = FleetSpec(
-        nodes=nodes, profiles=tuple(p.strip() for p in profiles.split(",") if p.strip()), tls=tls
-    )
+    spec = FleetSpec(nodes=nodes, profiles=_profiles(profiles), tls=tls)
     spec.validate()
     typer.echo(render(spec), nl=False)
 
