@@ -21,7 +21,7 @@ from dropfleet.client.local import (
 )
 from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.common.data import Split
-from dropfleet.common.errors import BudgetError, DropfleetError, WireFormatError
+from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, WireFormatError
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import dense_deltas
 from dropfleet.common.topk import zeros
@@ -86,7 +86,9 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
-        streaming = bool(context.node_config.get("streaming", False))  # a board too small for dense weights
+        streaming = context.node_config.get("streaming", False)  # a board too small for dense weights
+        if not isinstance(streaming, bool):
+            raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
         update = train_sparse(global_model, train_data, profile, config, server_round, streaming)
     except DropfleetError as exc:
         code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST

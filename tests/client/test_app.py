@@ -55,3 +55,11 @@ def test_a_topk_node_keeps_its_model_and_refuses_an_update_it_cannot_apply(task_
     stale = run(instruction(TOPK_RECORD, pack_topk_update(update, 5), 3, task_identity), ctx, task_identity)
     assert stale.has_error() and "out of sync" in stale.error.reason
     assert ctx.state[TOPK_META]["version"] == 1  # refused: nothing changed
+
+
+def test_a_malformed_streaming_switch_is_refused(task_identity):
+    start = pack_sparse(random_sparse_model(100, seed=1), "fp16")
+    reply = run(
+        instruction(SPARSE_RECORD, start, 1, task_identity), context(streaming="false"), task_identity
+    )
+    assert reply.has_error() and "'streaming' must be true or false" in reply.error.reason
