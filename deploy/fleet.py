@@ -47,6 +47,7 @@ class FleetSpec:
     profiles: tuple[str, ...] = ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")
     tls: bool = True
     node_auth: bool = False  # only registered SuperNodes may connect (needs TLS)
+    streaming: bool = False  # devices keep only the tracked set (node config streaming=true)
     host: str = "127.0.0.1"
     superlink_port: int = SUPERLINK_PORT
     api_port: int = API_PORT
@@ -128,6 +129,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         port = layout.node_port(i)
         profile = spec.profiles[i % len(spec.profiles)]
         node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
+        if spec.streaming:
+            node_config += " streaming=true"
         procs[f"supernode-{i}"] = [
             _exe(layout, "flower-supernode"),
             "--superlink",

@@ -222,6 +222,9 @@ def fleet_up(
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
     node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
+    streaming: Annotated[
+        bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
+    ] = False,
     superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
     api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
     node_port_base: Annotated[
@@ -239,6 +242,7 @@ def fleet_up(
         profiles=_profiles(profiles),
         tls=tls,
         node_auth=node_auth,
+        streaming=streaming,
         superlink_port=superlink_port,
         api_port=api_port,
         node_port_base=node_port_base,
@@ -313,12 +317,15 @@ def compose(
         "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+    streaming: Annotated[
+        bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
+    ] = False,
 ) -> None:
     """Print a docker-compose.yml for a fleet of N SuperNodes (same topology as `fleet up`)."""
     from dropfleet.deploy.compose import render
     from dropfleet.deploy.fleet import FleetSpec
 
-    spec = FleetSpec(nodes=nodes, profiles=_profiles(profiles), tls=tls)
+    spec = FleetSpec(nodes=nodes, profiles=_profiles(profiles), tls=tls, streaming=streaming)
     spec.validate()
     typer.echo(render(spec), nl=False)
 

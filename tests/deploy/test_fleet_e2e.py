@@ -55,6 +55,7 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         str(link_port),
         "--node-port-base",
         str(node_base),
+        "--streaming",  # the devices train without dense weights
         "--json",
         timeout=240,
     )
@@ -62,6 +63,8 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         assert up.returncode == 0, up.stderr + up.stdout
         info = json.loads(up.stdout)
         assert info["tls"] is True and Path(info["state_dir"], "certs", "ca.crt").exists()
+        supernode = json.loads((state / "pids" / "supernode-0.json").read_text())["cmd"]
+        assert "streaming=true" in supernode[supernode.index("--node-config") + 1]
         # The SuperLink speaks TLS only: plain HTTP is refused, the fleet CA verifies it.
         httpx.get(
             f"https://127.0.0.1:{link_port}/health", verify=str(state / "certs" / "ca.crt")
