@@ -17,7 +17,7 @@ import httpx
 
 from dropfleet.common.codec import decode
 from dropfleet.server.store import Store
-from tests.deploy.test_fleet_e2e import free_range, run
+from tests.deploy.test_fleet_e2e import fleet_up, run
 from tests.integration.procs import free_port, processes_mentioning
 
 ROUNDS = 7
@@ -36,25 +36,8 @@ def kill(state: Path, name: str) -> None:
 
 def test_a_run_survives_dropout_and_kill_9_of_superlink_api_and_serverapp(tmp_path):
     state = tmp_path / "fleet"
-    link_port, api_port = free_port(), free_port()
-    up = run(
-        "fleet",
-        "up",
-        "--nodes",
-        "3",
-        "--profiles",
-        "jetson-8g",
-        "--state-dir",
-        str(state),
-        "--api-port",
-        str(api_port),
-        "--superlink-port",
-        str(link_port),
-        "--node-port-base",
-        str(free_range(3)),
-        "--json",
-        timeout=240,
-    )
+    link_port = free_port()
+    up = fleet_up(state, 3, "--profiles", "jetson-8g", link_port=link_port)
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         api = json.loads(up.stdout)["api"]

@@ -38,27 +38,25 @@ def run(*args, timeout=180):
     return subprocess.run([DROPFLEET, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def fleet_up(state, nodes, *extra, api_port=None, link_port=None):
+    """`dropfleet fleet up --json` on free ports of 127.0.0.1."""
+    ports = [
+        "--api-port",
+        str(api_port or free_port()),
+        "--superlink-port",
+        str(link_port or free_port()),
+        "--node-port-base",
+        str(free_range(nodes)),
+    ]
+    return run(
+        "fleet", "up", "--nodes", str(nodes), "--state-dir", str(state), *ports, *extra, "--json", timeout=240
+    )
+
+
 def test_fleet_up_run_over_rest_and_down(tmp_path):
     state = tmp_path / "fleet"
-    api_port, link_port = free_port(), free_port()
-    node_base = free_range(NODES)
-    up = run(
-        "fleet",
-        "up",
-        "--nodes",
-        str(NODES),
-        "--state-dir",
-        str(state),
-        "--api-port",
-        str(api_port),
-        "--superlink-port",
-        str(link_port),
-        "--node-port-base",
-        str(node_base),
-        "--streaming",  # the devices train without dense weights
-        "--json",
-        timeout=240,
-    )
+    link_port = free_port()
+    up = fleet_up(state, NODES, "--streaming", link_port=link_port)  # devices without dense weights
     try:
         assert up.returncode == 0, up.stderr + up.stdout
         info = json.loads(up.stdout)

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from dropfleet.server.simulation import simulation_env
-from tests.deploy.test_fleet_e2e import free_range, run
+from tests.deploy.test_fleet_e2e import fleet_up, run
 from tests.integration.procs import free_port, processes_mentioning, start, stop
 
 BIN = Path(sys.executable).parent
@@ -30,22 +30,7 @@ def online_nodes(state: Path) -> list[dict]:
 def test_only_registered_supernodes_connect(tmp_path):
     state = tmp_path / "fleet"
     link = free_port()
-    up = run(
-        "fleet",
-        "up",
-        "--nodes",
-        "2",
-        "--node-auth",
-        "--state-dir",
-        str(state),
-        "--api-port",
-        str(free_port()),
-        "--superlink-port",
-        str(link),
-        "--node-port-base",
-        str(free_range(2)),
-        "--json",
-    )
+    up = fleet_up(state, 2, "--node-auth", link_port=link)
     intruder = None
     try:
         assert up.returncode == 0, up.stderr + up.stdout
