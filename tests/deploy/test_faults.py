@@ -43,6 +43,10 @@ def test_a_run_survives_dropout_and_kill_9_of_superlink_api_and_serverapp(tmp_pa
         api = json.loads(up.stdout)["api"]
         store = Store(json.loads(up.stdout)["database_url"])
         auth = {"Authorization": f"Bearer {(state / 'admin-token').read_text()}"}
+        deadline = time.monotonic() + 90
+        while sum(bool(n["online"]) for n in httpx.get(f"{api}/v1/nodes?online=true", timeout=60).json()) < 3:
+            assert time.monotonic() < deadline, "the three devices never came online"
+            time.sleep(1)  # round 1 must sample all three, or the dropout below proves nothing
         started = httpx.post(
             f"{api}/v1/runs",
             headers=auth,
