@@ -62,40 +62,68 @@ def _encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
     return b, np.packbits(unary).tobytes(), np.packbits(rem_bits).tobytes()
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
 def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes) -> np.ndarray:
+    """Rice-coded gaps back to indices; every length is checked before anything is unpacked.
+
+    Indices are strictly increasing below `numel`, so the quotients sum to at most
+    numel >> b: a quotient stream longer than that, or a remainder stream of the
+    wrong length, is refused from its size alone, and decoding allocates a small
+    constant times the payload (never a bit-per-byte copy of a crafted stream).
+    """
     if b > 31:
         raise WireFormatError(f"{name}: rice parameter {b} > 31")
     if count == 0:
         if quot or rem:
             raise WireFormatError(f"{name}: position bytes present for zero tracked entries")
         return np.zeros(0, dtype=np.int64)
-    unary = np.unpackbits(np.frombuffer(quot, dtype=np.uint8))
-    terminators = np.flatnonzero(unary == 0)
-    if terminators.size < count:
-        raise WireFormatError(
-            f"{name}: quotient stream holds {terminators.size} codes, expected {count} (truncated?)"
-        )
-    last = int(terminators[count - 1])
-    if len(quot) != last // 8 + 1 or unary[last + 1 :].any():
-        raise WireFormatError(f"{name}: quotient stream has trailing data")
-    q = np.diff(terminators[:count], prepend=-1) - 1
     if len(rem) != (count * b + 7) // 8:
         raise WireFormatError(
             f"{name}: remainder stream is {len(rem)} bytes, expected {(count * b + 7) // 8}"
         )
-    gaps = q << b
+    most = ((numel >> b) + count + 7) // 8
+    if not (count + 7) // 8 <= len(quot) <= most:
+        raise WireFormatError(
+            f"{name}: a quotient stream of {len(quot)} bytes cannot hold {count} codes: indices out of range "
+            f"[0, {numel}) ({(count + 7) // 8} to {most} bytes fit)"
+        )
+    packed = np.frombuffer(quot, dtype=np.uint8)
+    zeros = 8 * packed.size - int(_POPCOUNT[packed].sum(dtype=np.int64))
+    if not count <= zeros < count + 8:  # one terminator per code, then at most 7 zero padding bits
+        raise WireFormatError(
+            f"{name}: quotient stream holds {zeros} terminators for {count} codes (truncated, or trailing data)"
+        )
+    unary = np.unpackbits(packed)
+    terminators = np.flatnonzero(unary == 0)
+    last = int(terminators[count - 1])
+    if len(quot) != last // 8 + 1 or unary[last + 1 :].any():
+        raise WireFormatError(f"{name}: quotient stream has trailing data")
+    del unary
+    gaps = (np.diff(terminators[:count], prepend=-1) - 1) << b
     if b:
-        bits = np.unpackbits(np.frombuffer(rem, dtype=np.uint8))
-        if bits[count * b :].any():
-            raise WireFormatError(f"{name}: remainder stream has non-zero padding")
-        weights = 1 << np.arange(b - 1, -1, -1, dtype=np.int64)
-        gaps = gaps | (bits[: count * b].reshape(count, b).astype(np.int64) @ weights)
+        gaps |= _read_bits(name, rem, count, b)
     if int(gaps.max()) >= numel:  # also keeps the cumulative sum far from int64 overflow
         raise WireFormatError(f"{name}: index out of range [0, {numel})")
     indices = np.cumsum(gaps + 1) - 1
     if int(indices[-1]) >= numel:
         raise WireFormatError(f"{name}: index {int(indices[-1])} out of range [0, {numel})")
     return indices
+
+
+def _read_bits(name: str, data: bytes, count: int, b: int) -> np.ndarray:
+    """`count` big-endian fields of `b` <= 31 bits packed back to back, as int64."""
+    starts = np.arange(count, dtype=np.int64) * b
+    padded = np.zeros(len(data) + 5, dtype=np.uint8)
+    padded[: len(data)] = np.frombuffer(data, dtype=np.uint8)
+    first = starts >> 3
+    window = np.zeros(count, dtype=np.int64)
+    for i in range(5):  # a field of <= 31 bits starting at any bit spans at most 5 bytes
+        window = (window << 8) | padded[first + i]
+    if (padded[len(data) - 1] if data else 0) & ((1 << ((-count * b) % 8)) - 1):
+        raise WireFormatError(f"{name}: remainder stream has non-zero padding")
+    return (window >> (40 - b - (starts & 7))) & ((1 << b) - 1)
 
 
 def quantize_values(values: np.ndarray, precision: str) -> tuple[np.ndarray, float]:
@@ -212,10 +240,11 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
             raise WireFormatError(f"{name}: {t.count} tracked entries > {numel} elements")
         if t.count and t.position_coding != pb.POSITION_CODING_RICE_SPLIT:
             raise WireFormatError(f"{name}: unknown position coding {t.position_coding}")
+        # Values first: their length bounds `count` by the payload size before positions unpack.
+        values = _decode_values(name, t.count, t.value_encoding, t.values, t.int8_scale)
         indices = _decode_positions(
             name, t.count, numel, t.rice_parameter, t.rice_quotients, t.rice_remainders
         )
-        values = _decode_values(name, t.count, t.value_encoding, t.values, t.int8_scale)
         tensors.append(SparseTensor(name, shape, indices, values))
     model = SparseModel(
         seed=msg.seed, model_id=msg.model_id, tensors=tuple(tensors), init_scheme=msg.init_scheme

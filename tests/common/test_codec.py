@@ -222,3 +222,52 @@ def test_property_round_trip(k, seed, model_seed, precision):
     back = decode(data)
     assert back.seed == model_seed and back.num_tracked == k
     assert encode(back, precision) == data
+
+
+def _crafted(count: int, quot: bytes, rem: bytes = b"", b: int = 0) -> bytes:
+    """A payload whose first tensor declares `count` fp32 values with the given position streams."""
+    msg = _msg(random_sparse(0))
+    t = msg.tensors[0]
+    t.count, t.rice_parameter, t.rice_quotients, t.rice_remainders = count, b, quot, rem
+    t.value_encoding, t.values = pb.VALUE_ENCODING_FP32, bytes(4 * count)
+    return msg.SerializeToString()
+
+
+LIMIT = 16 * 1024 * 1024
+FIRST = math.prod(next(iter(SHAPES.values())))  # 78,400 weights
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(_crafted(FIRST, bytes(LIMIT - 400_000)), id="all-zero quotients"),
+        pytest.param(_crafted(FIRST, b"\xff" * (LIMIT - 400_000)), id="no terminators"),
+        pytest.param(_crafted(FIRST, bytes(2 * FIRST // 8)), id="too many terminators"),
+        pytest.param(
+            _crafted(FIRST, bytes(FIRST // 8), b"\xff" * (LIMIT - 400_000), 31), id="long remainders"
+        ),
+        pytest.param(
+            _crafted(50_000, bytes(50_000 // 8), b"\xff" * (50_000 * 31 // 8 + 1), 31), id="big gaps"
+        ),
+        pytest.param(encode(random_sparse(N), "int8"), id="largest valid"),
+    ],
+)
+def test_decode_memory_is_bounded_by_the_payload(payload):
+    """Crafted streams are refused from their lengths before anything unpacks; a decode allocates
+    at most ~2x its input plus ~32 bytes per declared entry (the decoded model itself is 12),
+    and every entry carries at least one value byte."""
+    import tracemalloc
+
+    msg = pb.SparseModel()
+    msg.ParseFromString(payload)
+    entries = sum(t.count for t in msg.tensors)
+    assert entries <= len(payload)
+    tracemalloc.start()
+    try:
+        decode(payload, max_bytes=LIMIT)
+    except WireFormatError:
+        pass
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert peak <= 2 * len(payload) + 40 * entries + (1 << 20), (peak, len(payload), entries)
