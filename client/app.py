@@ -7,7 +7,7 @@ is an error reply with a clear reason, which the server logs and counts.
 
 from dataclasses import replace
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
@@ -36,6 +36,7 @@ from dropfleet.fleet.records import (
     unpack_sparse,
     unpack_topk_update,
 )
+from dropfleet.fleet.replies import EvaluateReply, TrainReply
 
 # Error codes in replies (Flower reserves small numbers for its own errors).
 REFUSED_BUDGET = 4001
@@ -76,8 +77,8 @@ def train(msg: Message, context: Context) -> Message:
     if DENSE_RECORD in msg.content.array_records:
         state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
         new_state, loss = train_dense(state, train_data, config, server_round)
-        metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss})
-        return Message(RecordDict({DENSE_RECORD: ArrayRecord(new_state), "metrics": metrics}), reply_to=msg)
+        reply = TrainReply(ArrayRecord(new_state), len(train_data), loss, DENSE_RECORD)
+        return Message(reply.to_record(), reply_to=msg)
     if TOPK_RECORD in msg.content.array_records:
         try:
             return _train_topk(msg, context, config, train_data, profile, partition_id, server_round)
@@ -93,26 +94,18 @@ def train(msg: Message, context: Context) -> Message:
     except DropfleetError as exc:
         code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
         return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
-    metrics = MetricRecord(
-        {
-            "num-examples": update.num_examples,
-            "train-loss": update.train_loss,
-            "k": update.k,
-            "state-bytes": update.state_bytes,
-            "budget-bytes": update.budget_bytes,
-        }
+    reply = TrainReply(
+        arrays=pack_sparse(update.model, config.value_precision),
+        num_examples=update.num_examples,
+        train_loss=update.train_loss,
+        array_key=SPARSE_RECORD,
+        k=update.k,
+        state_bytes=update.state_bytes,
+        budget_bytes=update.budget_bytes,
+        profile=profile.name,
+        partition_id=partition_id,
     )
-    device = ConfigRecord({"profile": profile.name, "partition-id": partition_id})
-    return Message(
-        RecordDict(
-            {
-                SPARSE_RECORD: pack_sparse(update.model, config.value_precision),
-                "metrics": metrics,
-                "device": device,
-            }
-        ),
-        reply_to=msg,
-    )
+    return Message(reply.to_record(), reply_to=msg)
 
 
 def _train_topk(
@@ -146,12 +139,16 @@ def _train_topk(
     state[TOPK_STATE] = ArrayRecord({n: Array(a) for n, a in weights.items()})
     state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in residual.items()})
     state[TOPK_META] = ConfigRecord({"version": version})
-    metrics = MetricRecord({"num-examples": len(train_data), "train-loss": loss, "k": k})
-    device = ConfigRecord({"profile": profile.name, "partition-id": partition_id})
-    return Message(
-        RecordDict({SPARSE_RECORD: payload_record(payload), "metrics": metrics, "device": device}),
-        reply_to=msg,
+    reply = TrainReply(
+        arrays=payload_record(payload),
+        num_examples=len(train_data),
+        train_loss=loss,
+        array_key=SPARSE_RECORD,
+        k=k,
+        profile=profile.name,
+        partition_id=partition_id,
     )
+    return Message(reply.to_record(), reply_to=msg)
 
 
 @app.evaluate()
@@ -170,7 +167,5 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             )
         except DropfleetError as exc:
             return _refuse(msg, BAD_REQUEST, str(exc))
-    metrics = MetricRecord(
-        {"num-examples": result.examples, "eval-loss": result.loss, "eval-accuracy": result.accuracy}
-    )
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    reply = EvaluateReply(num_examples=result.examples, eval_loss=result.loss, eval_accuracy=result.accuracy)
+    return Message(reply.to_record(), reply_to=msg)

@@ -18,7 +18,7 @@ from dropfleet.common.sparse import (
     SparseModel,
     initial_at_tracked,
     load_deltas_,
-    parameter_shapes,
+    num_weights,
     sparse_from_optimizer,
 )
 from dropfleet.common.streaming import StreamingDropBack
@@ -82,8 +82,7 @@ def train_sparse(
     regenerated from the seed and the tracked set when it runs (the same
     training; slower; see `StreamingDropBack` on ties).
     """
-    num_weights = sum(int(np.prod(s)) for s in parameter_shapes(global_model.model_id).values())
-    k = client_k(profile, config, num_weights)
+    k = client_k(profile, config, num_weights(global_model.model_id))
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
     seed = config.seed * 1_000_003 + server_round

@@ -24,6 +24,12 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 _ENCODING = {"fp32": pb.VALUE_ENCODING_FP32, "fp16": pb.VALUE_ENCODING_FP16, "int8": pb.VALUE_ENCODING_INT8}
 _WIDTH = {pb.VALUE_ENCODING_FP32: 4, pb.VALUE_ENCODING_FP16: 2, pb.VALUE_ENCODING_INT8: 1}
 _FP16_MAX = float(np.finfo(np.float16).max)
+# The largest magnitude each precision carries (int8 scales are fp32).
+MAX_VALUE = {
+    "fp32": float(np.finfo(np.float32).max),
+    "fp16": _FP16_MAX,
+    "int8": float(np.finfo(np.float32).max),
+}
 
 
 def position_floor_bits(n: int, k: int) -> float:
@@ -93,7 +99,8 @@ def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, re
     zeros = 8 * packed.size - int(_POPCOUNT[packed].sum(dtype=np.int64))
     if not count <= zeros < count + 8:  # one terminator per code, then at most 7 zero padding bits
         raise WireFormatError(
-            f"{name}: quotient stream holds {zeros} terminators for {count} codes (truncated, or trailing data)"
+            f"{name}: quotient stream holds {zeros} terminators for {count} codes "
+            "(truncated, or trailing data)"
         )
     unary = np.unpackbits(packed)
     terminators = np.flatnonzero(unary == 0)

@@ -123,6 +123,11 @@ def parameter_shapes(model_id: str) -> dict[str, tuple[int, ...]]:
     return dict(_SHAPES_CACHE[model_id])
 
 
+def num_weights(model_id: str) -> int:
+    """N: how many weights (parameters) a registered model has."""
+    return sum(math.prod(s) for s in parameter_shapes(model_id).values())
+
+
 def materialize(sparse: SparseModel) -> nn.Module:
     """The dense model w0(seed) + delta, ready to train or evaluate."""
     model = seeded_model(sparse.model_id, sparse.seed, sparse.init_scheme)

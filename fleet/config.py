@@ -4,11 +4,12 @@ Values come from `[tool.flwr.app.config]` in pyproject.toml, overridable per
 run with `flwr run . --run-config "key=value ..."`.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from dropfleet.common.codec import PRECISIONS
+from dropfleet.common.codec import MAX_VALUE, PRECISIONS
 from dropfleet.common.data import PARTITIONERS
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import RULES
@@ -41,6 +42,8 @@ class RunConfig:
     fleet_mix: str = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
     max_payload_bytes: int = 16 * 1024 * 1024
     max_examples: int = 100_000
+    max_k: int = 0
+    max_abs_value: float = 1000.0
     results_file: str = "results/run.jsonl"
     store_url: str = ""
     aggregation: str = "mean"
@@ -91,6 +94,8 @@ class RunConfig:
             ("round-timeout", self.round_timeout > 0),
             ("max-payload-bytes", self.max_payload_bytes >= 1024),
             ("max-examples", self.max_examples >= 1),
+            ("max-k", self.max_k >= 0),
+            ("max-abs-value", 0 < self.max_abs_value <= MAX_VALUE.get(self.value_precision, math.inf)),
             ("train-subset", self.train_subset >= 0),
             ("aggregation", self.aggregation in RULES),
             ("trim-fraction", 0 <= self.trim_fraction < 0.5),

@@ -6,13 +6,16 @@ sparse replies (or to meter the dense ones), `aggregate_evaluate` to record
 federated accuracy.
 """
 
-from collections.abc import Iterable
-from logging import INFO, WARNING
+from collections import Counter
+from collections.abc import Callable, Iterable
+from logging import ERROR, INFO, WARNING
+from typing import TypeVar
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from dropfleet.common.codec import decode, encode
 from dropfleet.common.errors import ReplyRejectedError, RunFailedError
@@ -30,14 +33,28 @@ from dropfleet.fleet.records import (
     record_bytes,
     record_payload,
 )
+from dropfleet.fleet.replies import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, TrainReply, weighted_mean
 from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder, RoundStats
 from dropfleet.server.store.store import NodeEvent
-from dropfleet.server.validation import AcceptedUpdate, validate_reply
+from dropfleet.server.validation import (
+    AcceptedUpdate,
+    allowed_k,
+    check_origin,
+    validate_dense_reply,
+    validate_evaluate_reply,
+    validate_sparse_reply,
+)
+
+Checked = TypeVar("Checked")
 
 
 class _Metered(FedAvg):
-    """Counts messages, failures and payload bytes for the round report."""
+    """Counts messages, failures and payload bytes for the round report; screens every reply.
+
+    Instructions carry the round number as Flower's `group_id`, which a reply
+    inherits, so a reply to another round's instruction is recognised.
+    """
 
     def __init__(self, config: RunConfig, recorder: RoundRecorder, **kwargs: object) -> None:
         super().__init__(
@@ -61,7 +78,7 @@ class _Metered(FedAvg):
         stats = self.recorder.current(server_round)
         stats.sampled = len(messages)
         self._meter_down(stats, messages, arrays)
-        return messages
+        return _tagged(messages, server_round)
 
     @staticmethod
     def _meter_down(stats: RoundStats, messages: list[Message], arrays: ArrayRecord) -> None:
@@ -78,24 +95,104 @@ class _Metered(FedAvg):
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         self._meter_down(self.recorder.current(server_round), messages, arrays)
-        return messages
+        return _tagged(messages, server_round)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.round_offset
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            stats = self.recorder.current(server_round)
-            stats.fed_accuracy = metrics.get("eval-accuracy")
-            stats.fed_loss = metrics.get("eval-loss")
-        return metrics
+        replies = list(replies)
+        for m in replies:
+            if m.has_error():
+                log(INFO, "Evaluation error from node %s: %s", m.metadata.src_node_id, m.error.reason)
+        accepted = self._screen(
+            server_round,
+            [m for m in replies if not m.has_error()],
+            lambda content: validate_evaluate_reply(content, self.config),
+            train=False,
+        )
+        if not accepted:
+            return None
+        stats = self.recorder.current(server_round)
+        stats.fed_loss = weighted_mean([(r.eval_loss, r.num_examples) for _, r in accepted])
+        stats.fed_accuracy = weighted_mean([(r.eval_accuracy, r.num_examples) for _, r in accepted])
+        return MetricRecord({EVAL_LOSS: stats.fed_loss, EVAL_ACCURACY: stats.fed_accuracy})
 
-    def _record_failures(self, server_round: int, errors: list[Message]) -> None:
+    def _train_replies(
+        self, server_round: int, replies: Iterable[Message], check: Callable[[RecordDict], Checked]
+    ) -> list[tuple[Message, Checked]]:
+        """Count the error replies, then screen the others (see `_screen`)."""
+        replies = list(replies)
+        errors = [m for m in replies if m.has_error()]
         stats = self.recorder.current(server_round)
         stats.failed = len(errors)
         stats.failures = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in errors]
         stats.node_events += [
             NodeEvent(node_id=m.metadata.src_node_id, outcome="failed", error=m.error.reason) for m in errors
         ]
+        return self._screen(server_round, [m for m in replies if not m.has_error()], check, train=True)
+
+    def _screen(
+        self,
+        server_round: int,
+        replies: list[Message],
+        check: Callable[[RecordDict], Checked],
+        train: bool,
+    ) -> list[tuple[Message, Checked]]:
+        """The replies that pass `check`, in node order; every other one is rejected with its reason.
+
+        Nothing in a reply may stop a round: a check that fails in a way no rule
+        foresaw still ends as a rejection (logged with its traceback, to add the rule).
+        """
+        stats = self.recorder.current(server_round)
+        per_node = Counter(m.metadata.src_node_id for m in replies)
+        repeated = {node for node, n in per_node.items() if n > 1}
+        accepted = []
+        # Sorted by node so the merge (a float sum) does not depend on arrival order.
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            try:
+                check_origin(msg, server_round, repeated)
+                accepted.append((msg, check(msg.content)))
+            except ReplyRejectedError as exc:
+                self._reject(stats, msg, str(exc), train)
+            except Exception as exc:
+                log(ERROR, "Unforeseen failure checking a reply (rejected)", exc_info=True)
+                self._reject(stats, msg, f"unreadable reply ({type(exc).__name__}: {exc})"[:300], train)
+        return accepted
+
+    @staticmethod
+    def _reject(stats: RoundStats, msg: Message, reason: str, train: bool) -> None:
+        node = msg.metadata.src_node_id
+        kind = "reply" if train else "evaluation reply"
+        if train:
+            stats.rejected += 1
+        stats.failures.append(f"node {node} {kind} rejected: {reason}")
+        stats.node_events.append(NodeEvent(node_id=node, outcome="rejected", error=f"{kind}: {reason}"))
+        log(WARNING, "Rejected %s from node %s: %s", kind, node, reason)
+
+    @staticmethod
+    def _accepted(stats: RoundStats, msg: Message, reply: TrainReply, bytes_up: int) -> None:
+        stats.bytes_up += bytes_up
+        stats.node_events.append(
+            NodeEvent(
+                node_id=msg.metadata.src_node_id,
+                outcome="accepted",
+                bytes_up=bytes_up,
+                profile=reply.profile,
+                partition_id=reply.partition_id,
+                budget_bytes=reply.budget_bytes,
+                k=reply.k,
+            )
+        )
+
+    @staticmethod
+    def _train_metrics(stats: RoundStats, replies: list[TrainReply]) -> MetricRecord:
+        stats.train_loss = weighted_mean([(r.train_loss, r.num_examples) for r in replies])
+        return MetricRecord({TRAIN_LOSS: stats.train_loss})
+
+
+def _tagged(messages: list[Message], server_round: int) -> list[Message]:
+    for m in messages:
+        m.metadata.group_id = str(server_round)
+    return messages
 
 
 class _SparseReplies(_Metered):
@@ -104,42 +201,24 @@ class _SparseReplies(_Metered):
     def __init__(self, config: RunConfig, recorder: RoundRecorder, **kwargs: object) -> None:
         super().__init__(config, recorder, **kwargs)
         self._short_rounds = 0
+        self.max_k = allowed_k(config)
 
     def _accept(
         self, server_round: int, replies: Iterable[Message], expected: SparseModel
-    ) -> list[tuple[Message, AcceptedUpdate]] | None:
+    ) -> list[AcceptedUpdate] | None:
         """Validate sparse replies and count the rejected; None for a short round.
 
         Too many short rounds in a row raise `RunFailedError`.
         """
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
-        accepted = []
-        # Sorted by node so the merge (a float sum) does not depend on arrival order.
-        for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
-            try:
-                update = validate_reply(msg.content, expected, self.config)
-            except ReplyRejectedError as exc:
-                stats.rejected += 1
-                stats.failures.append(f"node {msg.metadata.src_node_id} rejected: {exc}")
-                stats.node_events.append(
-                    NodeEvent(
-                        node_id=msg.metadata.src_node_id, outcome="rejected", error=str(exc), **_device(msg)
-                    )
-                )
-                log(WARNING, "Rejected reply from node %s: %s", msg.metadata.src_node_id, exc)
-                continue
-            stats.bytes_up += update.payload_bytes
-            stats.node_events.append(
-                NodeEvent(
-                    node_id=msg.metadata.src_node_id,
-                    outcome="accepted",
-                    bytes_up=update.payload_bytes,
-                    **_device(msg),
-                )
-            )
-            accepted.append((msg, update))
+        checked = self._train_replies(
+            server_round,
+            replies,
+            lambda content: validate_sparse_reply(content, expected, self.config, self.max_k),
+        )
+        for msg, update in checked:
+            self._accepted(stats, msg, update.reply, update.payload_bytes)
+        accepted = [update for _, update in checked]
         stats.replied = len(accepted)
         if len(accepted) < self.config.min_train_nodes:
             self._short_rounds += 1
@@ -198,7 +277,7 @@ class SparseDropBack(_SparseReplies):
         stats = self.recorder.current(server_round)
         previous = self.global_model
         merged = merge_sparse(
-            [(u.model, float(u.num_examples)) for _, u in accepted],
+            [(u.model, float(u.num_examples)) for u in accepted],
             self.config.global_k,
             rule=self.config.aggregation,
             trim=self.config.trim_fraction,
@@ -207,8 +286,6 @@ class SparseDropBack(_SparseReplies):
         arrays = self._publish(merged)
         stats.churn = churn(previous, self.global_model)
         stats.global_tracked = self.global_model.num_tracked
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
-        stats.train_loss = metrics.get("train-loss")
         log(
             INFO,
             "Round %s: merged %s updates into %s tracked weights",
@@ -216,7 +293,7 @@ class SparseDropBack(_SparseReplies):
             len(accepted),
             stats.global_tracked,
         )
-        return arrays, metrics
+        return arrays, self._train_metrics(stats, [u.reply for u in accepted])
 
 
 class TopKFedAvg(_SparseReplies):
@@ -254,8 +331,8 @@ class TopKFedAvg(_SparseReplies):
         if accepted is None:
             return None, None
         mean = merge_sparse(
-            [(u.model, float(u.num_examples)) for _, u in accepted],
-            sum(u.model.num_tracked for _, u in accepted),  # keep every entry: a plain average
+            [(u.model, float(u.num_examples)) for u in accepted],
+            sum(u.model.num_tracked for u in accepted),  # keep every entry: a plain average
         )
         self.update, received, self.residual = sparsify_with_feedback(
             dense_deltas(mean),
@@ -270,31 +347,12 @@ class TopKFedAvg(_SparseReplies):
         self.version += 1
         stats = self.recorder.current(server_round)
         stats.global_tracked = received.num_tracked
-        metrics = self.train_metrics_aggr_fn([m.content for m, _ in accepted], self.weighted_by_key)
-        stats.train_loss = metrics.get("train-loss")
+        metrics = self._train_metrics(stats, [u.reply for u in accepted])
         return pack_topk_update(self.update, self.version), metrics
 
 
-def _device(msg: Message) -> dict[str, object]:
-    """Self-reported device facts of a reply, for the fleet view (never trusted for merging)."""
-    out: dict[str, object] = {}
-    device = msg.content.config_records.get("device")
-    metrics = msg.content.metric_records.get("metrics")
-    if device is not None:
-        if isinstance(device.get("profile"), str):
-            out["profile"] = str(device["profile"])[:64]
-        if isinstance(device.get("partition-id"), int):
-            out["partition_id"] = int(device["partition-id"])
-    if metrics is not None:
-        for key, attr in (("budget-bytes", "budget_bytes"), ("k", "k")):
-            value = metrics.get(key)
-            if isinstance(value, (int, float)) and 0 <= value < 2**62:
-                out[attr] = int(value)
-    return out
-
-
 class DenseFedAvg(_Metered):
-    """Flower's FedAvg on dense weights, metered the same way (the baseline)."""
+    """Flower's FedAvg on dense weights, metered and screened the same way (the baseline)."""
 
     def __init__(self, config: RunConfig, recorder: RoundRecorder) -> None:
         super().__init__(config, recorder, arrayrecord_key=DENSE_RECORD)
@@ -303,29 +361,16 @@ class DenseFedAvg(_Metered):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        replies = list(replies)
-        errors = [m for m in replies if m.has_error()]
-        self._record_failures(server_round, errors)
         stats = self.recorder.current(server_round)
-        valid = [m for m in replies if not m.has_error()]
-        stats.replied = len(valid)
-        for m in valid:
-            size = (
-                record_bytes(m.content.array_records[DENSE_RECORD])
-                if DENSE_RECORD in m.content.array_records
-                else 0
-            )
-            stats.node_events.append(
-                NodeEvent(node_id=m.metadata.src_node_id, outcome="accepted", bytes_up=size, **_device(m))
-            )
-        stats.bytes_up = sum(
-            record_bytes(m.content.array_records[DENSE_RECORD])
-            for m in valid
-            if DENSE_RECORD in m.content.array_records
+        checked = self._train_replies(
+            server_round, replies, lambda content: validate_dense_reply(content, self.config)
         )
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is not None:
-            stats.global_tracked = sum(a.numpy().size for a in arrays.values())
-        if metrics is not None:
-            stats.train_loss = metrics.get("train-loss")
-        return arrays, metrics
+        for msg, reply in checked:
+            self._accepted(stats, msg, reply, record_bytes(reply.arrays))
+        stats.replied = len(checked)
+        if not checked:
+            return None, None
+        # Flower's weighted average; every content holds exactly one MetricRecord, so its weights are ours.
+        arrays = aggregate_arrayrecords([m.content for m, _ in checked], self.weighted_by_key)
+        stats.global_tracked = sum(a.numpy().size for a in arrays.values())
+        return arrays, self._train_metrics(stats, [r for _, r in checked])

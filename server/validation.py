@@ -1,44 +1,95 @@
-"""Validation of a client's training reply before it touches the global state."""
+"""Checking a device's reply completely before it touches the global state.
 
-import math
+A reply is data: every way it can be wrong ends as `ReplyRejectedError` with a
+reason, which the strategy counts per node while the round goes on. The rules,
+besides the reply schema (fleet/replies.py) and the decoder:
+
+- a reply answers the instruction of the current round (Flower's `group_id`,
+  which the strategy sets to the round number), and a node replies once;
+- the model is the run's (model id, seed, init scheme);
+- a sparse reply tracks at most the k it declares, and that k is at most what
+  the server allows any device (`allowed_k`);
+- every value is finite and within +/- `max-abs-value`, so any average of
+  accepted values is representable at the run's precision when re-encoded;
+- a dense reply carries exactly the model's tensors, with their shapes and dtypes.
+"""
+
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import Message, RecordDict
 
+from dropfleet.client.profiles import budget_to_k, load_profiles
 from dropfleet.common.codec import decode
-from dropfleet.common.errors import ReplyRejectedError, WireFormatError
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.sparse import SparseModel, num_weights
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import sparse_payload
-
-METRICS_RECORD = "metrics"
+from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, record_payload
+from dropfleet.fleet.replies import EvaluateReply, TrainReply
 
 
 @dataclass(frozen=True)
 class AcceptedUpdate:
     model: SparseModel
-    num_examples: int
+    reply: TrainReply
     payload_bytes: int
 
-
-def _metric(content: RecordDict, key: str) -> float:
-    records = content.metric_records
-    if METRICS_RECORD not in records or key not in records[METRICS_RECORD]:
-        raise ReplyRejectedError(f"reply lacks metric {key!r}")
-    value = records[METRICS_RECORD][key]
-    if isinstance(value, list) or isinstance(value, bool) or not math.isfinite(float(value)):
-        raise ReplyRejectedError(f"metric {key!r} is not a finite number: {value!r}")
-    return float(value)
+    @property
+    def num_examples(self) -> int:
+        return self.reply.num_examples
 
 
-def validate_reply(content: RecordDict, expected: SparseModel, config: RunConfig) -> AcceptedUpdate:
-    """Decode and check one reply against the current global model and run config.
+def check_origin(msg: Message, server_round: int, repeated: set[int]) -> None:
+    """The reply answers this round's instruction, from a node that replied only once."""
+    if msg.metadata.group_id != str(server_round):
+        raise ReplyRejectedError(
+            f"reply answers round {msg.metadata.group_id[:20]!r}, not the current round {server_round}"
+        )
+    if msg.metadata.src_node_id in repeated:
+        raise ReplyRejectedError("more than one reply from this node in one round")
 
-    Raises `ReplyRejectedError` naming the first problem found.
+
+def allowed_k(config: RunConfig) -> int:
+    """The most tracked weights the server accepts from any device.
+
+    `max-k` from the run config, or else the largest k any known device profile's
+    budget gives for this model (a board stating a larger budget of its own
+    needs `max-k`).
     """
+    if config.max_k:
+        return config.max_k
+    return _largest_profile_k(config.model_id, config.min_k)
+
+
+@cache
+def _largest_profile_k(model_id: str, min_k: int) -> int:
+    n = num_weights(model_id)
+    ks = []
+    for profile in load_profiles().values():
+        try:
+            ks.append(budget_to_k(profile.state_budget_bytes, n, min_k))
+        except BudgetError:
+            continue
+    return max(ks, default=min_k)
+
+
+def _check_values(values: np.ndarray, bound: float, what: str) -> None:
+    if values.size and not np.all(np.isfinite(values)):
+        raise ReplyRejectedError(f"{what} contain NaN or Inf")
+    if values.size and float(np.abs(values).max()) > bound:
+        raise ReplyRejectedError(f"{what} exceed max-abs-value {bound:g}")
+
+
+def validate_sparse_reply(
+    content: RecordDict, expected: SparseModel, config: RunConfig, max_k: int
+) -> AcceptedUpdate:
+    """Read and check one sparse training reply against the current global model and run config."""
+    reply = TrainReply.from_record(content, SPARSE_RECORD, config.max_examples)
     try:
-        payload = sparse_payload(content)
+        payload = record_payload(reply.arrays)
         model = decode(payload, max_bytes=config.max_payload_bytes)
     except WireFormatError as exc:
         raise ReplyRejectedError(f"undecodable model: {exc}") from None
@@ -48,12 +99,42 @@ def validate_reply(content: RecordDict, expected: SparseModel, config: RunConfig
         raise ReplyRejectedError(f"seed {model.seed} != run seed {expected.seed}")
     if model.init_scheme != expected.init_scheme:
         raise ReplyRejectedError(f"init scheme {model.init_scheme} != {expected.init_scheme}")
-    examples = _metric(content, "num-examples")
-    if examples != int(examples) or not 0 < examples <= config.max_examples:
-        raise ReplyRejectedError(f"num-examples {examples:g} not an integer in [1, {config.max_examples}]")
-    declared_k = _metric(content, "k")
-    if model.num_tracked > declared_k:
-        raise ReplyRejectedError(f"{model.num_tracked} tracked values > declared k {declared_k:g}")
-    if any(not np.all(np.isfinite(t.values)) for t in model.tensors):  # decode checks too
-        raise ReplyRejectedError("values contain NaN or Inf")
-    return AcceptedUpdate(model=model, num_examples=int(examples), payload_bytes=len(payload))
+    assert reply.k is not None  # required for sparse replies
+    if reply.k > max_k:
+        raise ReplyRejectedError(f"declared k {reply.k} > the {max_k} the server allows a device (max-k)")
+    if model.num_tracked > reply.k:
+        raise ReplyRejectedError(f"{model.num_tracked} tracked values > declared k {reply.k}")
+    for t in model.tensors:
+        _check_values(t.values, config.max_abs_value, f"values of {t.name}")
+    return AcceptedUpdate(model=model, reply=reply, payload_bytes=len(payload))
+
+
+@cache
+def _dense_template(model_id: str, seed: int) -> dict[str, tuple[tuple[int, ...], str]]:
+    state = seeded_model(model_id, seed).state_dict()
+    return {name: (tuple(t.shape), str(t.numpy().dtype)) for name, t in state.items()}
+
+
+def validate_dense_reply(content: RecordDict, config: RunConfig) -> TrainReply:
+    """Read and check one dense (FedAvg baseline) reply: the model's tensors, finite and bounded."""
+    reply = TrainReply.from_record(content, DENSE_RECORD, config.max_examples, sparse=False)
+    template: Mapping[str, tuple[tuple[int, ...], str]] = _dense_template(config.model_id, config.seed)
+    if sorted(reply.arrays) != sorted(template):
+        raise ReplyRejectedError(f"dense arrays {sorted(reply.arrays)[:8]} are not the model's tensors")
+    for name, (shape, dtype) in template.items():
+        array = reply.arrays[name]
+        if tuple(array.shape) != shape or array.dtype != dtype:
+            raise ReplyRejectedError(f"{name}: {array.dtype}{tuple(array.shape)} != {dtype}{shape}")
+        try:
+            values = array.numpy()
+        except Exception as exc:  # bytes from a device: any parse failure is a rejection
+            raise ReplyRejectedError(f"{name}: unreadable array: {type(exc).__name__}") from None
+        if values.shape != shape:
+            raise ReplyRejectedError(f"{name}: data holds {values.size} values for shape {shape}")
+        if np.issubdtype(values.dtype, np.floating):
+            _check_values(values, config.max_abs_value, f"values of {name}")
+    return reply
+
+
+def validate_evaluate_reply(content: RecordDict, config: RunConfig) -> EvaluateReply:
+    return EvaluateReply.from_record(content, config.max_examples)

@@ -31,11 +31,12 @@ def model(k, seed, model_seed=CONFIG.seed, scale=0.01):
     return random_sparse_model(k, seed, model_seed, scale)
 
 
-def reply(node_id, content=None, error=None):
+def reply(node_id, content=None, error=None, server_round=1):
     ins = Message(
-        content=RecordDict({"config": ConfigRecord({"server-round": 1})}),
+        content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
         dst_node_id=node_id,
         message_type=MessageType.TRAIN,
+        group_id=str(server_round),
     )
     TaskIdentity.node_id = node_id
     try:
@@ -98,7 +99,10 @@ def hostile_replies():
         "absurd examples": content(model(500, 4), examples=10**9),
         "fractional examples": content(model(500, 5), examples=12.5),
         "no k": RecordDict(
-            {SPARSE_RECORD: pack_sparse(model(500, 6), "fp32"), "metrics": MetricRecord({"num-examples": 10})}
+            {
+                SPARSE_RECORD: pack_sparse(model(500, 6), "fp32"),
+                "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5}),
+            }
         ),
         "dense arrays": RecordDict(
             {
@@ -134,7 +138,7 @@ def test_hostile_replies_are_rejected_counted_and_change_nothing():
         "declared k",
         "num-examples",
         "lacks metric 'k'",
-        "expected exactly one ArrayRecord",
+        "expected exactly ArrayRecord(s)",
         "model id",
         "budget too small",
     ):

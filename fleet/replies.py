@@ -1,0 +1,183 @@
+"""The replies a device sends, in one place: record names, metric keys and their checks.
+
+The ClientApp builds its replies with `to_record`; the server reads them with
+`from_record`, which checks the whole `RecordDict` — which records there are
+and of what kind, every metric's type and range, the device facts — and raises
+`ReplyRejectedError` naming the first problem. What is inside the model's
+ArrayRecord is checked by its own decoder (`codec.decode`, or the dense check in
+server/validation.py).
+"""
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from dropfleet.common.errors import ReplyRejectedError
+
+METRICS_RECORD = "metrics"
+DEVICE_RECORD = "device"
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+K = "k"
+STATE_BYTES = "state-bytes"
+BUDGET_BYTES = "budget-bytes"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+PROFILE = "profile"
+PARTITION_ID = "partition-id"
+
+# Every accepted integer fits a signed 64-bit store column with room to add counters up.
+MAX_COUNT = 2**62
+MAX_LOSS = 1e6
+MAX_PROFILE_CHARS = 64
+
+
+def _int(metrics: Mapping[str, object], key: str, low: int, high: int, required: bool = True) -> int | None:
+    if key not in metrics:
+        if required:
+            raise ReplyRejectedError(f"reply lacks metric {key!r}")
+        return None
+    value = metrics[key]
+    if type(value) is not int:
+        raise ReplyRejectedError(f"metric {key!r} must be an integer, got {value!r:.40}")
+    if not low <= value <= high:
+        raise ReplyRejectedError(f"metric {key!r} = {value} not in [{low}, {high}]")
+    return value
+
+
+def _float(metrics: Mapping[str, object], key: str, low: float, high: float) -> float:
+    if key not in metrics:
+        raise ReplyRejectedError(f"reply lacks metric {key!r}")
+    value = metrics[key]
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ReplyRejectedError(f"metric {key!r} is not a finite number: {value!r:.40}")
+    if not low <= value <= high:
+        raise ReplyRejectedError(f"metric {key!r} = {value:g} not in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def _records(content: RecordDict, arrays: tuple[str, ...], configs: tuple[str, ...] = ()) -> None:
+    """Exactly the named ArrayRecords and one MetricRecord; at most the named ConfigRecords."""
+    if not isinstance(content, RecordDict):
+        raise ReplyRejectedError(f"reply content is a {type(content).__name__}, not a RecordDict")
+    if sorted(content.array_records) != sorted(arrays):
+        raise ReplyRejectedError(
+            f"expected exactly ArrayRecord(s) {list(arrays)}, got {list(content.array_records)}"
+        )
+    if list(content.metric_records) != [METRICS_RECORD]:
+        raise ReplyRejectedError(
+            f"expected exactly one MetricRecord {METRICS_RECORD!r}, got {list(content.metric_records)}"
+        )
+    extra = set(content.config_records) - set(configs)
+    if extra:
+        raise ReplyRejectedError(f"unexpected ConfigRecord(s) {sorted(extra)}")
+
+
+def _known_keys(record: Mapping[str, object], known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(record) - set(known))
+    if unknown:
+        raise ReplyRejectedError(f"unknown {what} key(s) {unknown[:5]}")
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A training reply: the model's ArrayRecord, training metrics and self-reported device facts.
+
+    `k`, `state_bytes` and `budget_bytes` are what a sparse (DropBack or top-k)
+    device reports; the dense baseline reports none. Device facts are for the
+    fleet view only and never trusted for merging.
+    """
+
+    arrays: ArrayRecord
+    num_examples: int
+    train_loss: float
+    array_key: str
+    k: int | None = None
+    state_bytes: int | None = None
+    budget_bytes: int | None = None
+    profile: str | None = None
+    partition_id: int | None = None
+
+    def to_record(self) -> RecordDict:
+        metrics: dict[str, int | float] = {NUM_EXAMPLES: self.num_examples, TRAIN_LOSS: self.train_loss}
+        for key, value in ((K, self.k), (STATE_BYTES, self.state_bytes), (BUDGET_BYTES, self.budget_bytes)):
+            if value is not None:
+                metrics[key] = value
+        content = RecordDict({self.array_key: self.arrays, METRICS_RECORD: MetricRecord(metrics)})
+        device = {
+            key: value
+            for key, value in ((PROFILE, self.profile), (PARTITION_ID, self.partition_id))
+            if value is not None
+        }
+        if device:
+            content[DEVICE_RECORD] = ConfigRecord(device)
+        return content
+
+    @classmethod
+    def from_record(
+        cls, content: RecordDict, array_key: str, max_examples: int, sparse: bool = True
+    ) -> "TrainReply":
+        """Check and read an untrusted training reply (`sparse`: k is required)."""
+        _records(content, (array_key,), (DEVICE_RECORD,))
+        metrics = content.metric_records[METRICS_RECORD]
+        _known_keys(metrics, (NUM_EXAMPLES, TRAIN_LOSS, K, STATE_BYTES, BUDGET_BYTES), "metric")
+        device = content.config_records.get(DEVICE_RECORD, ConfigRecord())
+        _known_keys(device, (PROFILE, PARTITION_ID), "device")
+        profile = device.get(PROFILE)
+        if profile is not None and not (isinstance(profile, str) and 0 < len(profile) <= MAX_PROFILE_CHARS):
+            raise ReplyRejectedError(
+                f"device {PROFILE!r} must be a string of 1 to {MAX_PROFILE_CHARS} characters"
+            )
+        return cls(
+            arrays=content.array_records[array_key],
+            num_examples=_int(metrics, NUM_EXAMPLES, 1, max_examples),
+            train_loss=_float(metrics, TRAIN_LOSS, 0.0, MAX_LOSS),
+            array_key=array_key,
+            k=_int(metrics, K, 1, MAX_COUNT, required=sparse),
+            state_bytes=_int(metrics, STATE_BYTES, 0, MAX_COUNT, required=False),
+            budget_bytes=_int(metrics, BUDGET_BYTES, 0, MAX_COUNT, required=False),
+            profile=profile,
+            partition_id=_int(device, PARTITION_ID, 0, MAX_COUNT, required=False),
+        )
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A federated-evaluation reply: loss and accuracy on the device's held-out examples."""
+
+    num_examples: int
+    eval_loss: float
+    eval_accuracy: float
+
+    def to_record(self) -> RecordDict:
+        return RecordDict(
+            {
+                METRICS_RECORD: MetricRecord(
+                    {
+                        NUM_EXAMPLES: self.num_examples,
+                        EVAL_LOSS: self.eval_loss,
+                        EVAL_ACCURACY: self.eval_accuracy,
+                    }
+                )
+            }
+        )
+
+    @classmethod
+    def from_record(cls, content: RecordDict, max_examples: int) -> "EvaluateReply":
+        """Check and read an untrusted evaluation reply."""
+        _records(content, ())
+        metrics = content.metric_records[METRICS_RECORD]
+        _known_keys(metrics, (NUM_EXAMPLES, EVAL_LOSS, EVAL_ACCURACY), "metric")
+        return cls(
+            num_examples=_int(metrics, NUM_EXAMPLES, 1, max_examples),
+            eval_loss=_float(metrics, EVAL_LOSS, 0.0, MAX_LOSS),
+            eval_accuracy=_float(metrics, EVAL_ACCURACY, 0.0, 1.0),
+        )
+
+
+def weighted_mean(pairs: list[tuple[float, int]]) -> float:
+    """Examples-weighted mean of (value, examples) pairs (examples are >= 1 after checking)."""
+    return sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
