@@ -126,3 +126,19 @@ def test_readers_never_see_torn_writes(store_url):
         t.join()
     assert problems == [] and reads[0] > 10
     assert store.nodes()[0]["rounds_joined"] == 40
+
+
+def test_every_integer_a_reply_may_carry_fits_its_column(store_url):
+    """Device facts are accepted up to 2**62 (fleet/replies.py): they must publish on PostgreSQL too."""
+    from dropfleet.fleet.replies import MAX_COUNT
+
+    store = Store(store_url)
+    store.migrate()
+    store.start_run("9", "dropback", "mlp-90k", 7, 1, {})
+    big = NodeEvent(
+        5, "accepted", bytes_up=MAX_COUNT, partition_id=MAX_COUNT, k=MAX_COUNT, budget_bytes=MAX_COUNT
+    )
+    store.publish_round("9", 1, {"accuracy": 0.5}, b"m", 2**40, [big])
+    node = store.nodes()[0]
+    assert node["k"] == node["partition_id"] == node["bytes_up"] == MAX_COUNT
+    assert store.rounds("9")[0]["tracked"] == 2**40

@@ -4,8 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 from rich.console import Console
 
 from dropfleet.common.codec import decode, encode
@@ -13,10 +12,10 @@ from dropfleet.common.errors import RunFailedError
 from dropfleet.common.merge import merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import SPARSE_ARRAY, SPARSE_RECORD, SPARSE_STYPE, pack_sparse, record_payload
+from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, record_payload
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategy import SparseDropBack
-from tests.factories import random_sparse_model
+from tests.server.messages import content, model, raw_record, reply
 
 N = 89_610
 CONFIG = RunConfig(global_k=3000, value_precision="fp32")
@@ -27,44 +26,9 @@ def _identity(task_identity):
     yield
 
 
-def model(k, seed, model_seed=CONFIG.seed, scale=0.01):
-    return random_sparse_model(k, seed, model_seed, scale)
-
-
-def reply(node_id, content=None, error=None, server_round=1):
-    ins = Message(
-        content=RecordDict({"config": ConfigRecord({"server-round": server_round})}),
-        dst_node_id=node_id,
-        message_type=MessageType.TRAIN,
-        group_id=str(server_round),
-    )
-    TaskIdentity.node_id = node_id
-    try:
-        if error is not None:
-            return Message(error=error, reply_to=ins)
-        return Message(content=content, reply_to=ins)
-    finally:
-        TaskIdentity.node_id = 0
-
-
-def content(sparse_or_record, examples=100, k=2000, precision="fp32", **extra_metrics):
-    record = (
-        sparse_or_record
-        if isinstance(sparse_or_record, ArrayRecord)
-        else pack_sparse(sparse_or_record, precision)
-    )
-    metrics = {"num-examples": examples, "train-loss": 0.5, "k": k, **extra_metrics}
-    return RecordDict({SPARSE_RECORD: record, "metrics": MetricRecord(metrics)})
-
-
 def strategy():
     out = io.StringIO()
     return SparseDropBack(CONFIG, RoundRecorder("dropback", 3, None, Console(file=out))), out
-
-
-def raw_record(data: bytes) -> ArrayRecord:
-    array = Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)
-    return ArrayRecord({SPARSE_ARRAY: array})
 
 
 def test_merges_good_replies_like_the_reference():
