@@ -14,7 +14,7 @@ from dropfleet.common.sparse import materialize
 from dropfleet.common.train import evaluate, recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
-from dropfleet.server.checkpoint import resume
+from dropfleet.server.checkpoint import Checkpoint, resume
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
@@ -25,13 +25,18 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = RunConfig.from_mapping(context.run_config)
-    store = Store(config.store_url or None)
-    store.migrate()
     attempt = str(context.run_id)
-    checkpoint = resume(store, config, attempt) if config.resume_run else None
+    store = Store(str(context.run_config.get("store-url", "")) or None)
+    store.migrate()
+    try:
+        config = RunConfig.from_mapping(context.run_config)
+        checkpoint = resume(store, config, attempt) if config.resume_run else None
+    except BaseException as exc:
+        # A run the API registered as "starting" must not stay so (finish_run ignores unknown runs).
+        store.finish_run(attempt, "failed", _reason(exc), attempt=attempt)
+        raise
+    run_id = checkpoint.run_id if checkpoint else attempt
     if checkpoint is None:
-        run_id = attempt
         store.start_run(
             run_id,
             config.strategy,
@@ -41,8 +46,23 @@ def main(grid: Grid, context: Context) -> None:
             dict(context.run_config),
             attempt=attempt,
         )
-    else:
-        run_id = checkpoint.run_id
+    try:
+        _serve(grid, config, store, run_id, attempt, checkpoint)
+    except BaseException as exc:
+        # Every way out but success (data missing, results file unwritable, a failed round,
+        # a stop) records the run's end, so no run stays "running" without a ServerApp.
+        store.finish_run(run_id, "failed", _reason(exc), attempt=attempt)
+        raise
+    store.finish_run(run_id, "finished", attempt=attempt)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _serve(
+    grid: Grid, config: RunConfig, store: Store, run_id: str, attempt: str, checkpoint: Checkpoint | None
+) -> None:
     done = checkpoint.round if checkpoint else 0
     recorder = RoundRecorder(
         config.strategy,
@@ -53,6 +73,15 @@ def main(grid: Grid, context: Context) -> None:
         attempt=attempt,
         resumed_after=checkpoint.round if checkpoint else None,
     )
+    try:
+        _train(grid, config, recorder, checkpoint, done)
+    finally:
+        recorder.close()
+
+
+def _train(
+    grid: Grid, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None, done: int
+) -> None:
     test = load_fashion_mnist("test")
 
     @cache
@@ -96,20 +125,12 @@ def main(grid: Grid, context: Context) -> None:
         recorder.finish_round(server_round, result.accuracy, result.loss, published)
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=initial,
-            num_rounds=config.num_server_rounds - done,
-            timeout=config.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-            evaluate_fn=evaluate_on_test_set,
-        )
-    except BaseException as exc:
-        store.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}", attempt=attempt)
-        raise
-    else:
-        store.finish_run(run_id, "finished", attempt=attempt)
-    finally:
-        recorder.close()
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=config.num_server_rounds - done,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        evaluate_fn=evaluate_on_test_set,
+    )

@@ -16,8 +16,9 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dropfleet.common.errors import ConfigError, StaleWriterError
@@ -26,6 +27,8 @@ from dropfleet.server.store.schema import Node, PublishedModel, Round, Run
 DATABASE_URL_ENV = "DROPFLEET_DATABASE_URL"
 STATE_DIR_ENV = "DROPFLEET_STATE_DIR"
 MIGRATIONS = Path(__file__).with_name("migrations")
+# Statuses of a run that may still have (or be about to get) a ServerApp.
+LIVE_STATUSES = ("starting", "running")
 _ROUND_FIELDS = (
     "accuracy",
     "loss",
@@ -99,6 +102,31 @@ class Store:
             yield session
 
     # ----- writes (the aggregator) -------------------------------------------------
+    def register_run(
+        self, run_id: str, strategy: str, model_id: str, seed: int, num_rounds: int, config: dict[str, Any]
+    ) -> None:
+        """A run submitted to the SuperLink whose ServerApp has not started yet: status "starting".
+
+        A no-op when the ServerApp was quicker and recorded the run already.
+        """
+        run = Run(
+            run_id=run_id,
+            strategy=strategy,
+            model_id=model_id,
+            seed=seed,
+            num_rounds=num_rounds,
+            config=config,
+            status="starting",
+            attempt=run_id,
+            resumes=0,
+        )
+        try:
+            with self._tx() as s:
+                if s.get(Run, run_id) is None:
+                    s.add(run)
+        except IntegrityError:
+            pass  # inserted concurrently by the ServerApp
+
     def start_run(
         self,
         run_id: str,
@@ -109,26 +137,35 @@ class Store:
         config: dict[str, Any],
         attempt: str | None = None,
     ) -> None:
-        """Record a new run, owned by Flower run `attempt` (default: `run_id`)."""
+        """Record a new run (or one registered as "starting"), owned by Flower run `attempt`."""
+        for _ in range(2):  # a concurrent register_run may win the insert once
+            try:
+                with self._tx() as s:
+                    run = s.get(Run, run_id, with_for_update=True)
+                    if run is None:
+                        run = Run(run_id=run_id, resumes=0)
+                        s.add(run)
+                    run.strategy, run.model_id, run.seed = strategy, model_id, seed
+                    run.num_rounds, run.config = num_rounds, config
+                    run.status, run.error, run.finished_at = "running", None, None
+                    run.attempt = attempt or run_id
+                return
+            except IntegrityError:
+                continue
+        raise ConfigError(f"run {run_id} could not be recorded")
+
+    def fail_if_unfinished(self, run_id: str, attempt: str, reason: str) -> bool:
+        """Mark a run failed if it is still starting/running under `attempt` (its ServerApp is gone).
+
+        Conditional in one statement, so a ServerApp that recorded its own end first wins.
+        """
         with self._tx() as s:
-            run = s.get(Run, run_id)
-            if run is None:
-                s.add(
-                    Run(
-                        run_id=run_id,
-                        strategy=strategy,
-                        model_id=model_id,
-                        seed=seed,
-                        num_rounds=num_rounds,
-                        config=config,
-                        status="running",
-                        attempt=attempt or run_id,
-                        resumes=0,
-                    )
-                )
-            else:
-                run.status, run.error, run.finished_at = "running", None, None
-                run.attempt = attempt or run_id
+            done = s.execute(
+                update(Run)
+                .where(Run.run_id == run_id, Run.attempt == attempt, Run.status.in_(LIVE_STATUSES))
+                .values(status="failed", error=reason[:2000], finished_at=datetime.now(UTC))
+            )
+            return bool(done.rowcount)
 
     def take_over(self, run_id: str, attempt: str) -> None:
         """Make Flower run `attempt` the owner of `run_id`; from now on the old owner cannot publish."""
