@@ -80,6 +80,11 @@ def run_status(run_id: str, connection: str, env: Mapping[str, str], timeout: fl
     raise FlowerControlError(f"the SuperLink does not know run {run_id}")
 
 
+def list_runs(connection: str, env: Mapping[str, str], timeout: float = 60.0) -> Any:
+    """Every run the SuperLink knows (`flwr ls --format json`)."""
+    return _json(_flwr(["ls", connection, "--format", "json"], env, timeout))
+
+
 def is_live(run: Mapping[str, Any]) -> bool:
     """Whether a run from `run_status` may still have a ServerApp (pending, starting or running)."""
     return not str(run.get("status", "")).startswith("finished")

@@ -1,5 +1,7 @@
 """The FastAPI application factory: `dropfleet api` serves `create_app()` with uvicorn."""
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,6 +15,7 @@ from dropfleet.common.errors import DropfleetError, FlowerControlError
 from dropfleet.server.api import routes_fleet, routes_health, routes_metrics, routes_models, routes_runs
 from dropfleet.server.api.routes_metrics import make_registry
 from dropfleet.server.api.settings import Settings
+from dropfleet.server.api.superlink import SuperLinkView, reconcile_forever
 from dropfleet.server.store import Store
 
 STATIC = Path(__file__).with_name("static")
@@ -64,7 +67,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store.migrate()
+        app.state.superlink = SuperLinkView(settings, queries)
+        reconciler = (
+            asyncio.create_task(reconcile_forever(store, app.state.superlink, settings.reconcile_seconds))
+            if settings.reconcile_seconds
+            else None
+        )
         yield
+        if reconciler is not None:
+            reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconciler
         store.engine.dispose()
 
     app = FastAPI(
@@ -74,7 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Training status, fleet, metrics and published global models of dropfleet.",
     )
     app.state.settings, app.state.store = settings, store
-    app.state.registry, requests = make_registry(store)
+    app.state.registry, requests, queries = make_registry(store)
     for router in (
         routes_health.router,
         routes_runs.router,

@@ -3,13 +3,11 @@
 from datetime import UTC, datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from dropfleet.client.profiles import load_profiles
-from dropfleet.common.errors import FlowerControlError
-from dropfleet.server import flower_control
-from dropfleet.server.api.deps import SettingsDep, StoreDep, require_read
+from dropfleet.server.api.deps import StoreDep, require_read
 from dropfleet.server.api.schemas import NodeOut, ProfileOut
 
 router = APIRouter(prefix="/v1", tags=["fleet"], dependencies=[Depends(require_read)])
@@ -17,26 +15,15 @@ router = APIRouter(prefix="/v1", tags=["fleet"], dependencies=[Depends(require_r
 
 @router.get("/nodes", response_model=list[NodeOut])
 async def list_nodes(
+    request: Request,
     store: StoreDep,
-    settings: SettingsDep,
-    online: Annotated[bool, Query(description="ask the SuperLink which nodes are online")] = False,
+    online: Annotated[bool, Query(description="ask the SuperLink which nodes are online (cached)")] = False,
 ) -> list[dict]:
     """Every node that took part, with participation counters and bytes."""
     nodes = await run_in_threadpool(store.nodes)
     if online:
-        try:
-            listed = await run_in_threadpool(
-                flower_control.list_supernodes, settings.flower_connection, settings.flower_env
-            )
-        except FlowerControlError:
-            listed = None  # SuperLink unreachable: online stays unknown (null)
-        if listed is not None:
-            entries = listed.get("nodes", []) if isinstance(listed, dict) else listed
-            live = {
-                str(n.get("node-id")): str(n.get("status", "")).lower() == "online"
-                for n in entries
-                if isinstance(n, dict)
-            }
+        live = await request.app.state.superlink.online()
+        if live is not None:  # None: SuperLink unreachable, online stays unknown (null)
             for n in nodes:
                 n["online"] = live.pop(n["node_id"], False)
             now = datetime.now(UTC)

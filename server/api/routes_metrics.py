@@ -2,14 +2,15 @@
 
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dropfleet.server.api.deps import require_read
 from dropfleet.server.store import Store
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_read)])
 
 
 class StoreCollector(Collector):
@@ -43,11 +44,18 @@ class StoreCollector(Collector):
         yield nodes
 
 
-def make_registry(store: Store) -> tuple[CollectorRegistry, Counter]:
+def make_registry(store: Store) -> tuple[CollectorRegistry, Counter, Counter]:
+    """The registry, the request counter and the counter of `flwr` queries sent to the SuperLink."""
     registry = CollectorRegistry()
     registry.register(StoreCollector(store))
     requests = Counter("dropfleet_http_requests", "HTTP requests", ["method", "status"], registry=registry)
-    return registry, requests
+    queries = Counter(
+        "dropfleet_superlink_queries",
+        "flwr processes started to ask the SuperLink",
+        ["query"],
+        registry=registry,
+    )
+    return registry, requests, queries
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

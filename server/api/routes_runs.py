@@ -5,7 +5,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -14,6 +14,7 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.server import flower_control
 from dropfleet.server.api.deps import SettingsDep, StoreDep, require_admin, require_read
 from dropfleet.server.api.schemas import RoundOut, RunOut, StartedRun, StartRun
+from dropfleet.server.store.store import LIVE_STATUSES
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
 RunId = Annotated[str, Path(pattern=r"^[0-9]{1,20}$", description="Flower run id")]
@@ -76,9 +77,18 @@ async def round_events(
     store: StoreDep,
     settings: SettingsDep,
     after: Annotated[int, Query(ge=-1, le=10**6)] = -1,
+    last_event_id: Annotated[
+        str | None, Header(description="sent by EventSource on reconnect: the last round received")
+    ] = None,
 ) -> StreamingResponse:
-    """Server-sent events: one `round` event per published round, `end` when the run stops."""
+    """Server-sent events: one `round` event per published round, `end` when the run stops.
+
+    Each event's id is its round, so a reconnecting EventSource (`Last-Event-ID`)
+    resumes after the last round it received instead of receiving rounds twice.
+    """
     await run_in_threadpool(get_run_or_404, store, run_id)
+    if last_event_id is not None and last_event_id.isdigit() and len(last_event_id) <= 7:
+        after = max(after, int(last_event_id))
 
     async def stream() -> AsyncIterator[str]:
         last = after
@@ -88,7 +98,7 @@ async def round_events(
                 data = json.dumps(RoundOut(**r).model_dump(mode="json"))
                 yield f"event: round\nid: {last}\ndata: {data}\n\n"
             run = await run_in_threadpool(store.get_run, run_id)
-            if run is None or run["status"] != "running":
+            if run is None or run["status"] not in LIVE_STATUSES:
                 if not await run_in_threadpool(store.rounds, run_id, last):
                     yield f"event: end\ndata: {json.dumps({'status': run['status'] if run else 'gone'})}\n\n"
                     return
@@ -114,10 +124,15 @@ async def round_events(
         502: {"description": "the SuperLink refused or is unreachable"},
     },
 )
-async def start_run(body: StartRun, settings: SettingsDep) -> StartedRun:
-    """Submit a run to the SuperLink (`flwr run`) with run-config overrides."""
+async def start_run(body: StartRun, store: StoreDep, settings: SettingsDep) -> StartedRun:
+    """Submit a run to the SuperLink (`flwr run`) with run-config overrides.
+
+    The run is known at once (status `starting`) to `GET /runs/{id}` and its
+    events; the ServerApp turns it `running`, and a run whose ServerApp never
+    records an end is marked `failed` once the SuperLink reports it finished.
+    """
     try:
-        RunConfig.from_mapping(body.run_config)
+        config = RunConfig.from_mapping(body.run_config)
     except ConfigError as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     run_id = await run_in_threadpool(
@@ -126,6 +141,15 @@ async def start_run(body: StartRun, settings: SettingsDep) -> StartedRun:
         settings.flower_connection,
         body.run_config,
         settings.flower_env,
+    )
+    await run_in_threadpool(
+        store.register_run,
+        run_id,
+        config.strategy,
+        config.model_id,
+        config.seed,
+        config.num_server_rounds,
+        dict(body.run_config),
     )
     return StartedRun(run_id=run_id, attempt=run_id)
 
@@ -176,6 +200,9 @@ async def resume_run(
         run_config,
         settings.flower_env,
     )
+    # The new attempt owns the run from now: the old one can no longer publish, and the
+    # reconciler judges the run by the new attempt's status.
+    await run_in_threadpool(store.hand_over, run_id, attempt)
     return StartedRun(run_id=run_id, attempt=attempt)
 
 

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     flower_connection: str = "local"
     flwr_home: str = str(PROJECT_ROOT / ".flwr")
     event_poll_seconds: float = 0.5
+    # One shared `flwr` query per this many seconds, whoever asks (server/api/superlink.py).
+    superlink_cache_seconds: float = Field(5.0, ge=0.5)
+    # How often live runs are checked against the SuperLink (0: never).
+    reconcile_seconds: float = Field(10.0, ge=0)
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> "Settings":

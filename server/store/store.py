@@ -167,6 +167,15 @@ class Store:
             )
             return bool(done.rowcount)
 
+    def hand_over(self, run_id: str, attempt: str) -> None:
+        """The API started Flower run `attempt` to resume `run_id`: it owns the run from now ("starting")."""
+        with self._tx() as s:
+            run = s.get(Run, run_id, with_for_update=True)
+            if run is None or run.status == "finished":
+                raise ConfigError(f"cannot hand run {run_id} over: it does not exist or has finished")
+            run.attempt = attempt
+            run.status, run.error, run.finished_at = "starting", None, None
+
     def take_over(self, run_id: str, attempt: str) -> None:
         """Make Flower run `attempt` the owner of `run_id`; from now on the old owner cannot publish."""
         with self._tx() as s:

@@ -87,10 +87,8 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         )
         assert started.status_code == 202, started.text
         run_id = started.json()["run_id"]
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{api}/v1/runs/{run_id}").status_code == 404:  # the ServerApp registers the run
-            assert time.monotonic() < deadline, "run never appeared in the store"
-            time.sleep(1)
+        # Known at once, before its ServerApp starts: no 404 between POST and the first round.
+        assert httpx.get(f"{api}/v1/runs/{run_id}").json()["status"] in ("starting", "running")
         events = []
         with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=600) as stream:
             for line in stream.iter_lines():
@@ -118,8 +116,6 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
             timeout=120,
             json={"run_config": {"num-server-rounds": 100, "train-subset": 300, "fraction-evaluate": 0.0}},
         ).json()["run_id"]
-        while httpx.get(f"{api}/v1/runs/{long_run}").status_code == 404:
-            time.sleep(1)
         stopped = httpx.post(f"{api}/v1/runs/{long_run}/stop", headers=auth, timeout=120)
         assert stopped.status_code == 202, stopped.text
         time.sleep(3)
@@ -127,6 +123,21 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         rounds_then = len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json())
         time.sleep(5)
         assert len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json()) == rounds_then < 100
+        # A run whose ServerApp dies before it can record anything (its store cannot be opened)
+        # is marked failed by the API once the SuperLink reports the Flower run finished.
+        (tmp_path / "a-file").write_text("")
+        doomed = httpx.post(
+            f"{api}/v1/runs",
+            headers=auth,
+            timeout=120,
+            json={"run_config": {"store-url": f"sqlite:///{tmp_path}/a-file/store.db"}},
+        ).json()["run_id"]
+        assert httpx.get(f"{api}/v1/runs/{doomed}").json()["status"] == "starting"
+        deadline = time.monotonic() + 120
+        while (info := httpx.get(f"{api}/v1/runs/{doomed}").json())["status"] == "starting":
+            assert time.monotonic() < deadline, "a run without a ServerApp stayed 'starting'"
+            time.sleep(2)
+        assert info["status"] == "failed" and "finished:failed" in info["error"], info
     finally:
         down = run("fleet", "down", "--state-dir", str(state))
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -4,6 +4,7 @@ import hashlib
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -201,6 +202,9 @@ def test_read_access_by_token(tmp_path):
             httpx.get(live.url + "/v1/runs", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
         )
         assert httpx.get(live.url + "/v1/health").status_code == 200  # probes stay open
+        assert httpx.get(live.url + "/metrics").status_code == 401  # training figures are read access
+        reader = {"Authorization": f"Bearer {READER}"}
+        assert "dropfleet_runs" in httpx.get(live.url + "/metrics", headers=reader).text
     finally:
         stop([live.proc])
 
@@ -216,3 +220,56 @@ def test_refuses_to_start_with_a_placeholder_secret_outside_development():
 def test_online_state_is_unknown_when_the_superlink_is_unreachable(api):
     r = httpx.get(api.url + "/v1/nodes", params={"online": True}, timeout=120)
     assert r.status_code == 200 and {n["online"] for n in r.json()} == {None}
+
+
+def _events(url, **headers):
+    kinds = []
+    with httpx.stream("GET", url, headers=headers, timeout=20) as r:
+        for line in r.iter_lines():
+            if line.startswith(("event:", "id:")):
+                kinds.append(line.replace(" ", ""))
+    return kinds
+
+
+def test_an_eventsource_reconnect_resumes_after_its_last_event_id(api):
+    url = api.url + "/v1/runs/101/events"
+    assert _events(url) == ["event:round", "id:0", "event:round", "id:1", "event:round", "id:2", "event:end"]
+    assert _events(url, **{"Last-Event-ID": "1"}) == ["event:round", "id:2", "event:end"]
+    assert _events(url, **{"Last-Event-ID": "garbage"})[:2] == ["event:round", "id:0"]  # ignored, not a 500
+
+
+def test_a_starting_run_is_followed_until_its_serverapp_takes_it(api):
+    api.store.register_run("505", "dropback", "mlp-90k", 0, 1, {})
+    assert httpx.get(api.url + "/v1/runs/505").json()["status"] == "starting"
+
+    def serverapp():
+        time.sleep(0.5)
+        api.store.start_run("505", "dropback", "mlp-90k", 0, 1, {"num-server-rounds": 1})
+        api.store.publish_round("505", 0, {"accuracy": 0.1}, None, 0)
+        time.sleep(0.3)
+        api.store.finish_run("505", "finished")
+
+    threading.Thread(target=serverapp).start()
+    assert _events(api.url + "/v1/runs/505/events") == ["event:round", "id:0", "event:end"]
+    assert httpx.get(api.url + "/v1/runs/505").json()["status"] == "finished"
+
+
+def test_nodes_online_is_one_shared_superlink_query(tmp_path):
+    """Anonymous callers cannot start `flwr` processes: 12 concurrent requests share one query."""
+    live = start_api(tmp_path, DROPFLEET_SUPERLINK_CACHE_SECONDS="300", DROPFLEET_RECONCILE_SECONDS="0")
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: (
+                        httpx.get(live.url + "/v1/nodes", params={"online": True}, timeout=120).status_code
+                    ),
+                    range(12),
+                )
+            )
+        assert codes == [200] * 12
+        assert httpx.get(live.url + "/v1/nodes", params={"online": True}, timeout=120).status_code == 200
+        metrics = httpx.get(live.url + "/metrics").text
+        assert 'dropfleet_superlink_queries_total{query="nodes"} 1.0' in metrics
+    finally:
+        stop([live.proc])

@@ -142,3 +142,22 @@ def test_every_integer_a_reply_may_carry_fits_its_column(store_url):
     node = store.nodes()[0]
     assert node["k"] == node["partition_id"] == node["bytes_up"] == MAX_COUNT
     assert store.rounds("9")[0]["tracked"] == 2**40
+
+
+def test_a_registered_run_is_taken_by_its_serverapp_whichever_comes_first(store_url):
+    store = Store(store_url)
+    store.migrate()
+    store.register_run("1", "dropback", "mlp-90k", 0, 3, {"seed": 0})
+    assert store.get_run("1")["status"] == "starting"
+    store.start_run("1", "dropback", "mlp-90k", 0, 3, {"seed": 0, "num-server-rounds": 3})
+    assert (
+        store.get_run("1")["status"] == "running" and store.get_run("1")["config"]["num-server-rounds"] == 3
+    )
+    store.start_run("2", "dropback", "mlp-90k", 0, 3, {})
+    store.register_run("2", "dropback", "mlp-90k", 0, 3, {})  # the ServerApp was quicker: nothing changes
+    assert store.get_run("2")["status"] == "running"
+    # The reconciler's update is conditional: only a live run of that very attempt fails.
+    assert not store.fail_if_unfinished("2", "999", "gone")
+    store.finish_run("2", "finished")
+    assert not store.fail_if_unfinished("2", "2", "gone") and store.get_run("2")["status"] == "finished"
+    assert store.fail_if_unfinished("1", "1", "gone") and store.get_run("1")["error"] == "gone"
