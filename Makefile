@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test test-all lint proto locks compose bench bench-quick clean
+.PHONY: install data demo test test-e2e test-all lint proto locks compose bench bench-quick clean
 
 install: $(STAMP) data
 
@@ -40,7 +40,13 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not e2e"
+
+# Deployment end to end: the containerized fleet (a private Docker engine, images built from
+# deploy/; needs root and Debian's docker.io, docker-compose and mmdebstrap) and the edge kit
+# installed into a prefix joining a fleet. About 15 minutes; CI runs it after `make test`.
+test-e2e: install
+	$(PY) -m pytest -q -s -m e2e
 
 test-all: install
 	$(PY) -m pytest -q

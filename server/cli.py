@@ -320,14 +320,30 @@ def compose(
     streaming: Annotated[
         bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
     ] = False,
+    network: Annotated[
+        str, typer.Option(help="bridge: a compose network; host: every service on the host's 127.0.0.1")
+    ] = "bridge",
+    superlink_port: Annotated[int, typer.Option(help="SuperLink port")] = 8000,
+    api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
+    node_port_base: Annotated[
+        int, typer.Option(help="with --network host: node i's runtime API port is this + i")
+    ] = 9100,
 ) -> None:
     """Print a docker-compose.yml for a fleet of N SuperNodes (same topology as `fleet up`)."""
     from dropfleet.deploy.compose import render
     from dropfleet.deploy.fleet import FleetSpec
 
-    spec = FleetSpec(nodes=nodes, profiles=_profiles(profiles), tls=tls, streaming=streaming)
+    spec = FleetSpec(
+        nodes=nodes,
+        profiles=_profiles(profiles),
+        tls=tls,
+        streaming=streaming,
+        superlink_port=superlink_port,
+        api_port=api_port,
+        node_port_base=node_port_base,
+    )
     spec.validate()
-    typer.echo(render(spec), nl=False)
+    typer.echo(render(spec, network), nl=False)
 
 
 @app.command()

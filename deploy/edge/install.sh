@@ -27,17 +27,30 @@ echo "venv in $PREFIX/venv"
 "$PYTHON" -m venv "$PREFIX/venv"
 "$PREFIX/venv/bin/pip" install -q --upgrade pip
 # Pinned client wheels; torch==2.13.0 is a CPU build on aarch64 (PyPI) and from
-# PyTorch's CPU index on x86_64.
-"$PREFIX/venv/bin/pip" install -q --extra-index-url https://download.pytorch.org/whl/cpu \
-  -r "$REPO/requirements-client.lock"
+# PyTorch's CPU index on x86_64. Offline or behind a proxy, say where the CPU wheel is:
+#     TORCH_SOURCE="--find-links /path/to/wheels" deploy/edge/install.sh
+TORCH_SOURCE=${TORCH_SOURCE-"--extra-index-url https://download.pytorch.org/whl/cpu"}
+# shellcheck disable=SC2086 # TORCH_SOURCE is pip arguments
+"$PREFIX/venv/bin/pip" install -q $TORCH_SOURCE -r "$REPO/requirements-client.lock"
 "$PREFIX/venv/bin/pip" install -q --no-deps "$REPO"
 "$PREFIX/venv/bin/python" -c 'import dropfleet.client.app' # the ClientApp imports
+
+# The demo data set (a board with its own data sets DROPFLEET_DATA_DIR in node.env instead).
+if [ ! -e /usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist as root)," \
+      "or point DROPFLEET_DATA_DIR in node.env at this board's data" >&2
+  fi
+fi
 
 mkdir -p "$ETC/keys"
 [ -f "$ETC/node.env" ] || cp "$REPO/deploy/edge/node.env" "$ETC/node.env"
 if [ ! -f "$ETC/keys/node_key" ]; then
   ssh-keygen -q -t ecdsa -b 384 -N "" -f "$ETC/keys/node_key" -C dropfleet-node
-  echo "node public key: $ETC/keys/node_key.pub (register it: flwr supernode register $ETC/keys/node_key.pub fleet)"
+  echo "node public key: $ETC/keys/node_key.pub (with node authentication on: register it with" \
+    "flwr supernode register $ETC/keys/node_key.pub fleet, and set AUTH_ARGS in node.env)"
 fi
 
 if [ "$SYSTEMD" = 1 ]; then

@@ -1,6 +1,9 @@
 """All API settings in one place (environment variables prefixed DROPFLEET_)."""
 
+import os
+import secrets
 from functools import cached_property
+from logging import getLogger
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +14,7 @@ from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
 from dropfleet.server.store.store import default_database_url
 
 PLACEHOLDER_TOKEN = "change-me"
+logger = getLogger(__name__)
 
 
 class Settings(BaseSettings):
@@ -19,6 +23,8 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = "development"
     database_url: str = Field(default_factory=default_database_url)
     admin_token: SecretStr = SecretStr(PLACEHOLDER_TOKEN)
+    # Without an admin token: read it from this file, created with a random token on first start.
+    admin_token_file: Path | None = None
     read_access: Literal["open", "token"] = "open"
     read_token: SecretStr | None = None
     max_request_bytes: int = 64 * 1024
@@ -32,6 +38,15 @@ class Settings(BaseSettings):
     superlink_cache_seconds: float = Field(5.0, ge=0.5)
     # How often live runs are checked against the SuperLink (0: never).
     reconcile_seconds: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _admin_token_from_file(self) -> "Settings":
+        given = self.admin_token.get_secret_value()
+        if self.admin_token_file is not None and given in ("", PLACEHOLDER_TOKEN):
+            self.admin_token = SecretStr(read_or_create_token(self.admin_token_file))
+        elif not given:
+            raise ValueError("DROPFLEET_ADMIN_TOKEN is empty; set a token or DROPFLEET_ADMIN_TOKEN_FILE")
+        return self
 
     @model_validator(mode="after")
     def _no_placeholder_secrets_in_production(self) -> "Settings":
@@ -52,3 +67,17 @@ class Settings(BaseSettings):
     def flower_env(self) -> dict[str, str]:
         """Environment for `flwr` calls: offline-safe, with this deployment's FLWR_HOME."""
         return simulation_env(Path(self.flwr_home))
+
+
+def read_or_create_token(path: Path) -> str:
+    """The token in `path`, or a new random one written there (mode 0600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        logger.warning("Created a random admin token in %s", path)
+    token = path.read_text().strip()
+    if len(token) < 16:
+        raise ValueError(f"the admin token in {path} is shorter than 16 characters")
+    return token

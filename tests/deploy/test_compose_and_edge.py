@@ -49,6 +49,30 @@ def _normalize(cmd: list[str], local: bool, state: Path) -> list[str]:
     return out
 
 
+def test_host_network_compose_binds_loopback_only(tmp_path):
+    spec = FleetSpec(nodes=3, superlink_port=18000, api_port=18080, node_port_base=19100)
+    text = render(spec, "host")
+    services = yaml.safe_load(text)["services"]
+    assert "ports" not in text and "networks" not in yaml.safe_load(text)
+    assert {svc["network_mode"] for svc in services.values()} == {"host"}  # profile-only ones too
+    commands = [" ".join(svc.get("command", [])) for svc in services.values()]
+    assert "0.0.0.0" not in " ".join(commands) and "superlink:" not in " ".join(commands)
+    runtime = [services[f"supernode-{i}"]["command"] for i in range(3)]
+    assert [c[c.index("--port") + 1] for c in runtime] == ["19100", "19101", "19102"]
+    assert "127.0.0.1:19101" in services["superexec-clientapp-1"]["command"]
+    if shutil.which("docker-compose"):
+        path = tmp_path / "host.yml"
+        path.write_text(text)
+        for profile in ([], ["--profile", "postgres"]):
+            done = subprocess.run(
+                ["docker-compose", "-f", str(path), *profile, "config", "-q"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            assert done.returncode == 0, done.stderr
+
+
 def test_compose_runs_what_the_process_fleet_runs(tmp_path):
     spec = FleetSpec(nodes=3, node_port_base=9094, state_dir=tmp_path)
     local = topology(spec, local_layout(spec, tmp_path))
@@ -70,7 +94,12 @@ def test_every_service_is_healthy_ordered_and_constrained():
     assert services["api"]["depends_on"]["superlink"]["condition"] == "service_healthy"
     assert "--isolation" in services["superlink"]["command"] and "process" in services["superlink"]["command"]
     assert any(a.startswith("--ssl-certfile") for a in services["superlink"]["command"])
-    assert services["superlink"]["ports"] == ["8000:8000"] and services["api"]["ports"] == ["8080:8080"]
+    # Published on 127.0.0.1 unless the user opts in; the API makes a random admin token on first start.
+    assert services["superlink"]["ports"] == ["${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8000:8000"]
+    assert services["api"]["ports"] == ["${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8080:8080"]
+    assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN"] == "${DROPFLEET_ADMIN_TOKEN:-}"
+    assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN_FILE"] == "/flwr/admin-token"
+    assert "flwr-home:/flwr" in services["api"]["volumes"]  # writable: Flower writes credentials there
     for name, svc in services.items():
         if name.startswith("superexec-clientapp-"):
             i = int(name.rsplit("-", 1)[1])

@@ -1,0 +1,128 @@
+"""The edge kit joins a fleet: install.sh into a prefix, then the installed units' command lines
+(with node.env expanded as systemd would) start a SuperNode and its SuperExec against a process
+fleet's TLS SuperLink, and the board trains a round beside the fleet's own node."""
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.deploy.test_fleet_e2e import fleet_up, free_range, run
+from tests.integration.procs import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+EDGE = ROOT / "deploy" / "edge"
+
+
+def read_env(path: Path) -> dict[str, str]:
+    """An EnvironmentFile: KEY=VALUE lines, comments and blanks ignored."""
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            env[key.strip()] = value
+    return env
+
+
+def exec_start(unit: Path, env: dict[str, str], prefix: Path) -> list[str]:
+    """ExecStart of a unit as systemd runs it: `${VAR}` is one word, `$VAR` splits on spaces."""
+    line = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
+    line = line.removeprefix("ExecStart=").replace("/opt/dropfleet", str(prefix))
+    words = []
+    for word in shlex.split(line):
+        if re.fullmatch(r"\$[A-Z_]+", word):
+            words += env.get(word[1:], "").split()
+        else:
+            words.append(re.sub(r"\$\{([A-Z_]+)\}", lambda m: env.get(m.group(1), ""), word))
+    return words
+
+
+def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
+    prefix, etc = tmp_path / "opt", tmp_path / "etc"
+    t0 = time.monotonic()
+    wheels = os.environ.get("PIP_FIND_LINKS", "").split()
+    torch_source = f"--find-links {wheels[0]}" if wheels else None
+    env = {**os.environ, **({"TORCH_SOURCE": torch_source} if torch_source else {})}
+    installed = subprocess.run(
+        [str(EDGE / "install.sh"), "--prefix", str(prefix), "--etc", str(etc), "--no-systemd"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
+    assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
+    install_seconds = time.monotonic() - t0
+
+    state = tmp_path / "fleet"
+    link = free_port()
+    up = fleet_up(state, 1, "--profiles", "jetson-8g", link_port=link)  # always available
+    board: list[subprocess.Popen] = []
+    try:
+        assert up.returncode == 0, up.stderr + up.stdout
+        api = json.loads(up.stdout)["api"]
+        node_env = read_env(etc / "node.env")
+        assert node_env["SUPERLINK"].endswith(":8000") and node_env["AUTH_ARGS"] == ""  # the kit's defaults
+        node_env |= {
+            "SUPERLINK": f"127.0.0.1:{link}",
+            "ROOT_CERTIFICATES": str(state / "certs" / "ca.crt"),
+            "RUNTIME_PORT": str(free_range(1)),
+            "NODE_CONFIG": 'profile="pi4-4g" partition-id=1 num-partitions=2',
+        }
+        process_env = {**os.environ, **node_env, "HOME": str(tmp_path / "home")}
+        for unit in ("dropfleet-supernode.service", "dropfleet-superexec.service"):
+            cmd = exec_start(EDGE / unit, node_env, prefix)
+            assert cmd[0].startswith(str(prefix / "venv" / "bin")), cmd
+            log = (tmp_path / f"{unit}.log").open("w")
+            board.append(
+                subprocess.Popen(
+                    cmd, env=process_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+            time.sleep(2)
+        token = (state / "admin-token").read_text()
+        deadline = time.monotonic() + 120
+        while len(httpx.get(f"{api}/v1/nodes", params={"online": True}, timeout=60).json()) < 2:
+            assert time.monotonic() < deadline, (tmp_path / "dropfleet-supernode.service.log").read_text()[
+                -3000:
+            ]
+            time.sleep(3)
+        started = httpx.post(
+            f"{api}/v1/runs",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=120,
+            json={
+                "run_config": {
+                    "num-server-rounds": 1,
+                    "train-subset": 200,
+                    "min-available-nodes": 2,
+                    "min-train-nodes": 2,
+                    "fraction-evaluate": 0.0,
+                }
+            },
+        )
+        assert started.status_code == 202, started.text
+        run_id = started.json()["run_id"]
+        events = []
+        with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=600) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data:"):
+                    events.append(json.loads(line[5:]))
+        assert events[-1] == {"status": "finished"}, events
+        assert [e["replied"] for e in events if e.get("round") == 1] == [2]
+        profiles = {n["profile"] for n in httpx.get(f"{api}/v1/nodes", timeout=30).json()}
+        assert "pi4-4g" in profiles  # the board's own node config reached the server
+    finally:
+        for p in board:
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait(30)
+        run("fleet", "down", "--state-dir", str(state))
+    print(f"\nedge install: {install_seconds:.0f} s ({sys.version_info[0]}.{sys.version_info[1]})")
