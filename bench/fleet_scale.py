@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import run_simulation
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -92,12 +93,12 @@ def main() -> None:
         sampler = RssSampler(since=time.time() - 0.5)
         sampler.start()
         t0 = time.monotonic()
-        code = run_simulation(nodes, config, work / "flwr", timeout=3600)
+        code = run_simulation(nodes, config, work / "flwr", timeout=3600).code
         wall = time.monotonic() - t0
         peak = sampler.stop()
         if code != 0:
             raise SystemExit(f"flwr run exited with {code}")
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        rows = read_results(results)["rounds"]
     trained = rows[1:]
     per_round_s = [r["seconds"] for r in trained]
     report = {

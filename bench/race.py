@@ -37,6 +37,7 @@ from dropfleet.deploy.fleet import FleetSpec
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
 from dropfleet.server.flower_control import is_live, run_status, start_run
+from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import PROJECT_ROOT, run_simulation, simulation_env
 from dropfleet.server.store import Store
 
@@ -56,10 +57,10 @@ def run(strategy: str, nodes: int, rounds: int, subset: int, work: Path) -> dict
         "store-url": f"sqlite:///{work / 'store.db'}",
         "train-subset": subset,
     }
-    code = run_simulation(nodes, config, work / f"flwr-{strategy}", timeout=3600)
+    code = run_simulation(nodes, config, work / f"flwr-{strategy}", timeout=3600).code
     if code != 0:
         raise SystemExit(f"{strategy}: flwr run exited with {code}")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = read_results(results)["rounds"]
     total = 0
     curve = []
     for r in rows:

@@ -48,6 +48,20 @@ def fashion_mnist_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_FASHION_MNIST_DIR)
 
 
+def check_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory, if all four IDX files are there; else `DatasetError` naming what is missing."""
+    root = fashion_mnist_dir(data_dir)
+    for images, labels in _FILES.values():
+        for name in (images, labels):
+            if not (root / f"{name}.gz").exists() and not (root / name).exists():
+                raise DatasetError(
+                    f"Fashion-MNIST: {name}[.gz] not found in {root}. Install Debian's "
+                    f"dataset-fashion-mnist package (apt-get install dataset-fashion-mnist) "
+                    f"or point ${DATA_DIR_ENV} at a directory with the four IDX files."
+                )
+    return root
+
+
 def _open(path: Path) -> bytes:
     for candidate in (path.with_name(path.name + ".gz"), path):
         if candidate.exists():

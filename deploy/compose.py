@@ -13,7 +13,7 @@ says otherwise, and the API's admin token is a random one created on first
 start in the `flwr-home` volume unless DROPFLEET_ADMIN_TOKEN is given.
 """
 
-import copy
+import json
 from typing import Any
 
 import yaml
@@ -193,7 +193,8 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             svc.pop("ports", None)  # nothing to publish: services bind the host's loopback directly
             svc["network_mode"] = "host"
     volumes = {name: {} for name in ("certs", "flwr-home", "superlink", "store", "postgres")}
-    return {"services": copy.deepcopy(services), "volumes": volumes}  # deep copy: no YAML anchors
+    # A JSON round trip unshares the dicts services share, so the YAML has no anchors.
+    return json.loads(json.dumps({"services": services, "volumes": volumes}))
 
 
 def _local(layout: Layout) -> str:

@@ -44,7 +44,7 @@ class RunConfig:
     max_examples: int = 100_000
     max_k: int = 0
     max_abs_value: float = 1000.0
-    results_file: str = "results/run.jsonl"
+    results_file: str = "results/{run_id}.jsonl"
     store_url: str = ""
     aggregation: str = "mean"
     trim_fraction: float = 0.1
@@ -105,10 +105,18 @@ class RunConfig:
                 self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
             ),
         ]
+        choices = {
+            "strategy": STRATEGIES,
+            "model-id": tuple(MODELS),
+            "partitioner": PARTITIONERS,
+            "value-precision": PRECISIONS,
+            "aggregation": RULES,
+        }
         for key, ok in checks:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
-                raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}")
+                known = f"; known: {', '.join(choices[key])}" if key in choices else ""
+                raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}{known}")
         if self.resume_run and self.strategy != "dropback":
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"

@@ -1,6 +1,8 @@
 """The Flower ServerApp: runs the sparse DropBack strategy (or the dense baseline)."""
 
+import platform
 from functools import cache
+from importlib import metadata
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from dropfleet.common.train import evaluate, recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import Checkpoint, resume
+from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
@@ -47,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
             attempt=attempt,
         )
     try:
-        _serve(grid, config, store, run_id, attempt, checkpoint)
+        _serve(grid, context, config, store, run_id, attempt, checkpoint)
     except BaseException as exc:
         # Every way out but success (data missing, results file unwritable, a failed round,
         # a stop) records the run's end, so no run stays "running" without a ServerApp.
@@ -61,7 +64,13 @@ def _reason(exc: BaseException) -> str:
 
 
 def _serve(
-    grid: Grid, config: RunConfig, store: Store, run_id: str, attempt: str, checkpoint: Checkpoint | None
+    grid: Grid,
+    context: Context,
+    config: RunConfig,
+    store: Store,
+    run_id: str,
+    attempt: str,
+    checkpoint: Checkpoint | None,
 ) -> None:
     done = checkpoint.round if checkpoint else 0
     recorder = RoundRecorder(
@@ -72,11 +81,40 @@ def _serve(
         run_id=run_id,
         attempt=attempt,
         resumed_after=checkpoint.round if checkpoint else None,
+        header=_header(run_id, attempt, config, context),
     )
     try:
+        check_run(context.run_config)  # device profiles and data, before any round
         _train(grid, config, recorder, checkpoint, done)
+    except BaseException as exc:
+        recorder.end("failed", _reason(exc))
+        raise
+    else:
+        recorder.end("finished")
     finally:
         recorder.close()
+
+
+def _header(run_id: str, attempt: str, config: RunConfig, context: Context) -> dict[str, object]:
+    versions = {name: _version(name) for name in ("dropfleet", "flwr", "torch", "numpy")}
+    versions["python"] = platform.python_version()
+    return {
+        "run_id": run_id,
+        "attempt": attempt,
+        "strategy": config.strategy,
+        "model_id": config.model_id,
+        "seed": config.seed,
+        "num_rounds": config.num_server_rounds,
+        "config": dict(context.run_config),
+        "versions": versions,
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _train(

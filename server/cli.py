@@ -2,13 +2,17 @@
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from dropfleet.common.errors import ConfigError, DatasetError
+from dropfleet.fleet.config import STRATEGIES
 from dropfleet.server.api_client import ApiClient, ApiError
+from dropfleet.server.preflight import check_run
+from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import PROJECT_ROOT, run_simulation
 
 app = typer.Typer(help="dropfleet: federated DropBack on Flower.", no_args_is_help=True)
@@ -24,16 +28,22 @@ def simulate(
     nodes: Annotated[int, typer.Option(help="simulated devices (SuperNodes)")] = 12,
     rounds: Annotated[int | None, typer.Option(help="federated rounds (default: pyproject)")] = None,
     strategy: Annotated[
-        str | None, typer.Option(help="dropback, or fedavg for the dense baseline (default: pyproject)")
+        str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)} (default: pyproject)")
     ] = None,
-    results: Annotated[Path, typer.Option(help="JSON-lines results file")] = Path("results/run.jsonl"),
+    results: Annotated[
+        Path | None, typer.Option(help="JSON-lines results file (default: results/RUN_ID.jsonl)")
+    ] = None,
     config: Annotated[
         list[str] | None, typer.Option("--config", "-c", help="extra run-config key=value")
     ] = None,
     flwr_home: Annotated[Path, typer.Option(help="Flower home for this run")] = PROJECT_ROOT / ".flwr",
 ) -> None:
-    """Train on Flower's Simulation Engine (`flwr run .`) and print each round."""
-    run_config: dict[str, object] = {"results-file": str(results.resolve())}
+    """Train on Flower's Simulation Engine (`flwr run .`) and print each round.
+
+    Exits 0 only when the run finished; otherwise non-zero with the reason on the last line.
+    """
+    template = str(results.resolve()) if results else str(PROJECT_ROOT / "results" / "{run_id}.jsonl")
+    run_config: dict[str, object] = {"results-file": template}
     if rounds is not None:
         run_config["num-server-rounds"] = rounds
     if strategy is not None:
@@ -41,7 +51,27 @@ def simulate(
     for item in config or []:
         key, _, value = item.partition("=")
         run_config[key] = _parse_value(value)
-    raise typer.Exit(run_simulation(nodes, run_config, flwr_home.resolve()))
+    if nodes < 1:
+        _exit(2, f"--nodes must be at least 1, got {nodes}")
+    try:
+        check_run(run_config)  # before any SuperLink or Ray starts
+    except (ConfigError, DatasetError) as exc:
+        _exit(2, str(exc))
+    sim = run_simulation(nodes, run_config, flwr_home.resolve())
+    if sim.run_id is None:
+        _exit(sim.code or 1, "flwr run did not start a run (see its output above)")
+    path = Path(template.replace("{run_id}", sim.run_id))
+    end = read_results(path)["end"] if path.exists() else None
+    if end is None:
+        _exit(1, f"run {sim.run_id} ended without recording an outcome in {path}")
+    if end["status"] != "finished":
+        _exit(1, f"run {sim.run_id} {end['status']}: {end['error']}")
+    console.print(f"run {sim.run_id} finished; results in {path}")
+
+
+def _exit(code: int, reason: str) -> NoReturn:
+    typer.echo(f"error: {reason}", err=True)
+    raise typer.Exit(code)
 
 
 @app.command()

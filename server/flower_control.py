@@ -15,7 +15,7 @@ from typing import Any
 from dropfleet.common.errors import FlowerControlError
 
 FLWR = str(Path(sys.executable).parent / "flwr")
-_RUN_ID = re.compile(r"Successfully started run (\d+)")
+STARTED_RUN = re.compile(r"Successfully started run (\d+)")
 
 
 def _flwr(args: list[str], env: Mapping[str, str], timeout: float, cwd: str | None = None) -> str:
@@ -61,7 +61,7 @@ def start_run(
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     args = ["run", app_dir, connection] + (["--run-config", overrides] if overrides else [])
     out = _flwr(args, env, timeout, cwd=app_dir)
-    match = _RUN_ID.search(out)
+    match = STARTED_RUN.search(out)
     if not match:
         raise FlowerControlError(f"flwr run printed no run id: {out.strip()[-300:]}")
     return match.group(1)

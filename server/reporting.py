@@ -3,6 +3,7 @@
 import json
 import time
 from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,20 @@ class RoundStats:
         return events
 
 
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results file split into its header, round lines and end line (None while running)."""
+    lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    return {
+        "header": next((x for x in lines if x.get("type") == "header"), None),
+        "rounds": [x for x in lines if x.get("type") == "round"],
+        "end": lines[-1] if lines and lines[-1].get("type") == "end" else None,
+    }
+
+
 class RoundRecorder:
     """Collects what the strategy sees in a round and emits one report per round."""
 
@@ -66,17 +81,24 @@ class RoundRecorder:
         run_id: str = "",
         attempt: str | None = None,
         resumed_after: int | None = None,
+        header: dict[str, Any] | None = None,
     ) -> None:
         """`attempt` fences store writes to the owning Flower run; `resumed_after` is the
-        last round published before a resume (its results file is appended to, not reset)."""
+        last round published before a resume (its results file is appended to, not reset).
+
+        The results file (`{run_id}` in its name is replaced) gets a `header` line
+        (or a `resume` line), one `round` line per round and an `end` line.
+        """
         self.strategy = strategy
         self.store, self.run_id, self.attempt = store, run_id, attempt
         self.console = console or Console(highlight=False, soft_wrap=True)
-        self.path = Path(results_file) if results_file else None
+        self.path = Path(str(results_file).replace("{run_id}", run_id)) if results_file else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if resumed_after is None:
                 self.path.write_text("")
+            kind = "header" if resumed_after is None else "resume"
+            self._write({"type": kind, **(header or {}), "resumed_after": resumed_after, "at": _now()})
         self.history: list[RoundStats] = []
         self._current = RoundStats(round=0, strategy=strategy)
         self._started = time.monotonic()
@@ -115,14 +137,21 @@ class RoundRecorder:
                 stats.fleet_events(),
                 attempt=self.attempt,
             )
-        if self.path:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(stats.report()) + "\n")
+        self._write({"type": "round", "run_id": self.run_id, **stats.report()})
         self._print(stats)
         if server_round:
             self._progress.advance(self._task)
         self._current = RoundStats(round=-1, strategy=self.strategy)
         return stats
+
+    def end(self, status: str, error: str | None = None) -> None:
+        """The results file's last line: how the run (or this attempt of it) ended."""
+        self._write({"type": "end", "run_id": self.run_id, "status": status, "error": error, "at": _now()})
+
+    def _write(self, line: dict[str, Any]) -> None:
+        if self.path:
+            with self.path.open("a") as fh:
+                fh.write(json.dumps(line, default=str) + "\n")
 
     def close(self) -> None:
         self._progress.stop()

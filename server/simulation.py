@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from dropfleet.server.flower_control import toml_value
+from dropfleet.server.flower_control import STARTED_RUN, toml_value
 
 OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -88,6 +89,12 @@ def stop_managed_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
     return pids
 
 
+@dataclass(frozen=True)
+class Simulated:
+    code: int  # `flwr run`'s exit code (0 even when the run itself failed: read the results)
+    run_id: str | None  # the Flower run id it printed
+
+
 def run_simulation(
     num_supernodes: int,
     run_config: Mapping[str, object],
@@ -95,8 +102,8 @@ def run_simulation(
     superlink_port: int | None = None,
     extra_env: Mapping[str, str] | None = None,
     timeout: float | None = None,
-) -> int:
-    """`flwr run . --stream` on a fresh local simulation; returns its exit code."""
+) -> Simulated:
+    """`flwr run . --stream` on a fresh local simulation, its output passed through."""
     write_flower_config(flwr_home)
     env = simulation_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
@@ -111,7 +118,21 @@ def run_simulation(
     ]
     if overrides:
         cmd += ["--run-config", overrides]
+    run_id = None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        return subprocess.run(cmd, env=env, cwd=PROJECT_ROOT, timeout=timeout, check=False).returncode
+        with subprocess.Popen(
+            cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if run_id is None and (match := STARTED_RUN.search(line)):
+                    run_id = match.group(1)
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    raise subprocess.TimeoutExpired(cmd, timeout or 0)
+            return Simulated(proc.wait(), run_id)
     finally:
         stop_managed_superlink(flwr_home)

@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, stat
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from dropfleet.common.errors import ConfigError
-from dropfleet.fleet.config import RunConfig
+from dropfleet.common.errors import ConfigError, DatasetError
 from dropfleet.server import flower_control
 from dropfleet.server.api.deps import SettingsDep, StoreDep, require_admin, require_read
 from dropfleet.server.api.schemas import RoundOut, RunOut, StartedRun, StartRun
+from dropfleet.server.preflight import check_run
 from dropfleet.server.store.store import LIVE_STATUSES
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -132,8 +132,8 @@ async def start_run(body: StartRun, store: StoreDep, settings: SettingsDep) -> S
     records an end is marked `failed` once the SuperLink reports it finished.
     """
     try:
-        config = RunConfig.from_mapping(body.run_config)
-    except ConfigError as exc:
+        config = check_run(body.run_config)
+    except (ConfigError, DatasetError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     run_id = await run_in_threadpool(
         flower_control.start_run,

@@ -95,6 +95,15 @@ def engine(root: Path) -> Iterator[Engine]:
                 proc.kill()
                 proc.wait(10)
         log.close()
+        _unmount_under(root)
+
+
+def _unmount_under(root: Path) -> None:
+    """dockerd leaves its default network namespace mounted under its exec root."""
+    prefix = str(root.resolve()) + "/"
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", point], capture_output=True, check=False)
 
 
 def build_base_image(eng: Engine, work: Path) -> float:

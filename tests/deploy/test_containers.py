@@ -12,8 +12,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,9 +51,12 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
     if missing := missing_tools():
         pytest.skip(f"missing {missing}: apt-get install docker.io docker-compose mmdebstrap")
     timings: dict[str, float] = {}
+    # A short root: containerd's socket paths under it must fit a unix socket name (108 bytes).
+    root = Path(tempfile.mkdtemp(prefix="dk-", dir="/tmp"))
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, root, ignore_errors=True)
         try:
-            eng = stack.enter_context(engine(tmp_path / "engine"))
+            eng = stack.enter_context(engine(root))
         except RuntimeError as exc:
             if os.environ.get("DROPFLEET_REQUIRE_ENGINE") == "1":  # CI: the engine must run
                 raise

@@ -33,6 +33,19 @@ def read_env(path: Path) -> dict[str, str]:
     return env
 
 
+SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def unit_environment(unit: Path, prefix: Path, state: Path) -> dict[str, str]:
+    """What systemd gives a unit's process: its default PATH, then the unit's Environment= lines."""
+    env = {"PATH": SYSTEMD_PATH}
+    for line in unit.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key] = value.replace("/opt/dropfleet", str(prefix)).replace("/var/lib/dropfleet", str(state))
+    return env
+
+
 def exec_start(unit: Path, env: dict[str, str], prefix: Path) -> list[str]:
     """ExecStart of a unit as systemd runs it: `${VAR}` is one word, `$VAR` splits on spaces."""
     line = next(x for x in unit.read_text().splitlines() if x.startswith("ExecStart="))
@@ -77,8 +90,11 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
             "RUNTIME_PORT": str(free_range(1)),
             "NODE_CONFIG": 'profile="pi4-4g" partition-id=1 num-partitions=2',
         }
-        process_env = {**os.environ, **node_env, "HOME": str(tmp_path / "home")}
+        home = tmp_path / "var-lib-dropfleet"  # the units' StateDirectory
+        home.mkdir()
         for unit in ("dropfleet-supernode.service", "dropfleet-superexec.service"):
+            # Not this test's environment: only what the unit and node.env give the process.
+            process_env = {"HOME": str(home), **unit_environment(EDGE / unit, prefix, home), **node_env}
             cmd = exec_start(EDGE / unit, node_env, prefix)
             assert cmd[0].startswith(str(prefix / "venv" / "bin")), cmd
             log = (tmp_path / f"{unit}.log").open("w")

@@ -4,12 +4,12 @@ import subprocess
 
 import pytest
 
+from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
 from tests.integration.procs import (
     BIN,
     free_port,
     processes_mentioning,
-    read_jsonl,
     start,
     stop,
     wait_healthy,
@@ -83,7 +83,7 @@ def test_superlink_and_supernodes_train(tmp_path):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
         stop(procs)
-    rounds = read_jsonl(results)
+    rounds = read_results(results)["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[2]["accuracy"] > 0.25 > 0.15 > rounds[0]["accuracy"]
     assert all(r["sampled"] == 3 and r["bytes_up"] > 0 for r in rounds[1:])

@@ -1,20 +1,24 @@
 """`flwr run .` on Flower's Simulation Engine: a mixed fleet trains, only sparse bytes travel."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from dropfleet.fleet.records import SPARSE_STYPE
+from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import run_simulation
 from tests.integration.procs import free_port_pair, processes_mentioning, read_jsonl
 
+DROPFLEET = str(Path(sys.executable).parent / "dropfleet")
 MIX = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g,dust-1k"
 
 
 def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
     results, audit, home = tmp_path / "run.jsonl", tmp_path / "audit.jsonl", tmp_path / "flwr"
     run_config = {"results-file": str(results), "train-subset": 300, **config}
-    rc = run_simulation(
+    sim = run_simulation(
         nodes,
         run_config,
         home,
@@ -22,9 +26,12 @@ def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
         extra_env={"DROPFLEET_MESSAGE_AUDIT": str(audit)},
         timeout=420,
     )
-    assert rc == 0
+    assert sim.code == 0 and sim.run_id
     assert processes_mentioning(str(home)) == []  # the managed SuperLink was stopped
-    return read_jsonl(results), read_jsonl(audit)
+    written = read_results(results)
+    assert written["header"]["run_id"] == sim.run_id and written["header"]["versions"]["flwr"] == "1.42.0"
+    assert written["end"]["status"] == "finished" and written["end"]["error"] is None
+    return written["rounds"], read_jsonl(audit)
 
 
 def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
@@ -61,3 +68,42 @@ def test_dense_baseline_is_seen_as_dense(tmp_path):
     dense_floats = 4 * 89_610 * 4  # 4 clients, N float32 each, plus .npy headers of 6 arrays
     assert rounds[-1]["replied"] == 4 and dense_floats < rounds[-1]["bytes_up"] < dense_floats + 4 * 6 * 200
     assert {a["stype"] for line in audit for a in line["arrays"]} == {"numpy.ndarray"}
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-c", "fleet-mix=pi4-4gb,jetson-8g"], "unknown device profile 'pi4-4gb'"),
+        (["-c", "model-id=resnet-9000"], "'model-id'"),
+        (["--rounds", "-3"], "'num-server-rounds' has an invalid value: -3"),
+        (["--strategy", "fedsgd"], "'strategy'"),
+        (["-c", "no-such-key=1"], "unknown run-config key 'no-such-key'"),
+        (["--nodes", "0"], "--nodes must be at least 1"),
+    ],
+)
+def test_simulate_refuses_bad_input_before_starting_anything(tmp_path, args, needle):
+    home = tmp_path / "flwr"
+    done = subprocess.run(
+        [DROPFLEET, "simulate", "--flwr-home", str(home), *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and needle in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not home.exists() and processes_mentioning(str(home)) == []  # no SuperLink, no Ray
+
+
+def test_simulate_exits_non_zero_with_the_reason_when_the_run_fails(tmp_path):
+    """Every device refuses (dust-1k), so the run fails after one short round; flwr run exits 0."""
+    results = tmp_path / "{run_id}.jsonl"
+    done = subprocess.run(
+        [
+            DROPFLEET, "simulate", "--nodes", "2", "--rounds", "2", "--results", str(results),
+            "--flwr-home", str(tmp_path / "flwr"),
+            "-c", "fleet-mix=dust-1k", "-c", "max-short-rounds=1", "-c", "fraction-evaluate=0.0",
+        ],
+        capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "failed: RunFailedError" in last and "acceptable replies" in last, last
+    [path] = list(tmp_path.glob("*.jsonl"))  # one file per run, named by its run id
+    written = read_results(path)
+    assert path.stem == written["header"]["run_id"] and written["header"]["config"]["fleet-mix"] == "dust-1k"
+    assert [r["round"] for r in written["rounds"]] == [0] and written["end"]["status"] == "failed"
