@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo test test-e2e test-all lint proto locks compose bench bench-quick clean
+.PHONY: install data test-deps demo test test-e2e test-all lint proto locks compose bench bench-quick clean
 
 install: $(STAMP) data
 
@@ -36,8 +36,24 @@ data:
 demo: install
 	$(VENV)/bin/dropfleet simulate --nodes 12 --results results/demo.jsonl
 
+# Debian packages some tests need (a PostgreSQL server for the store, docker-compose to
+# validate compose files, Chromium for the status page): installed when missing and apt-get
+# can (as root); otherwise those tests are skipped, and this says what to install.
+test-deps:
+	@need=""; ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	command -v docker-compose >/dev/null || need="$$need docker-compose"; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
+	if [ -z "$$need" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing for the tests:$$need"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null 2>&1 \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; }; \
+	else \
+	  echo "some tests will be skipped; to run them: sudo apt-get install$$need" >&2; \
+	fi
+
 # The default suite: everything but the tests marked slow; under ~10 minutes.
-test: install
+test: install test-deps
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -m "not slow and not e2e"

@@ -12,6 +12,7 @@ SERVER_OR_DEV_ONLY = frozenset(
     {
         "alembic",
         "backoff",
+        "flatbuffers",
         "graphql-core",
         "grpcio-tools",
         "harfile",
@@ -22,6 +23,9 @@ SERVER_OR_DEV_ONLY = frozenset(
         "jsonschema-rs",
         "junit-xml",
         "mako",
+        "ml-dtypes",
+        "onnx",
+        "onnxruntime",
         "pluggy",
         "prometheus-client",
         "psycopg",

@@ -14,6 +14,7 @@ from dropfleet.common.data import PARTITIONERS
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
+from dropfleet.common.sparse import num_weights
 
 STRATEGIES = ("dropback", "fedavg", "topk-ef")
 
@@ -24,7 +25,7 @@ class RunConfig:
     strategy: str = "dropback"
     model_id: str = "mlp-90k"
     seed: int = 0
-    global_k: int = 8961
+    global_k: float = 0.1  # below 1: a fraction of the model's N; else a count
     min_k: int = 100
     local_epochs: int = 1
     learning_rate: float = 0.1
@@ -77,7 +78,10 @@ class RunConfig:
             ("strategy", self.strategy in STRATEGIES),
             ("model-id", self.model_id in MODELS),
             ("seed", 0 <= self.seed < 2**63),
-            ("global-k", self.global_k >= 1),
+            (
+                "global-k",
+                0 < self.global_k < 1 or (self.global_k >= 1 and self.global_k == int(self.global_k)),
+            ),
             ("min-k", self.min_k >= 1),
             ("local-epochs", self.local_epochs >= 1),
             ("learning-rate", 0 < self.learning_rate < float("inf")),
@@ -121,6 +125,13 @@ class RunConfig:
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
             )
+
+    @property
+    def global_k_count(self) -> int:
+        """The published global tracked set's size K: `global-k` itself, or that fraction of N."""
+        if self.global_k >= 1:
+            return int(self.global_k)
+        return max(1, round(self.global_k * num_weights(self.model_id)))
 
     @property
     def profiles(self) -> list[str]:

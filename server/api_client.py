@@ -32,11 +32,7 @@ class ApiClient:
         except httpx.HTTPError as exc:
             raise ApiError(f"cannot reach {self.url}: {exc}") from None
         if response.is_error:
-            try:
-                detail = response.json().get("detail", response.text)
-            except ValueError:
-                detail = response.text
-            raise ApiError(f"{response.status_code} from {path}: {detail}")
+            raise ApiError(f"{response.status_code} from {path}: {_detail(response)}")
         return response
 
     def status(self) -> dict[str, Any]:
@@ -69,3 +65,26 @@ class ApiClient:
     def resume(self, run_id: str, force: bool = False) -> dict[str, Any]:
         """Continue a run from its last published round (needs an admin token)."""
         return self._request("POST", f"/v1/runs/{run_id}/resume", params={"force": force}, timeout=180).json()
+
+
+def _detail(response: httpx.Response) -> str:
+    """FastAPI's error detail as one line: a message, or its validation errors joined."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text[:500]
+    if isinstance(detail, list):  # request validation: [{"loc": [...], "msg": ...}, ...]
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', [])[1:])}: {e.get('msg')}"
+            if isinstance(e, dict)
+            else str(e)
+            for e in detail
+        )
+    return str(detail)
+
+
+def _validation_error(error: object) -> str:
+    if not isinstance(error, dict):
+        return str(error)
+    where = ".".join(str(p) for p in error.get("loc", [])[1:])  # drop "query"/"path"/"body"
+    return f"{where}: {error.get('msg')}"

@@ -4,13 +4,13 @@ import platform
 from functools import cache
 from importlib import metadata
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from dropfleet.common.codec import decode
 from dropfleet.common.data import Split, load_fashion_mnist
+from dropfleet.common.export import calibration_split
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import materialize
 from dropfleet.common.train import evaluate, recalibrate_batch_norm
@@ -22,7 +22,6 @@ from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
 from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
 
-CALIBRATION_EXAMPLES = 5120
 app = ServerApp()
 
 
@@ -125,7 +124,7 @@ def _train(
     @cache
     def calibration() -> Split:
         """Training examples (never the test set) to re-estimate batch-norm statistics."""
-        return load_fashion_mnist("train").subset(np.arange(CALIBRATION_EXAMPLES))
+        return calibration_split(load_fashion_mnist("train"))
 
     if config.strategy == "dropback":
         strategy: SparseDropBack | DenseFedAvg | TopKFedAvg = SparseDropBack(config, recorder, checkpoint)

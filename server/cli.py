@@ -1,19 +1,23 @@
 """The `dropfleet` command line: simulate, run a process fleet, serve the API, and query it."""
 
 import json
+import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
-from dropfleet.common.errors import ConfigError, DatasetError
+from dropfleet.common.errors import ConfigError, DatasetError, DropfleetError
 from dropfleet.fleet.config import STRATEGIES
 from dropfleet.server.api_client import ApiClient, ApiError
 from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import PROJECT_ROOT, run_simulation
+
+if TYPE_CHECKING:
+    from dropfleet.common.sparse import SparseModel
 
 app = typer.Typer(help="dropfleet: federated DropBack on Flower.", no_args_is_help=True)
 
@@ -89,7 +93,8 @@ def api(
 
 ApiUrl = Annotated[str | None, typer.Option("--api", help="API URL (default: $DROPFLEET_API_URL)")]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-console = Console(highlight=False)
+# Piped (no terminal to fit), tables take the width they need: ids and errors are never cut.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 400)
 
 
 def _client(api: str | None) -> ApiClient:
@@ -104,6 +109,11 @@ def _fail(exc: ApiError) -> typer.Exit:
 def _profiles(text: str) -> tuple[str, ...]:
     """A comma-separated profile list, as `--profiles` takes it."""
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _table(*headers: str) -> Table:
+    """A table that folds long cells onto more lines instead of cutting them (ids stay whole)."""
+    return Table(*(Column(h, overflow="fold") for h in headers))
 
 
 def _pct(value: Any) -> str:
@@ -141,7 +151,7 @@ def runs(api: ApiUrl = None, as_json: AsJson = False) -> None:
     if as_json:
         typer.echo(json.dumps([{**r, "rounds": rs} for r, rs in items], default=str))
         return
-    table = Table("run", "strategy", "model", "status", "rounds", "accuracy", "bytes up", "bytes down")
+    table = _table("run", "strategy", "model", "status", "rounds", "accuracy", "bytes up", "bytes down")
     for r, rs in items:
         last = rs[-1] if rs else None
         table.add_row(
@@ -180,25 +190,43 @@ def resume(
 @app.command()
 def model(
     run: Annotated[str, typer.Option("--run", help="run id")],
-    out: Annotated[Path, typer.Option("--out", help="file for the protobuf bytes")],
+    out: Annotated[Path, typer.Option("--out", help="file to write")],
     round: Annotated[int | None, typer.Option("--round", help="default: the latest")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="protobuf: the sparse wire bytes (proto/sparse_model.proto); pt: a torch state_dict; "
+            "onnx: an ONNX graph (input image [batch,1,28,28], output logits)",
+        ),
+    ] = "protobuf",
     api: ApiUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Download a published global model (proto/sparse_model.proto bytes)."""
+    """Download a published global model, as its sparse bytes or as a dense PyTorch / ONNX model."""
     from dropfleet.common.codec import decode
+    from dropfleet.common.export import FORMATS
 
+    if format not in FORMATS:
+        _exit(2, f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     try:
         data, headers = _client(api).model_bytes(run, round)
     except ApiError as exc:
         raise _fail(exc) from None
     decoded = decode(data)  # never write bytes that do not decode
-    out.write_bytes(data)
+    if format == "protobuf":
+        out.write_bytes(data)
+    else:
+        try:
+            _export_dense(decoded, out, format)
+        except DropfleetError as exc:
+            _exit(1, str(exc))
     info = {
         "run_id": run,
         "round": int(headers.get("x-dropfleet-round", -1)),
         "file": str(out),
-        "bytes": len(data),
+        "format": format,
+        "bytes": out.stat().st_size,
         "k": decoded.num_tracked,
         "seed": decoded.seed,
         "model_id": decoded.model_id,
@@ -207,9 +235,29 @@ def model(
         typer.echo(json.dumps(info))
     else:
         console.print(
-            f"wrote {out}: run {run} round {info['round']}, {decoded.model_id}, seed {decoded.seed}, "
-            f"{decoded.num_tracked:,} tracked weights, {len(data):,} bytes"
+            f"wrote {out} ({format}): run {run} round {info['round']}, {decoded.model_id}, "
+            f"seed {decoded.seed}, {decoded.num_tracked:,} tracked weights, {info['bytes']:,} bytes"
         )
+
+
+def _export_dense(decoded: "SparseModel", out: Path, format: str) -> None:
+    from dropfleet.common.data import load_fashion_mnist
+    from dropfleet.common.export import (
+        calibration_split,
+        dense_model,
+        export_onnx,
+        export_state_dict,
+        has_batch_norm,
+    )
+    from dropfleet.common.models import build_model
+
+    calibration = (
+        calibration_split(load_fashion_mnist("train"))
+        if has_batch_norm(build_model(decoded.model_id))
+        else None
+    )
+    model = dense_model(decoded, calibration)
+    (export_state_dict if format == "pt" else export_onnx)(model, out)
 
 
 @app.command()
@@ -222,7 +270,7 @@ def nodes(api: ApiUrl = None, as_json: AsJson = False) -> None:
     if as_json:
         typer.echo(json.dumps(items, default=str))
         return
-    table = Table("node", "profile", "k", "rounds", "failures", "rejected", "bytes up", "last error")
+    table = _table("node", "profile", "k", "rounds", "failures", "rejected", "bytes up", "last error")
     for n in items:
         table.add_row(
             n["node_id"],
@@ -232,7 +280,7 @@ def nodes(api: ApiUrl = None, as_json: AsJson = False) -> None:
             str(n["failures"]),
             str(n["rejected"]),
             f"{n['bytes_up']:,}",
-            (n["last_error"] or "")[:40],
+            (n["last_error"] or "")[:200],
         )
     console.print(table)
 

@@ -278,7 +278,7 @@ class SparseDropBack(_SparseReplies):
         previous = self.global_model
         merged = merge_sparse(
             [(u.model, float(u.num_examples)) for u in accepted],
-            self.config.global_k,
+            self.config.global_k_count,
             rule=self.config.aggregation,
             trim=self.config.trim_fraction,
             clip_norm=self.config.clip_norm or None,
@@ -337,7 +337,7 @@ class TopKFedAvg(_SparseReplies):
         self.update, received, self.residual = sparsify_with_feedback(
             dense_deltas(mean),
             self.residual,
-            self.config.global_k,
+            self.config.global_k_count,
             self.config.model_id,
             self.config.seed,
             self.config.value_precision,

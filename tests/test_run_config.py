@@ -22,7 +22,8 @@ def test_pyproject_config_matches_the_defaults():
     ("raw", "needle"),
     [
         ({"rounds": 3}, "unknown run-config key 'rounds'"),
-        ({"global-k": "many"}, "'global-k' must be int"),
+        ({"global-k": "many"}, "'global-k' must be float"),
+        ({"global-k": 12.5}, "'global-k' has an invalid value: 12.5"),
         ({"global-k": 0}, "'global-k' has an invalid value: 0"),
         ({"strategy": "fedprox"}, "'strategy'"),
         ({"value-precision": "fp8"}, "'value-precision'"),
@@ -40,3 +41,9 @@ def test_bad_values_are_named(raw, needle):
 
 def test_ints_are_accepted_for_floats():
     assert RunConfig.from_mapping({"learning-rate": 1}).learning_rate == 1.0
+
+
+def test_global_k_is_a_count_or_a_fraction_of_the_model():
+    assert RunConfig.from_mapping({}).global_k_count == 8961  # N/10 of mlp-90k
+    assert RunConfig.from_mapping({"model-id": "cnn-bn-prelu"}).global_k_count == 2063  # N/10 of 20,634
+    assert RunConfig.from_mapping({"global-k": 3000}).global_k_count == 3000

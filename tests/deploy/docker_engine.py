@@ -147,8 +147,12 @@ def wheel_server(directory: Path) -> Iterator[str]:
 
     Yields the URL to give pip as --find-links."""
 
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
     def handler(*a: object, **k: object) -> http.server.SimpleHTTPRequestHandler:
-        return http.server.SimpleHTTPRequestHandler(*a, directory=str(directory), **k)
+        return Quiet(*a, directory=str(directory), **k)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dropfleet.common.codec import decode
@@ -51,9 +52,47 @@ def test_model_download_decodes(api, tmp_path):
     assert first.read_bytes() == api.models[1]
 
 
+def test_model_exports_as_a_torch_state_dict_and_onnx(api, tmp_path):
+    import onnxruntime
+    import torch
+
+    from dropfleet.common.export import dense_model
+    from dropfleet.common.models import build_model
+
+    want = dense_model(decode(api.models[-1]))
+    images = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        logits = want(images).numpy()
+    pt, onnx = tmp_path / "model.pt", tmp_path / "model.onnx"
+    assert cli("model", "--run", "101", "--format", "pt", "--out", str(pt), api_url=api.url).returncode == 0
+    loaded = build_model("mlp-90k")
+    loaded.load_state_dict(torch.load(pt))
+    with torch.no_grad():
+        assert np.array_equal(loaded.eval()(images).numpy(), logits)
+    done = cli("model", "--run", "101", "--format", "onnx", "--out", str(onnx), api_url=api.url)
+    assert done.returncode == 0, done.stderr
+    session = onnxruntime.InferenceSession(str(onnx))
+    [got] = session.run(["logits"], {"image": images.numpy()})
+    assert np.allclose(got, logits, atol=1e-4)
+    bad = cli("model", "--run", "101", "--format", "tflite", "--out", str(pt), api_url=api.url)
+    assert bad.returncode == 2 and "--format must be one of protobuf, pt, onnx" in bad.stderr
+
+
+def test_ids_are_never_cut(api):
+    long_id = "18446744073709551615"
+    api.store.start_run(long_id, "dropback", "mlp-90k", 0, 1, {})
+    listed = cli("runs", api_url=api.url)  # piped: no terminal width to fit
+    assert listed.returncode == 0 and long_id in listed.stdout.replace("\n", "").replace("│", "").replace(
+        " ", ""
+    )
+
+
 def test_errors_are_clear(api, tmp_path):
     missing = cli("model", "--run", "999", "--out", str(tmp_path / "x.pb"), api_url=api.url)
     assert missing.returncode == 1 and "run 999 not found" in missing.stderr
+    malformed = cli("model", "--run", "nosuchrun", "--out", str(tmp_path / "x.pb"), api_url=api.url)
+    last = malformed.stderr.strip().splitlines()[-1]
+    assert malformed.returncode == 1 and "run_id: String should match pattern" in last and "[{" not in last
     down = cli("status", api_url=f"http://127.0.0.1:{free_port()}")
     assert down.returncode == 1 and "cannot reach" in down.stderr
 
