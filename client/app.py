@@ -62,6 +62,14 @@ def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]
     return partition_id, num_partitions, profile
 
 
+def _data_dir(context: Context) -> str | None:
+    """Node config `data-dir`: the device's own data (common.data.load_device_data); else Fashion-MNIST."""
+    value = context.node_config.get("data-dir")
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"node config 'data-dir' must be a path, got {value!r}")
+    return value or None
+
+
 def _refuse(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
@@ -73,7 +81,10 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     if not is_available(profile, config, server_round, partition_id):
         return _refuse(msg, UNAVAILABLE, f"{profile.name} node {partition_id} unavailable this round")
-    train_data, _ = local_data(config, partition_id, num_partitions)
+    try:
+        train_data, _ = local_data(config, partition_id, num_partitions, _data_dir(context))
+    except DropfleetError as exc:
+        return _refuse(msg, BAD_REQUEST, f"{profile.name} node {partition_id}: {exc}")
     if DENSE_RECORD in msg.content.array_records:
         state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
         new_state, loss = train_dense(state, train_data, config, server_round)
@@ -155,7 +166,10 @@ def _train_topk(
 def evaluate_global(msg: Message, context: Context) -> Message:
     config = RunConfig.from_mapping(context.run_config)
     partition_id, num_partitions, _ = _node(context, config)
-    train_data, val_data = local_data(config, partition_id, num_partitions)
+    try:
+        train_data, val_data = local_data(config, partition_id, num_partitions, _data_dir(context))
+    except DropfleetError as exc:
+        return _refuse(msg, BAD_REQUEST, str(exc))
     if DENSE_RECORD in msg.content.array_records:
         model = seeded_model(config.model_id, config.seed)
         model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())

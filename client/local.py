@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from dropfleet.client.profiles import DeviceProfile, budget_to_k
-from dropfleet.common.data import Split, load_fashion_mnist, partition_indices
+from dropfleet.common.data import Split, load_device_data, load_fashion_mnist, partition_indices
 from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError
 from dropfleet.common.layer_init import seeded_model
@@ -45,16 +45,27 @@ def _train_split() -> Split:
 
 
 @cache
-def local_data(config: RunConfig, partition_id: int, num_partitions: int) -> tuple[Split, Split]:
-    """This node's Fashion-MNIST partition, split into local train and validation."""
-    full = _train_split()
-    idx = partition_indices(
-        full.labels.numpy(), num_partitions, partition_id, config.partitioner, config.alpha, config.seed
-    )
+def local_data(
+    config: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> tuple[Split, Split]:
+    """This node's examples, split into local train and validation.
+
+    With `data_dir` (node config `data-dir`), the device's own data set
+    (`common.data.load_device_data`); otherwise its partition of Fashion-MNIST.
+    """
+    if data_dir:
+        own = load_device_data(data_dir)
+        idx = np.random.default_rng(config.seed).permutation(len(own))
+    else:
+        full = _train_split()
+        own = full
+        idx = partition_indices(
+            full.labels.numpy(), num_partitions, partition_id, config.partitioner, config.alpha, config.seed
+        )
     if config.train_subset:
         idx = idx[: config.train_subset]
     n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
-    return full.subset(idx[n_val:]), full.subset(idx[:n_val])
+    return own.subset(idx[n_val:]), own.subset(idx[:n_val])
 
 
 def client_k(profile: DeviceProfile, config: RunConfig, num_weights: int) -> int:

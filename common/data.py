@@ -102,6 +102,46 @@ def load_fashion_mnist(split: str, data_dir: str | os.PathLike[str] | None = Non
     return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
 
 
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+def load_device_data(path: str | os.PathLike[str]) -> Split:
+    """A device's own training data: `train.npz` or IDX files in a directory.
+
+    The format (what the registry's models take: 28x28 grey images, 10 classes):
+    - `PATH/train.npz` with `images`, uint8 [n, 28, 28], and `labels`, integers in [0, 10); or
+    - `PATH/train-images-idx3-ubyte[.gz]` and `PATH/train-labels-idx1-ubyte[.gz]` (Fashion-MNIST's layout).
+    Pixels are normalized exactly as Fashion-MNIST's are. Raises `DatasetError` naming what is wrong.
+    """
+    root = Path(path)
+    npz = root / "train.npz"
+    if npz.exists():
+        try:
+            with np.load(npz, allow_pickle=False) as data:
+                images, labels = data["images"], data["labels"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DatasetError(f"{npz}: needs arrays 'images' and 'labels' ({exc})") from None
+    elif root.is_dir():
+        img_name, lbl_name = _FILES["train"]
+        images, labels = read_idx(_open(root / img_name)), read_idx(_open(root / lbl_name))
+    else:
+        raise DatasetError(f"device data directory {root} does not exist")
+    if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE or images.ndim != 3:
+        raise DatasetError(f"images must be uint8 [n, 28, 28], got {images.dtype} {images.shape}")
+    if labels.shape != images.shape[:1] or not np.issubdtype(labels.dtype, np.integer):
+        raise DatasetError(
+            f"labels must be integers [n], got {labels.dtype} {labels.shape} for {len(images)} images"
+        )
+    if labels.size and not (0 <= int(labels.min()) and int(labels.max()) < NUM_CLASSES):
+        raise DatasetError(f"labels must be in [0, {NUM_CLASSES})")
+    if len(images) < 2:
+        raise DatasetError(f"{root}: at least 2 examples are needed (one to train, one to validate)")
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    x = ((x - _FMNIST_MEAN) / _FMNIST_STD).unsqueeze(1)
+    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
 def partition_indices(
     labels: np.ndarray | torch.Tensor,
     num_partitions: int,

@@ -1,5 +1,8 @@
 """The ClientApp's handlers on real Flower messages and contexts (no processes needed)."""
 
+import gzip
+
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from dropfleet.client.app import TOPK_META, train
@@ -63,3 +66,38 @@ def test_a_malformed_streaming_switch_is_refused(task_identity):
         instruction(SPARSE_RECORD, start, 1, task_identity), context(streaming="false"), task_identity
     )
     assert reply.has_error() and "'streaming' must be true or false" in reply.error.reason
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """An unsigned-byte IDX file, as Fashion-MNIST ships them."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def test_a_device_trains_a_round_on_its_own_data(task_identity, tmp_path):
+    """Node config data-dir: a generated data set as train.npz, and as IDX files; bad data is refused."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (120, 28, 28), dtype=np.uint8), rng.integers(0, 10, 120)
+    npz_dir, idx_dir, bad_dir = tmp_path / "npz", tmp_path / "idx", tmp_path / "bad"
+    for d in (npz_dir, idx_dir, bad_dir):
+        d.mkdir()
+    np.savez(npz_dir / "train.npz", images=images, labels=labels)
+    (idx_dir / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(_idx(images[:50])))
+    (idx_dir / "train-labels-idx1-ubyte").write_bytes(_idx(labels[:50]))
+    np.savez(bad_dir / "train.npz", images=images, labels=labels + 10)
+    start = pack_sparse(SparseModel.empty("mlp-90k", 0), "fp16")
+    for data_dir, examples in ((npz_dir, 108), (idx_dir, 45)):  # 10% of each is held out
+        reply = run(
+            instruction(SPARSE_RECORD, start, 1, task_identity),
+            context(**{"data-dir": str(data_dir)}),
+            task_identity,
+        )
+        assert not reply.has_error(), reply.error.reason
+        assert reply.content.metric_records["metrics"]["num-examples"] == examples
+        assert decode(sparse_payload(reply.content)).num_tracked > 0  # it trained
+    refused = run(
+        instruction(SPARSE_RECORD, start, 1, task_identity),
+        context(**{"data-dir": str(bad_dir)}),
+        task_identity,
+    )
+    assert refused.has_error() and "labels must be in [0, 10)" in refused.error.reason
