@@ -179,6 +179,7 @@ class _Metered(FedAvg):
                 profile=reply.profile,
                 partition_id=reply.partition_id,
                 budget_bytes=reply.budget_bytes,
+                state_bytes=reply.state_bytes,
                 k=reply.k,
             )
         )

@@ -38,6 +38,7 @@ def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
         "profile": None,
         "partition_id": None,
         "budget_bytes": None,
+        "state_bytes": None,
         "k": None,
         "last_seen": now,
         "rounds_joined": 0,

@@ -65,6 +65,7 @@ class NodeOut(BaseModel):
     profile: str | None
     partition_id: int | None
     budget_bytes: int | None
+    state_bytes: int | None = Field(None, description="model-state bytes the device last reported")
     k: int | None
     last_seen: datetime
     rounds_joined: int

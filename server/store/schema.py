@@ -73,6 +73,7 @@ class Node(Base):
     profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
     partition_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    state_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     k: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     rounds_joined: Mapped[int] = mapped_column(Integer, default=0)

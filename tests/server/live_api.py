@@ -29,8 +29,17 @@ def random_model(k: int, seed: int) -> SparseModel:
     return random_sparse_model(k, seed)
 
 
-def fill(store: Store, run_id: str = "101", rounds: int = 2, status: str = "finished") -> list[bytes]:
-    store.start_run(run_id, "dropback", "mlp-90k", 0, rounds, {"num-server-rounds": rounds})
+def fill(
+    store: Store,
+    run_id: str = "101",
+    rounds: int = 2,
+    status: str = "finished",
+    strategy: str = "dropback",
+    num_rounds: int | None = None,
+) -> list[bytes]:
+    num_rounds = num_rounds or rounds
+    store.start_run(run_id, strategy, "mlp-90k", 0, num_rounds, {"num-server-rounds": num_rounds})
+    scale = 40 if strategy == "fedavg" else 1  # a dense run moves many more bytes
     models = [encode(SparseModel.empty("mlp-90k", 0), "fp16")]
     store.publish_round(run_id, 0, {"accuracy": 0.1, "loss": 2.3}, models[0], 0)
     for r in range(1, rounds + 1):
@@ -45,6 +54,7 @@ def fill(store: Store, run_id: str = "101", rounds: int = 2, status: str = "fini
                 profile="pi4-4g",
                 partition_id=0,
                 budget_bytes=131072,
+                state_bytes=64 + 12 * 10917,
                 k=10917,
             ),
             NodeEvent(node_id=8, outcome="failed", bytes_down=12000, error="budget too small"),
@@ -58,8 +68,9 @@ def fill(store: Store, run_id: str = "101", rounds: int = 2, status: str = "fini
                 "sampled": 2,
                 "replied": 1,
                 "failed": 1,
-                "bytes_up": 9000,
-                "bytes_down": 24000,
+                "bytes_up": 9000 * scale,
+                "bytes_down": 24000 * scale,
+                "seconds": 2.0,
             },
             models[-1],
             4000,

@@ -19,7 +19,7 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1280,1000",
+    "--window-size=1280,1400",
     "--virtual-time-budget=8000",
 ]
 
@@ -28,7 +28,11 @@ FLAGS = [
 def test_status_page_shows_runs_fleet_and_charts(tmp_path):
     live = start_api(tmp_path)
     try:
+        fill(live.store, run_id="100", rounds=3, strategy="fedavg")  # the dense baseline
         fill(live.store, run_id="101", rounds=3)
+        fill(live.store, run_id="102", rounds=1, status="failed")
+        live.store.finish_run("102", "failed", "RunFailedError: 3 rounds in a row had fewer than 2 replies")
+        fill(live.store, run_id="103", rounds=2, status="running", num_rounds=10)
         profile = ["--user-data-dir=" + str(tmp_path / "chrome")]
         dom = subprocess.run(
             [CHROMIUM, *FLAGS, *profile, "--dump-dom", live.url + "/"],
@@ -45,8 +49,20 @@ def test_status_page_shows_runs_fleet_and_charts(tmp_path):
     finally:
         stop([live.proc])
     assert 'data-run="101"' in dom and "finished" in dom  # the runs table, filled by the page's script
-    assert "pi4-4g" in dom and "budget too small" not in dom  # the fleet table
-    assert len(re.findall(r'<polyline[^>]*points="\d', dom)) == 2 and "80%" in dom  # both charts drawn
+    assert "RunFailedError: 3 rounds in a row" in dom  # a failed run's reason
+    assert re.search(r'class="eta">16 s<', dom)  # running run 103: 8 rounds left at 2 s each
+    assert "pi4-4g" in dom and "budget too small" in dom  # the fleet, with each node's last error
+    assert "131.1 kB / 131.1 kB" in dom and dom.count("</span> unknown</td>") == 2  # state vs budget; online unknown
+    race = dom[dom.index('id="race"') : dom.index('id="acc"')]
+    assert "log scale" in race and "dense FedAvg run 100" in race and race.count('class="series"') == 2
+    assert ">10.0 kB<" in race and ">1.00 MB<" in race  # log-x ticks at powers of ten
+    assert len(re.findall(r'<polyline class="series"[^>]*points="\d', dom)) == 4  # every chart drawn
     assert re.search(r'id="updated">Updated ', dom)  # the refresh completed without an error
-    assert shot.exists() and shot.stat().st_size > 10_000
+    # The screenshot itself shows the charts: pixels of both series' colours.
+    from PIL import Image
+
+    pixels = Image.open(shot).convert("RGB").getdata()
+    run_blue = sum(1 for p in pixels if abs(p[0] - 43) + abs(p[1] - 108) + abs(p[2] - 176) < 30)
+    dense_orange = sum(1 for p in pixels if abs(p[0] - 192) + abs(p[1] - 86) + abs(p[2] - 33) < 30)
+    assert run_blue > 500 and dense_orange > 100, (run_blue, dense_orange)
     shutil.copy(shot, "/tmp/dropfleet-status.png")  # for a person to look at
