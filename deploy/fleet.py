@@ -25,6 +25,7 @@ import httpx
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from dropfleet.common.data import check_fashion_mnist
 from dropfleet.common.errors import ConfigError, DropfleetError
 from dropfleet.deploy.certs import create_certificates
 from dropfleet.server.simulation import OFFLINE_ENV
@@ -263,6 +264,7 @@ def _wait(check: callable, what: str, timeout: float, procs: dict[str, subproces
 def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     """Start the fleet, wait until healthy, and return where everything is."""
     spec.validate()
+    check_fashion_mnist()  # the ServerApp and every device here train on it
     state = spec.state_dir.resolve()
     if list((state / "pids").glob("*.json")) if (state / "pids").exists() else []:
         raise FleetError(f"{state} already has a fleet; run `dropfleet fleet down` first")

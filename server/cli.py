@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from dropfleet.common.errors import ConfigError, DatasetError, DropfleetError
+from dropfleet.common.models import MODELS
 from dropfleet.fleet.config import STRATEGIES
 from dropfleet.server.api_client import ApiClient, ApiError
 from dropfleet.server.preflight import check_run
@@ -34,6 +35,9 @@ def simulate(
     strategy: Annotated[
         str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)} (default: pyproject)")
     ] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"one of {', '.join(MODELS)} (default: pyproject)")
+    ] = None,
     results: Annotated[
         Path | None, typer.Option(help="JSON-lines results file (default: results/RUN_ID.jsonl)")
     ] = None,
@@ -52,6 +56,8 @@ def simulate(
         run_config["num-server-rounds"] = rounds
     if strategy is not None:
         run_config["strategy"] = strategy
+    if model is not None:
+        run_config["model-id"] = model
     for item in config or []:
         key, _, value = item.partition("=")
         run_config[key] = _parse_value(value)

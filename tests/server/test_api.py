@@ -127,6 +127,8 @@ def test_state_changes_need_the_admin_token(api):
     assert r.status_code == 400 and "'global-k' has an invalid value" in r.text
     r = httpx.post(api.url + "/v1/runs", json={"run_config": {"rounds": 3}}, headers=auth)
     assert r.status_code == 400 and "unknown run-config key" in r.text
+    r = httpx.post(api.url + "/v1/runs", json={"run_config": {"fleet-mix": "pi4-4gb"}}, headers=auth)
+    assert r.status_code == 400 and "unknown device profile 'pi4-4gb'" in r.text  # as simulate says it
     r = httpx.post(api.url + "/v1/runs", json={"unexpected": 1}, headers=auth)
     assert r.status_code == 422
     assert httpx.post(api.url + "/v1/runs/101/stop").status_code == 401
