@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from dropfleet.client.profiles import DeviceProfile, budget_to_k
-from dropfleet.common.data import Split, load_device_data, load_fashion_mnist, partition_indices
+from dropfleet.common.data import (
+    Split,
+    fashion_mnist_labels,
+    load_device_data,
+    load_fashion_mnist,
+    partition_indices,
+)
 from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError
 from dropfleet.common.layer_init import seeded_model
@@ -40,11 +46,6 @@ class LocalUpdate:
 
 
 @cache
-def _train_split() -> Split:
-    return load_fashion_mnist("train")
-
-
-@cache
 def local_data(
     config: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
 ) -> tuple[Split, Split]:
@@ -57,11 +58,12 @@ def local_data(
         own = load_device_data(data_dir)
         idx = np.random.default_rng(config.seed).permutation(len(own))
     else:
-        full = _train_split()
-        own = full
+        labels = fashion_mnist_labels("train")
         idx = partition_indices(
-            full.labels.numpy(), num_partitions, partition_id, config.partitioner, config.alpha, config.seed
+            labels, num_partitions, partition_id, config.partitioner, config.alpha, config.seed
         )
+        own = load_fashion_mnist("train", indices=idx)  # only this partition's images, in idx order
+        idx = np.arange(len(idx))
     if config.train_subset:
         idx = idx[: config.train_subset]
     n_val = max(1, int(len(idx) * VALIDATION_FRACTION))

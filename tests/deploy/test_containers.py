@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from dropfleet.common.codec import decode
+from dropfleet.deploy.compose import MIN_CONTAINER_BYTES
 from tests.deploy.docker_engine import BASE_IMAGE, build_base_image, engine, missing_tools, wheel_server
 from tests.deploy.test_fleet_e2e import free_range
 from tests.integration.procs import free_port
@@ -78,7 +79,8 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
         link, api_port = free_port(), free_port()
         generated = subprocess.run(
             [
-                DROPFLEET, "compose", "--network", "host", "--nodes", "2", "--profiles", "pi4-4g,jetson-8g",
+                DROPFLEET, "compose", "--network", "host", "--nodes", "2",
+                "--profiles", "mcu-256k,pi-zero-512m",
                 "--superlink-port", str(link), "--api-port", str(api_port),
                 "--node-port-base", str(free_range(2)),
             ],
@@ -133,6 +135,13 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
             assert all(r["replied"] == 2 for r in rounds[1:]), rounds
             model = httpx.get(f"{api}/v1/runs/{run_id}/model", params={"format": "protobuf"}, timeout=30)
             assert decode(model.content).num_tracked == 8961
+            # The smallest boards' ClientApps trained inside their containers' memory limits.
+            for i in (0, 1):
+                name = compose("ps", "-q", f"superexec-clientapp-{i}").stdout.strip()
+                state = json.loads(eng.run("docker", "inspect", name).stdout)[0]
+                assert (
+                    state["HostConfig"]["Memory"] == MIN_CONTAINER_BYTES and not state["State"]["OOMKilled"]
+                )
         finally:
             compose("down", "-v", "--remove-orphans", check=False)
         assert eng.run("docker", "ps", "-aq").stdout.strip() == ""
