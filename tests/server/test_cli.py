@@ -102,3 +102,33 @@ def test_fleet_restart_needs_a_fleet(tmp_path):
         [DROPFLEET, "fleet", "restart", "--state-dir", str(tmp_path)], capture_output=True, text=True
     )
     assert done.returncode == 1 and "has no fleet to restart" in done.stderr
+
+
+def test_help_names_every_strategy_and_model():
+    from dropfleet.common.models import MODELS
+    from dropfleet.fleet.config import STRATEGIES
+
+    text = subprocess.run(
+        [DROPFLEET, "simulate", "--help"], capture_output=True, text=True, env=_wide()
+    ).stdout
+    assert all(name in text for name in (*STRATEGIES, *MODELS)), text
+
+
+def test_fleet_up_refuses_a_missing_data_set_before_starting_anything(tmp_path):
+    state = tmp_path / "fleet"
+    done = subprocess.run(
+        [DROPFLEET, "fleet", "up", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**_wide(), "DROPFLEET_DATA_DIR": str(tmp_path / "nothing")},
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Fashion-MNIST" in last and "dataset-fashion-mnist" in last, last
+    assert not (state / "pids").exists()  # nothing was started
+
+
+def _wide() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "COLUMNS": "200"}
