@@ -1,26 +1,24 @@
-"""The Flower ServerApp: runs the sparse DropBack strategy (or the dense baseline)."""
+"""The Flower ServerApp: records the run, builds its strategy (server/strategies/) and runs it.
+
+Thin by design: the strategy meters, screens, merges and publishes; this module
+owns the run's lifecycle in the store (started, resumed, finished or failed with
+its reason) and the results file's header.
+"""
 
 import platform
-from functools import cache
 from importlib import metadata
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from dropfleet.common.codec import decode
-from dropfleet.common.data import Split, load_fashion_mnist
+from dropfleet.common.data import load_fashion_mnist
 from dropfleet.common.export import calibration_split
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.sparse import materialize
-from dropfleet.common.train import evaluate, recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import Checkpoint, resume
 from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
-from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
+from dropfleet.server.strategies import Evaluation, build_strategy
 
 app = ServerApp()
 
@@ -71,7 +69,6 @@ def _serve(
     attempt: str,
     checkpoint: Checkpoint | None,
 ) -> None:
-    done = checkpoint.round if checkpoint else 0
     recorder = RoundRecorder(
         config.strategy,
         config.num_server_rounds,
@@ -84,7 +81,7 @@ def _serve(
     )
     try:
         check_run(context.run_config)  # device profiles and data, before any round
-        _train(grid, config, recorder, checkpoint, done)
+        _train(grid, config, recorder, checkpoint)
     except BaseException as exc:
         recorder.end("failed", _reason(exc))
         raise
@@ -116,58 +113,10 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _train(
-    grid: Grid, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None, done: int
-) -> None:
-    test = load_fashion_mnist("test")
-
-    @cache
-    def calibration() -> Split:
-        """Training examples (never the test set) to re-estimate batch-norm statistics."""
-        return calibration_split(load_fashion_mnist("train"))
-
-    if config.strategy == "dropback":
-        strategy: SparseDropBack | DenseFedAvg | TopKFedAvg = SparseDropBack(config, recorder, checkpoint)
-        initial = strategy.initial_arrays()
-
-        def to_model(arrays: ArrayRecord):  # noqa: ANN202
-            model = materialize(decode(record_payload(arrays), config.max_payload_bytes))
-            recalibrate_batch_norm(model, calibration())  # BN statistics do not travel
-            return model
-    elif config.strategy == "topk-ef":
-        strategy = TopKFedAvg(config, recorder)
-        initial = strategy.initial_arrays()
-
-        def to_model(arrays: ArrayRecord):  # noqa: ANN202 (the strategy holds the dense model)
-            model = seeded_model(config.model_id, config.seed)
-            weights = {n: torch.from_numpy(w.copy()) for n, w in strategy.weights.items()}
-            model.load_state_dict(weights, strict=False)  # parameters; BN statistics do not travel
-            recalibrate_batch_norm(model, calibration())
-            return model
-    else:
-        strategy = DenseFedAvg(config, recorder)
-        initial = ArrayRecord(seeded_model(config.model_id, config.seed).state_dict())
-
-        def to_model(arrays: ArrayRecord):  # noqa: ANN202
-            model = seeded_model(config.model_id, config.seed)
-            model.load_state_dict(arrays.to_torch_state_dict())
-            return model
-
-    def evaluate_on_test_set(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if checkpoint is not None and server_round == 0:
-            return None  # the checkpoint's round is published already
-        server_round += done
-        result = evaluate(to_model(arrays), test)
-        published = record_payload(arrays) if config.strategy == "dropback" else None
-        recorder.finish_round(server_round, result.accuracy, result.loss, published)
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
-
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=config.num_server_rounds - done,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=evaluate_on_test_set,
+def _train(grid: Grid, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None) -> None:
+    evaluation = Evaluation(
+        test=load_fashion_mnist("test"),
+        # Training examples (never the test set) to re-estimate batch-norm statistics.
+        load_calibration=lambda: calibration_split(load_fashion_mnist("train")),
     )
+    build_strategy(config, recorder, evaluation, checkpoint).run(grid)

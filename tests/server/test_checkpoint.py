@@ -9,7 +9,7 @@ from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import resume
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.store import Store
-from dropfleet.server.strategy import SparseDropBack
+from dropfleet.server.strategies import SparseDropBack
 from tests.factories import random_sparse_model
 
 ROUNDS = 4
@@ -89,7 +89,7 @@ def test_the_strategy_starts_from_the_checkpoint_bytes_and_round(store_url, tmp_
     ckpt = resume(store, config(), attempt="8")
     recorder = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="7", attempt="8", resumed_after=1)
     try:
-        strategy = SparseDropBack(config(), recorder, ckpt)
+        strategy = SparseDropBack(config(), recorder, checkpoint=ckpt)
         assert record_payload(strategy.initial_arrays()) == payloads[1]  # not re-encoded
         assert strategy.round_offset == 1 and strategy.global_model == ckpt.model
     finally:

@@ -18,7 +18,7 @@ from dropfleet.common.layer_init import seeded_model
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, pack_sparse, record_payload
 from dropfleet.server.reporting import RoundRecorder
-from dropfleet.server.strategy import DenseFedAvg, SparseDropBack, TopKFedAvg
+from dropfleet.server.strategies import DenseFedAvg, SparseDropBack, TopKFedAvg
 from dropfleet.server.validation import allowed_k
 from tests.factories import N_MLP
 from tests.server.messages import content, model, raw_record, reply, with_value

@@ -14,7 +14,7 @@ from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, record_payload
 from dropfleet.server.reporting import RoundRecorder
-from dropfleet.server.strategy import SparseDropBack
+from dropfleet.server.strategies import SparseDropBack
 from tests.server.messages import content, model, raw_record, reply
 
 N = 89_610
@@ -132,3 +132,21 @@ def test_initial_model_is_just_the_seed():
     initial = decode(record_payload(s.initial_arrays()))
     assert initial.num_tracked == 0 and initial.seed == CONFIG.seed
     assert len(record_payload(s.initial_arrays())) < 200  # no dense tensor, just a seed and names
+
+
+def test_the_strategy_publishes_each_round_once_with_the_model_it_holds(tmp_path, fmnist_test):
+    from dropfleet.server.store import Store
+    from dropfleet.server.strategies import Evaluation
+
+    store = Store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.migrate()
+    store.start_run("5", "dropback", "mlp-90k", CONFIG.seed, 3, {})
+    recorder = RoundRecorder("dropback", 3, None, Console(file=io.StringIO()), store=store, run_id="5")
+    small = fmnist_test.subset(np.arange(500))
+    s = SparseDropBack(CONFIG, recorder, Evaluation(small, lambda: small))
+    s.publish(0, s.initial_arrays())
+    arrays, _ = s.aggregate_train(1, [reply(n, content(model(2000, n))) for n in (11, 12)])
+    s.publish(1, arrays)
+    assert store.model_rounds("5") == [0, 1]
+    assert store.model("5", 1)["data"] == s.payload == record_payload(arrays)  # what devices received
+    assert store.rounds("5")[1]["replied"] == 2 and store.rounds("5")[1]["accuracy"] is not None
