@@ -36,9 +36,10 @@ import matplotlib.pyplot as plt
 from dropfleet.deploy.fleet import FleetSpec
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
+from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env
 from dropfleet.server.flower_control import is_live, run_status, start_run
 from dropfleet.server.reporting import read_results
-from dropfleet.server.simulation import PROJECT_ROOT, run_simulation, simulation_env
+from dropfleet.server.simulation import run_simulation
 from dropfleet.server.store import Store
 
 STRATEGIES = ("dropback", "fedavg", "topk-ef")
@@ -87,7 +88,7 @@ def crosscheck(work: Path, rounds: int) -> list[dict]:
         state_dir=work / "fleet",
     )
     info = fleet_up(spec)
-    env = simulation_env(Path(info["flwr_home"]))
+    env = flower_env(Path(info["flwr_home"]))
     store = Store(info["database_url"])
     out = []
     try:

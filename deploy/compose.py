@@ -21,6 +21,7 @@ import yaml
 from dropfleet.client.profiles import get_profile
 from dropfleet.common.errors import ConfigError
 from dropfleet.deploy.fleet import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, topology
+from dropfleet.fleet.flower_env import OFFLINE_ENV
 
 SERVER_IMAGE = "dropfleet-server:0.1.0"
 CLIENT_IMAGE = "dropfleet-client:0.1.0"
@@ -90,8 +91,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
     ca = "/certs/ca.crt" if spec.tls else None
     store_env = {
         "DROPFLEET_DATABASE_URL": "${DROPFLEET_DATABASE_URL:-" + STORE_URL + "}",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        **OFFLINE_ENV,
     }
     certs_ro = ["certs:/certs:ro"] if spec.tls else []
     services: dict[str, Any] = {

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dropfleet.common.data import check_fashion_mnist
 from dropfleet.common.errors import ConfigError, DropfleetError
 from dropfleet.deploy.certs import create_certificates
-from dropfleet.server.simulation import OFFLINE_ENV
+from dropfleet.fleet.flower_env import OFFLINE_ENV, write_connection
 
 BIN = Path(sys.executable).parent
 # The same ports as docker-compose.yml (SuperNode runtime ports differ per node here).
@@ -227,16 +227,6 @@ def _wait_and_register(
             raise FleetError(f"could not register {key.name}: {(done.stdout + done.stderr).strip()[-300:]}")
 
 
-def write_flower_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> Path:
-    """$FLWR_HOME/config.toml whose default connection is this fleet's SuperLink."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    text = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
-    text += f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n"
-    path = flwr_home / "config.toml"
-    path.write_text(text)
-    return path
-
-
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -279,8 +269,8 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     if not token_file.exists():
         token_file.write_text(secrets.token_urlsafe(32))
         token_file.chmod(0o600)
-    write_flower_connection(
-        state / "flwr", f"{spec.host}:{spec.superlink_port}", certs["ca"] if certs else None
+    write_connection(
+        state / "flwr", CONNECTION, f"{spec.host}:{spec.superlink_port}", certs["ca"] if certs else None, True
     )
     env = _env(spec, state)
     started: dict[str, subprocess.Popen] = {}

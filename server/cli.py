@@ -12,10 +12,11 @@ from rich.table import Column, Table
 from dropfleet.common.errors import ConfigError, DatasetError, DropfleetError
 from dropfleet.common.models import MODELS
 from dropfleet.fleet.config import STRATEGIES
+from dropfleet.fleet.flower_env import PROJECT_ROOT
 from dropfleet.server.api_client import ApiClient, ApiError
 from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import read_results
-from dropfleet.server.simulation import PROJECT_ROOT, run_simulation
+from dropfleet.server.simulation import run_simulation
 
 if TYPE_CHECKING:
     from dropfleet.common.sparse import SparseModel
@@ -439,13 +440,14 @@ def certs(
 ) -> None:
     """Create the fleet's TLS material (the compose `certs` one-shot service runs this)."""
     from dropfleet.deploy.certs import create_certificates
-    from dropfleet.deploy.fleet import write_flower_connection
+    from dropfleet.deploy.fleet import CONNECTION
+    from dropfleet.fleet.flower_env import write_connection
 
     paths = (
         create_certificates(out, names=(superlink.split(":")[0], "localhost", "127.0.0.1")) if tls else None
     )
     if flwr_home is not None:
-        write_flower_connection(flwr_home, superlink, paths["ca"] if paths else None)
+        write_connection(flwr_home, CONNECTION, superlink, paths["ca"] if paths else None, insecure=True)
     console.print(f"certificates in {out}" if paths else "TLS off: no certificates")
 
 

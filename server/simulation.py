@@ -19,39 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env, write_local_connection
 from dropfleet.server.flower_control import STARTED_RUN, toml_value
-
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "RAY_DEDUP_LOGS": "0",
-}
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_flower_config(flwr_home: Path) -> Path:
-    """A config.toml whose default connection is the managed local simulation."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    return path
-
-
-def simulation_env(
-    flwr_home: Path, base: Mapping[str, str] | None = None, superlink_port: int | None = None
-) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    env.update(OFFLINE_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    if superlink_port:
-        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(superlink_port)
-        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(superlink_port + 2)
-    return env
 
 
 def _pids_with(fragment: str) -> list[int]:
@@ -104,8 +73,8 @@ def run_simulation(
     timeout: float | None = None,
 ) -> Simulated:
     """`flwr run . --stream` on a fresh local simulation, its output passed through."""
-    write_flower_config(flwr_home)
-    env = simulation_env(flwr_home, superlink_port=superlink_port)
+    write_local_connection(flwr_home)
+    env = flower_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     cmd = [

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
+from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env
 from dropfleet.server.store.store import default_database_url
 
 PLACEHOLDER_TOKEN = "change-me"
@@ -66,7 +66,7 @@ class Settings(BaseSettings):
     @cached_property
     def flower_env(self) -> dict[str, str]:
         """Environment for `flwr` calls: offline-safe, with this deployment's FLWR_HOME."""
-        return simulation_env(Path(self.flwr_home))
+        return flower_env(Path(self.flwr_home))
 
 
 def read_or_create_token(path: Path) -> str:

@@ -171,8 +171,8 @@ def test_edge_install_script_in_a_fresh_prefix(tmp_path):
 
 
 def test_every_environment_variable_in_compose_is_one_the_code_reads():
+    from dropfleet.fleet.flower_env import OFFLINE_ENV
     from dropfleet.server.api.settings import Settings
-    from dropfleet.server.simulation import OFFLINE_ENV
     from dropfleet.server.store.store import DATABASE_URL_ENV
 
     known = (

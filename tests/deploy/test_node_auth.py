@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dropfleet.server.simulation import simulation_env
+from dropfleet.fleet.flower_env import flower_env
 from tests.deploy.test_fleet_e2e import fleet_up, run
 from tests.integration.procs import free_port, processes_mentioning, start, stop
 
@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 def online_nodes(state: Path) -> list[dict]:
     out = subprocess.run(
         [str(BIN / "flwr"), "supernode", "list", "fleet", "--format", "json"],
-        env=simulation_env(state / "flwr"),
+        env=flower_env(state / "flwr"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -69,7 +69,7 @@ def test_only_registered_supernodes_connect(tmp_path):
                 "15",
             ],
             tmp_path / "intruder.log",
-            simulation_env(state / "flwr"),
+            flower_env(state / "flwr"),
         )
         time.sleep(10)
         assert len(online_nodes(state)) == 2  # the intruder never joined

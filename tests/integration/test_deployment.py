@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 
+from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env
 from dropfleet.server.reporting import read_results
-from dropfleet.server.simulation import PROJECT_ROOT, simulation_env
 from tests.integration.procs import (
     BIN,
     free_port,
@@ -27,7 +27,7 @@ def test_superlink_and_supernodes_train(tmp_path):
         f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{port}"\n'
         "insecure = true\n"
     )
-    env = simulation_env(home)
+    env = flower_env(home)
     results = tmp_path / "run.jsonl"
     procs = [
         start(
