@@ -33,9 +33,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dropfleet.deploy.fleet import FleetSpec
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
+from dropfleet.deploy.topology import FleetSpec
 from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env
 from dropfleet.server.flower_control import is_live, run_status, start_run
 from dropfleet.server.reporting import read_results

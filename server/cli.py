@@ -320,7 +320,8 @@ def fleet_up(
 ) -> None:
     """Start SuperLink, SuperExecs, SuperNodes and the API on 127.0.0.1 and wait until healthy."""
     from dropfleet.common.errors import DropfleetError
-    from dropfleet.deploy.fleet import FleetSpec, up
+    from dropfleet.deploy.fleet import up
+    from dropfleet.deploy.topology import FleetSpec
 
     spec = FleetSpec(
         nodes=nodes,
@@ -416,7 +417,7 @@ def compose(
 ) -> None:
     """Print a docker-compose.yml for a fleet of N SuperNodes (same topology as `fleet up`)."""
     from dropfleet.deploy.compose import render
-    from dropfleet.deploy.fleet import FleetSpec
+    from dropfleet.deploy.topology import FleetSpec
 
     spec = FleetSpec(
         nodes=nodes,
@@ -440,7 +441,7 @@ def certs(
 ) -> None:
     """Create the fleet's TLS material (the compose `certs` one-shot service runs this)."""
     from dropfleet.deploy.certs import create_certificates
-    from dropfleet.deploy.fleet import CONNECTION
+    from dropfleet.deploy.topology import CONNECTION
     from dropfleet.fleet.flower_env import write_connection
 
     paths = (

@@ -12,8 +12,8 @@ import yaml
 
 from dropfleet.client.profiles import get_profile
 from dropfleet.deploy.compose import DEFAULT_SPEC, render
-from dropfleet.deploy.fleet import FleetSpec, local_layout, topology
 from dropfleet.deploy.locks import client_lock
+from dropfleet.deploy.topology import FleetSpec, local_layout, topology
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
