@@ -1,0 +1,105 @@
+"""`dropfleet fleet up|status|restart|down`: the process fleet on 127.0.0.1."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dropfleet.cli.output import AsJson, StateDir, console, exit_with, profile_list
+from dropfleet.common.errors import DropfleetError
+
+app = typer.Typer(help="The process fleet: the compose topology as local processes.", no_args_is_help=True)
+
+
+@app.command("up")
+def up(
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start")] = 4,
+    profiles: Annotated[str, typer.Option(help="device profiles, assigned round robin")] = (
+        "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+    ),
+    tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
+    node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
+    streaming: Annotated[
+        bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
+    ] = False,
+    superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
+    api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
+    node_port_base: Annotated[
+        int, typer.Option(help="runtime API port of SuperNode 0 (then +1, +2...)")
+    ] = 9100,
+    state_dir: StateDir = Path(".fleet"),
+    as_json: AsJson = False,
+) -> None:
+    """Start SuperLink, SuperExecs, SuperNodes and the API on 127.0.0.1 and wait until healthy."""
+    from dropfleet.deploy.fleet import up as fleet_up
+    from dropfleet.deploy.topology import FleetSpec
+
+    spec = FleetSpec(
+        nodes=nodes,
+        profiles=profile_list(profiles),
+        tls=tls,
+        node_auth=node_auth,
+        streaming=streaming,
+        superlink_port=superlink_port,
+        api_port=api_port,
+        node_port_base=node_port_base,
+        state_dir=state_dir,
+    )
+    try:
+        info = fleet_up(spec)
+    except DropfleetError as exc:
+        exit_with(1, str(exc))
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    console.print(
+        f"fleet up: {nodes} SuperNode(s), SuperLink {info['superlink']} (TLS {'on' if tls else 'off'})"
+    )
+    console.print(f"  API         {info['api']}   (admin token in {info['admin_token_file']})")
+    console.print(f"  flwr        FLWR_HOME={info['flwr_home']} flwr run . {info['connection']}")
+    console.print(f"  store       {info['database_url']}")
+    console.print(f"  logs        {info['logs']}")
+
+
+@app.command("status")
+def status(state_dir: StateDir = Path(".fleet"), as_json: AsJson = False) -> None:
+    """Which fleet processes are running."""
+    from dropfleet.deploy.fleet import status as fleet_state
+
+    state = fleet_state(state_dir)
+    if as_json:
+        typer.echo(json.dumps(state))
+        return
+    if not state:
+        console.print("no fleet")
+    for name, alive in state.items():
+        console.print(f"{name:<24} {'running' if alive else 'stopped'}")
+
+
+@app.command("restart")
+def restart(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="processes to restart (default: every one that died)")
+    ] = None,
+    state_dir: StateDir = Path(".fleet"),
+) -> None:
+    """Restart fleet processes, as a supervisor would: the SuperLink keeps its database."""
+    from dropfleet.deploy.fleet import restart as fleet_restart
+
+    try:
+        restarted = fleet_restart(state_dir, names)
+    except DropfleetError as exc:
+        exit_with(1, str(exc))
+    console.print(
+        f"restarted {len(restarted)} process(es)" + (f": {', '.join(restarted)}" if restarted else "")
+    )
+
+
+@app.command("down")
+def down(state_dir: StateDir = Path(".fleet")) -> None:
+    """Stop exactly what `fleet up` started."""
+    from dropfleet.deploy.fleet import down as fleet_down
+
+    stopped = fleet_down(state_dir)
+    console.print(f"stopped {len(stopped)} process(es)" + (f": {', '.join(stopped)}" if stopped else ""))

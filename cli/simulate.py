@@ -1,0 +1,75 @@
+"""`dropfleet simulate`: `flwr run .` on Flower's Simulation Engine, checked first, judged by its results."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dropfleet.cli.output import console, exit_with
+from dropfleet.common.errors import ConfigError, DatasetError
+from dropfleet.common.models import MODELS
+from dropfleet.fleet.config import STRATEGIES
+from dropfleet.fleet.flower_env import PROJECT_ROOT
+from dropfleet.server.preflight import check_run
+from dropfleet.server.reporting import read_results
+from dropfleet.server.simulation import run_simulation
+
+
+def simulate(
+    nodes: Annotated[int, typer.Option(help="simulated devices (SuperNodes)")] = 12,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds (default: pyproject)")] = None,
+    strategy: Annotated[
+        str | None, typer.Option(help=f"one of {', '.join(STRATEGIES)} (default: pyproject)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help=f"one of {', '.join(MODELS)} (default: pyproject)")
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="JSON-lines results file (default: results/RUN_ID.jsonl)")
+    ] = None,
+    config: Annotated[
+        list[str] | None, typer.Option("--config", "-c", help="extra run-config key=value")
+    ] = None,
+    flwr_home: Annotated[Path, typer.Option(help="Flower home for this run")] = PROJECT_ROOT / ".flwr",
+) -> None:
+    """Train on Flower's Simulation Engine (`flwr run .`) and print each round.
+
+    Exits 0 only when the run finished; otherwise non-zero with the reason on the last line.
+    """
+    template = str(results.resolve()) if results else str(PROJECT_ROOT / "results" / "{run_id}.jsonl")
+    run_config: dict[str, object] = {"results-file": template}
+    if rounds is not None:
+        run_config["num-server-rounds"] = rounds
+    if strategy is not None:
+        run_config["strategy"] = strategy
+    if model is not None:
+        run_config["model-id"] = model
+    for item in config or []:
+        key, _, value = item.partition("=")
+        run_config[key] = parse_value(value)
+    if nodes < 1:
+        exit_with(2, f"--nodes must be at least 1, got {nodes}")
+    try:
+        check_run(run_config)  # before any SuperLink or Ray starts
+    except (ConfigError, DatasetError) as exc:
+        exit_with(2, str(exc))
+    sim = run_simulation(nodes, run_config, flwr_home.resolve())
+    if sim.run_id is None:
+        exit_with(sim.code or 1, "flwr run did not start a run (see its output above)")
+    path = Path(template.replace("{run_id}", sim.run_id))
+    end = read_results(path)["end"] if path.exists() else None
+    if end is None:
+        exit_with(1, f"run {sim.run_id} ended without recording an outcome in {path}")
+    if end["status"] != "finished":
+        exit_with(1, f"run {sim.run_id} {end['status']}: {end['error']}")
+    console.print(f"run {sim.run_id} finished; results in {path}")
+
+
+def parse_value(value: str) -> object:
+    """A `-c key=value` value as the run config types it: int, float, else string."""
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
