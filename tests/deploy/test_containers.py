@@ -25,6 +25,7 @@ import pytest
 from dropfleet.common.codec import decode
 from dropfleet.deploy.compose import MIN_CONTAINER_BYTES
 from tests.deploy.docker_engine import BASE_IMAGE, build_base_image, engine, missing_tools, wheel_server
+from tests.deploy.rest import TWO_NODE_RUN, run_to_end
 from tests.deploy.test_fleet_e2e import free_range
 from tests.integration.procs import free_port
 
@@ -104,30 +105,9 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
             timings["fleet healthy"] = time.monotonic() - t0
             token = compose("exec", "-T", "api", "cat", "/flwr/admin-token").stdout.strip()
             assert len(token) >= 32  # a random token made on first start, not a placeholder
-            auth = {"Authorization": f"Bearer {token}"}
             assert httpx.post(f"{api}/v1/runs", json={"run_config": {}}, timeout=30).status_code == 401
             t0 = time.monotonic()
-            started = httpx.post(
-                f"{api}/v1/runs",
-                headers=auth,
-                timeout=180,
-                json={
-                    "run_config": {
-                        "num-server-rounds": 2,
-                        "train-subset": 300,
-                        "min-available-nodes": 2,
-                        "min-train-nodes": 2,
-                        "fraction-evaluate": 0.0,
-                    }
-                },
-            )
-            assert started.status_code == 202, started.text
-            run_id = started.json()["run_id"]
-            events = []
-            with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=900) as stream:
-                for line in stream.iter_lines():
-                    if line.startswith("data:"):
-                        events.append(json.loads(line[5:]))
+            run_id, events = run_to_end(api, token, {**TWO_NODE_RUN, "num-server-rounds": 2})
             timings["two rounds"] = time.monotonic() - t0
             rounds = [e for e in events if "round" in e]
             assert events[-1] == {"status": "finished"}, (events, compose("logs", "--tail", "60").stdout)

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.deploy.rest import TWO_NODE_RUN, run_to_end
 from tests.deploy.test_fleet_e2e import fleet_up, free_range, run
 from tests.integration.procs import free_port
 
@@ -111,27 +112,7 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
                 -3000:
             ]
             time.sleep(3)
-        started = httpx.post(
-            f"{api}/v1/runs",
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=120,
-            json={
-                "run_config": {
-                    "num-server-rounds": 1,
-                    "train-subset": 200,
-                    "min-available-nodes": 2,
-                    "min-train-nodes": 2,
-                    "fraction-evaluate": 0.0,
-                }
-            },
-        )
-        assert started.status_code == 202, started.text
-        run_id = started.json()["run_id"]
-        events = []
-        with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=600) as stream:
-            for line in stream.iter_lines():
-                if line.startswith("data:"):
-                    events.append(json.loads(line[5:]))
+        _, events = run_to_end(api, token, {**TWO_NODE_RUN, "num-server-rounds": 1}, timeout=600)
         assert events[-1] == {"status": "finished"}, events
         assert [e["replied"] for e in events if e.get("round") == 1] == [2]
         profiles = {n["profile"] for n in httpx.get(f"{api}/v1/nodes", timeout=30).json()}
