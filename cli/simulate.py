@@ -1,18 +1,20 @@
 """`dropfleet simulate`: `flwr run .` on Flower's Simulation Engine, checked first, judged by its results."""
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from dropfleet.cli.output import console, exit_with
+from dropfleet.common.data import DATA_DIR_ENV
 from dropfleet.common.errors import ConfigError, DatasetError
 from dropfleet.common.models import MODELS
 from dropfleet.fleet.config import STRATEGIES
 from dropfleet.fleet.flower_env import PROJECT_ROOT
 from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import read_results
-from dropfleet.server.simulation import run_simulation
+from dropfleet.server.simulation import check_ray_cluster, run_simulation
 
 
 def simulate(
@@ -31,6 +33,10 @@ def simulate(
         list[str] | None, typer.Option("--config", "-c", help="extra run-config key=value")
     ] = None,
     flwr_home: Annotated[Path, typer.Option(help="Flower home for this run")] = PROJECT_ROOT / ".flwr",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of a running Ray cluster to simulate on (attach, or fail)"),
+    ] = None,
 ) -> None:
     """Train on Flower's Simulation Engine (`flwr run .`) and print each round.
 
@@ -49,11 +55,19 @@ def simulate(
         run_config[key] = parse_value(value)
     if nodes < 1:
         exit_with(2, f"--nodes must be at least 1, got {nodes}")
+    if ray_address and "fashion-mnist-dir" not in run_config and os.environ.get(DATA_DIR_ENV):
+        # The environment does not reach a cluster's raylets; the run config does.
+        run_config["fashion-mnist-dir"] = os.environ[DATA_DIR_ENV]
     try:
         check_run(run_config)  # before any SuperLink or Ray starts
+        if ray_address:
+            cluster = check_ray_cluster(ray_address)
+            console.print(
+                f"Ray cluster at {cluster.address}: {cluster.nodes} node(s), {cluster.cpus:g} CPU(s)"
+            )
     except (ConfigError, DatasetError) as exc:
         exit_with(2, str(exc))
-    sim = run_simulation(nodes, run_config, flwr_home.resolve())
+    sim = run_simulation(nodes, run_config, flwr_home.resolve(), ray_address=ray_address)
     if sim.run_id is None:
         exit_with(sim.code or 1, "flwr run did not start a run (see its output above)")
     path = Path(template.replace("{run_id}", sim.run_id))

@@ -58,11 +58,12 @@ def local_data(
         own = load_device_data(data_dir)
         idx = np.random.default_rng(config.seed).permutation(len(own))
     else:
-        labels = fashion_mnist_labels("train")
+        labels = fashion_mnist_labels("train", config.fashion_mnist_dir or None)
         idx = partition_indices(
             labels, num_partitions, partition_id, config.partitioner, config.alpha, config.seed
         )
-        own = load_fashion_mnist("train", indices=idx)  # only this partition's images, in idx order
+        # Only this partition's images, in idx order.
+        own = load_fashion_mnist("train", config.fashion_mnist_dir or None, indices=idx)
         idx = np.arange(len(idx))
     if config.train_subset:
         idx = idx[: config.train_subset]

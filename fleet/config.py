@@ -51,6 +51,10 @@ class RunConfig:
     trim_fraction: float = 0.1
     clip_norm: float = 0.0
     train_subset: int = 0
+    # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
+    # do not pass on the environment of whoever started them): "" falls back to the environment.
+    fashion_mnist_dir: str = ""
+    message_audit: str = ""
     resume_run: str = ""
 
     @classmethod

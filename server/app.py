@@ -115,8 +115,10 @@ def _version(package: str) -> str | None:
 
 def _train(grid: Grid, config: RunConfig, recorder: RoundRecorder, checkpoint: Checkpoint | None) -> None:
     evaluation = Evaluation(
-        test=load_fashion_mnist("test"),
+        test=load_fashion_mnist("test", config.fashion_mnist_dir or None),
         # Training examples (never the test set) to re-estimate batch-norm statistics.
-        load_calibration=lambda: calibration_split(load_fashion_mnist("train")),
+        load_calibration=lambda: calibration_split(
+            load_fashion_mnist("train", config.fashion_mnist_dir or None)
+        ),
     )
     build_strategy(config, recorder, evaluation, checkpoint).run(grid)

@@ -23,5 +23,5 @@ def check_run(run_config: Mapping[str, object], data: bool = True) -> RunConfig:
     for name in config.profiles:
         get_profile(name)
     if data:
-        check_fashion_mnist()
+        check_fashion_mnist(config.fashion_mnist_dir or None)
     return config

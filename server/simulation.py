@@ -10,6 +10,7 @@ machine without internet and leaves nothing behind:
   stopped afterwards.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from dropfleet.common.errors import ConfigError
 from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env, write_local_connection
 from dropfleet.server.flower_control import STARTED_RUN, toml_value
 
@@ -64,6 +66,41 @@ class Simulated:
     run_id: str | None  # the Flower run id it printed
 
 
+_RAY_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], include_dashboard=False, logging_level="ERROR")
+nodes = sum(n["Alive"] for n in ray.nodes())
+print(json.dumps({"nodes": nodes, "cpus": ray.cluster_resources().get("CPU", 0)}))
+ray.shutdown()
+"""
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str
+    nodes: int  # alive Ray nodes
+    cpus: float
+
+
+def check_ray_cluster(address: str, timeout: float = 90.0) -> RayCluster:
+    """Attach to the Ray cluster at HOST:PORT once, or raise `ConfigError` saying why.
+
+    Run in a child process: attaching in this one would leave it a Ray driver.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _RAY_PROBE, address], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"no Ray cluster answered at {address} within {timeout:.0f} s") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"cannot attach to the Ray cluster at {address}: {tail[:300]}")
+    info = json.loads(lines[-1])
+    return RayCluster(address, int(info["nodes"]), float(info["cpus"]))
+
+
 def run_simulation(
     num_supernodes: int,
     run_config: Mapping[str, object],
@@ -71,19 +108,30 @@ def run_simulation(
     superlink_port: int | None = None,
     extra_env: Mapping[str, str] | None = None,
     timeout: float | None = None,
+    ray_address: str | None = None,
 ) -> Simulated:
-    """`flwr run . --stream` on a fresh local simulation, its output passed through."""
+    """`flwr run . --stream` on a fresh local simulation, its output passed through.
+
+    With `ray_address`, the Simulation Engine attaches to that Ray cluster (Ray's own
+    `address` init argument: it fails rather than start a private Ray); otherwise
+    Flower starts a Ray of its own on this machine. The managed local SuperLink is
+    always started fresh, with this environment.
+    """
+    stop_managed_superlink(flwr_home)  # one left running would keep the environment of its first start
     write_local_connection(flwr_home)
     env = flower_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+    if ray_address:
+        federation += f' init-args-address="{ray_address}"'
     cmd = [
         str(Path(sys.executable).parent / "flwr"),
         "run",
         str(PROJECT_ROOT),
         "--stream",
         "--federation-config",
-        f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+        federation,
     ]
     if overrides:
         cmd += ["--run-config", overrides]

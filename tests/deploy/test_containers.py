@@ -114,7 +114,7 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
             assert [r["round"] for r in rounds] == [0, 1, 2]
             assert all(r["replied"] == 2 for r in rounds[1:]), rounds
             model = httpx.get(f"{api}/v1/runs/{run_id}/model", params={"format": "protobuf"}, timeout=30)
-            assert decode(model.content).num_tracked == 8961
+            assert decode(model.content).num_tracked == rounds[-1]["tracked"] > 0  # the published set
             # The smallest boards' ClientApps trained inside their containers' memory limits.
             for i in (0, 1):
                 name = compose("ps", "-q", f"superexec-clientapp-{i}").stdout.strip()
