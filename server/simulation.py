@@ -13,6 +13,7 @@ machine without internet and leaves nothing behind:
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,11 @@ def check_ray_cluster(address: str, timeout: float = 90.0) -> RayCluster:
 
     Run in a child process: attaching in this one would leave it a Ray driver.
     """
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot attach to the Ray cluster at {address}: {exc}") from None
     try:
         done = subprocess.run(
             [sys.executable, "-c", _RAY_PROBE, address], capture_output=True, text=True, timeout=timeout
@@ -112,8 +118,8 @@ def run_simulation(
 ) -> Simulated:
     """`flwr run . --stream` on a fresh local simulation, its output passed through.
 
-    With `ray_address`, the Simulation Engine attaches to that Ray cluster (Ray's own
-    `address` init argument: it fails rather than start a private Ray); otherwise
+    With `ray_address`, the Simulation Engine attaches to that Ray cluster (RAY_ADDRESS:
+    Ray fails rather than start a private one); otherwise
     Flower starts a Ray of its own on this machine. The managed local SuperLink is
     always started fresh, with this environment.
     """
@@ -124,7 +130,9 @@ def run_simulation(
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
     if ray_address:
-        federation += f' init-args-address="{ray_address}"'
+        # Flower's federation config has no address; Ray's own lookup does, and with it
+        # set, Ray attaches or fails (never a private Ray). No init-args-num-cpus with it.
+        env["RAY_ADDRESS"] = ray_address
     cmd = [
         str(Path(sys.executable).parent / "flwr"),
         "run",
