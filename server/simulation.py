@@ -70,8 +70,9 @@ class Simulated:
 _RAY_PROBE = """
 import json, sys, ray
 ray.init(address=sys.argv[1], include_dashboard=False, logging_level="ERROR")
-nodes = sum(n["Alive"] for n in ray.nodes())
-print(json.dumps({"nodes": nodes, "cpus": ray.cluster_resources().get("CPU", 0)}))
+alive = [n for n in ray.nodes() if n["Alive"]]
+hosts = sorted({n["NodeManagerAddress"] for n in alive})
+print(json.dumps({"nodes": len(alive), "hosts": hosts, "cpus": ray.cluster_resources().get("CPU", 0)}))
 ray.shutdown()
 """
 
@@ -81,6 +82,7 @@ class RayCluster:
     address: str
     nodes: int  # alive Ray nodes
     cpus: float
+    hosts: tuple[str, ...]  # the addresses the nodes advertise
 
 
 def check_ray_cluster(address: str, timeout: float = 90.0) -> RayCluster:
@@ -104,7 +106,7 @@ def check_ray_cluster(address: str, timeout: float = 90.0) -> RayCluster:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ConfigError(f"cannot attach to the Ray cluster at {address}: {tail[:300]}")
     info = json.loads(lines[-1])
-    return RayCluster(address, int(info["nodes"]), float(info["cpus"]))
+    return RayCluster(address, int(info["nodes"]), float(info["cpus"]), tuple(info["hosts"]))
 
 
 def run_simulation(

@@ -93,6 +93,8 @@ def ray_cluster():
                     pass
                 assert time.monotonic() < deadline, (root / f"node{i}.log").read_text()[-3000:]
                 time.sleep(2)
+        # --node-ip-address keeps Ray on loopback (it would advertise the host's interface address).
+        assert check_ray_cluster(address).hosts == ("127.0.0.1",)
         yield address
     finally:
         for p in reversed(procs):
