@@ -1,8 +1,12 @@
 """Simulation on a Ray cluster: `dropfleet simulate --ray-address` attaches to it, or fails early.
 
 A two-node Ray cluster on this machine (`ray start --block`, explicit non-default
-ports, a small object store, its own temp dir), stopped by its PIDs — never
-`ray stop`, which would kill every Ray process on the machine.
+ports, a small object store, its own temp dirs), stopped by its PIDs — never
+`ray stop`, which would kill every Ray process on the machine. Ray turns
+127.0.0.1 into the host's interface address (`resolve_ip_for_localhost`), and its
+only switch against that also forbids worker nodes; so the cluster and the
+simulation run in a network namespace this test creates, whose only interface
+is loopback, where Ray's address detection falls back to 127.0.0.1.
 """
 
 import json
@@ -17,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from dropfleet.server.simulation import check_ray_cluster
 from tests.integration.procs import free_port, processes_mentioning
 
 pytestmark = pytest.mark.e2e
@@ -57,8 +60,34 @@ def _node_args(head_port: int | None) -> list[str]:
     ]
 
 
+def _probe(ns: list[str], address: str) -> dict:
+    """`check_ray_cluster` from inside the namespace."""
+    code = (
+        "import json, sys; from dropfleet.server.simulation import check_ray_cluster as c; "
+        "print(json.dumps(c(sys.argv[1], timeout=60).__dict__))"
+    )
+    done = subprocess.run(
+        [*ns, sys.executable, "-c", code, address], capture_output=True, text=True, timeout=120
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-500:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def netns():
+    name = f"dfray{os.getpid()}"
+    if subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode != 0:
+        pytest.skip("cannot create a network namespace here (needs root and iproute2)")
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield ["ip", "netns", "exec", name]
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(netns):
     # Short paths: Ray's unix sockets live under its temp dir (108-byte limit).
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     head_port = free_port()
@@ -76,7 +105,7 @@ def ray_cluster():
             log = (root / f"node{i}.log").open("w")
             procs.append(
                 subprocess.Popen(
-                    [str(BIN / "ray"), "start", *args, "--block"],
+                    [*netns, str(BIN / "ray"), "start", *args, "--block"],
                     env={**os.environ, "RAY_TMPDIR": str(tmp)},
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -87,15 +116,14 @@ def ray_cluster():
             while True:
                 assert all(p.poll() is None for p in procs), (root / f"node{i}.log").read_text()[-3000:]
                 try:
-                    if check_ray_cluster(address, timeout=60).nodes == i + 1:
+                    if _probe(netns, address)["nodes"] == i + 1:
                         break
-                except Exception:
+                except RuntimeError:
                     pass
                 assert time.monotonic() < deadline, (root / f"node{i}.log").read_text()[-3000:]
                 time.sleep(2)
-        # --node-ip-address keeps Ray on loopback (it would advertise the host's interface address).
-        assert check_ray_cluster(address).hosts == ("127.0.0.1",)
-        yield address
+        assert _probe(netns, address)["hosts"] == ["127.0.0.1"]  # every node on loopback
+        yield netns, address
     finally:
         for p in reversed(procs):
             _stop_group(p)
@@ -116,10 +144,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 def test_simulate_runs_clientapps_on_every_node_of_the_cluster(ray_cluster, tmp_path):
+    netns, address = ray_cluster
     audit = tmp_path / "audit.jsonl"
     done = subprocess.run(
         [
-            DROPFLEET, "simulate", "--ray-address", ray_cluster, "--nodes", "2", "--rounds", "1",
+            *netns, DROPFLEET, "simulate", "--ray-address", address, "--nodes", "2", "--rounds", "1",
             "--results", str(tmp_path / "run.jsonl"), "--flwr-home", str(tmp_path / "flwr"),
             "-c", "fleet-mix=jetson-8g", "-c", "train-subset=100", "-c", "fraction-evaluate=0.0",
             "-c", f"message-audit={audit}",
