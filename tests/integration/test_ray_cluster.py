@@ -77,7 +77,10 @@ def _probe(ns: list[str], address: str) -> dict:
 @pytest.fixture(scope="module")
 def netns():
     name = f"dfray{os.getpid()}"
-    if shutil.which("ip") is None or subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode:
+    if (
+        shutil.which("ip") is None
+        or subprocess.run(["ip", "netns", "add", name], capture_output=True).returncode
+    ):
         pytest.skip("cannot create a network namespace here (needs root and iproute2)")
     try:
         subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
