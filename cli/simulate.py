@@ -59,7 +59,7 @@ def simulate(
         # The environment does not reach a cluster's raylets; the run config does.
         run_config["fashion-mnist-dir"] = os.environ[DATA_DIR_ENV]
     try:
-        check_run(run_config)  # before any SuperLink or Ray starts
+        check_run(run_config, fleet_size=nodes)  # before any SuperLink or Ray starts
         if ray_address:
             cluster = check_ray_cluster(ray_address)
             console.print(

@@ -13,7 +13,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from dropfleet.common.errors import ConfigError, PayloadTooLargeError, WireFormatError
-from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
+from dropfleet.common.layout import model_layout
+from dropfleet.common.sparse import SparseModel, SparseTensor
 from dropfleet.proto import sparse_model_pb2 as pb
 
 FORMAT_VERSION = 1
@@ -228,7 +229,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
             f"unsupported format version {msg.format_version} (supported: {FORMAT_VERSION})"
         )
     try:
-        expected = parameter_shapes(msg.model_id)
+        expected = model_layout(msg.model_id).shapes
     except KeyError as exc:
         raise WireFormatError(str(exc)) from None
     if len(msg.tensors) != len(expected):

@@ -26,6 +26,10 @@ _FILES = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 PARTITIONERS = ("iid", "dirichlet")
+# flwr-datasets' Dirichlet partitioner resamples until every partition holds this many examples.
+DIRICHLET_MIN_PARTITION = 10
+# An IID partition needs one validation and one training example.
+IID_MIN_PARTITION = 2
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,17 @@ def load_device_data(path: str | os.PathLike[str]) -> Split:
     return _normalized(images, labels)
 
 
+def check_partitioning(num_examples: int, num_partitions: int, partitioner: str) -> None:
+    """Raise `ConfigError` when `num_examples` cannot give every one of `num_partitions` devices data."""
+    need = DIRICHLET_MIN_PARTITION if partitioner == "dirichlet" else IID_MIN_PARTITION
+    if num_partitions * need > num_examples:
+        raise ConfigError(
+            f"{num_partitions} devices cannot share {num_examples} training examples: the {partitioner} "
+            f"partitioner needs {need} per device, so at most {num_examples // need} devices"
+            + (" (partitioner=iid needs fewer)" if partitioner == "dirichlet" else "")
+        )
+
+
 def partition_indices(
     labels: np.ndarray | torch.Tensor,
     num_partitions: int,
@@ -179,7 +194,11 @@ def partition_indices(
         if not alpha > 0:
             raise ConfigError(f"Dirichlet alpha must be > 0, got {alpha}")
         part = DirichletPartitioner(
-            num_partitions=num_partitions, partition_by="label", alpha=alpha, seed=seed, min_partition_size=10
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            seed=seed,
+            min_partition_size=DIRICHLET_MIN_PARTITION,
         )
     else:
         raise ConfigError(f"partitioner must be one of {PARTITIONERS}, got {partitioner!r}")

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dropfleet.common.errors import ConfigError
+from dropfleet.common.layout import Layout
 
 # Bytes kept per tracked weight (int64 index + float32 w0) and fixed overhead
 # (threshold, counters, seed) for memory-budget accounting.
@@ -85,9 +86,9 @@ class DropBack(Optimizer):
         self.k = k
         self.freeze_after = freeze_after
         self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self._sizes = [p.numel() for p in self._params]
-        self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
-        self.numel = int(self._offsets[-1])
+        # Parameters by position: the optimizer does not know their names.
+        self._layout = Layout.of_shapes((str(i), tuple(p.shape)) for i, p in enumerate(self._params))
+        self.numel = self._layout.numel
         self._flatten_parameters()
         self._idx = np.zeros(0, dtype=np.int64)  # global flat indices (unordered)
         self._base = np.zeros(0, dtype=np.float32)  # w0 at _idx
@@ -100,7 +101,8 @@ class DropBack(Optimizer):
         self._flat_g = torch.zeros(self.numel, dtype=torch.float32)
         self._grad_views: list[Tensor] = []
         with torch.no_grad():
-            for p, a, n in zip(self._params, self._offsets, self._sizes, strict=False):
+            for p, slot in zip(self._params, self._layout.tensors, strict=True):
+                a, n = slot.offset, slot.numel
                 self._flat_w[a : a + n].copy_(p.reshape(-1))
                 p.data = self._flat_w[a : a + n].view_as(p)
                 view = self._flat_g[a : a + n].view_as(p)
@@ -148,11 +150,8 @@ class DropBack(Optimizer):
         order = np.argsort(self._idx, kind="stable")
         idx = self._idx[order]
         delta = self._w[idx] - self._base[order]
-        bounds = np.searchsorted(idx, self._offsets)
-        return [
-            (idx[bounds[i] : bounds[i + 1]] - self._offsets[i], delta[bounds[i] : bounds[i + 1]])
-            for i in range(len(self._params))
-        ]
+        b = self._layout.bounds(idx)
+        return [(local, delta[b[i] : b[i + 1]]) for i, local in enumerate(self._layout.split(idx))]
 
     @torch.no_grad()
     def set_tracked(self, per_param: list[tuple[Any, Any]]) -> None:
@@ -166,14 +165,14 @@ class DropBack(Optimizer):
         if len(per_param) != len(self._params):
             raise ConfigError(f"expected {len(self._params)} entries, got {len(per_param)}")
         idx_parts, base_parts = [], []
-        for i, (idx, base) in enumerate(per_param):
+        for i, ((idx, base), slot) in enumerate(zip(per_param, self._layout.tensors, strict=True)):
             idx = np.asarray(idx, dtype=np.int64).reshape(-1)
             base = np.asarray(base, dtype=np.float32).reshape(-1)
             if idx.size != base.size:
                 raise ConfigError(f"parameter {i}: {idx.size} indices, {base.size} initial values")
-            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self._sizes[i]):
-                raise ConfigError(f"parameter {i}: index out of range [0, {self._sizes[i]})")
-            idx_parts.append(idx + self._offsets[i])
+            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= slot.numel):
+                raise ConfigError(f"parameter {i}: index out of range [0, {slot.numel})")
+            idx_parts.append(idx + slot.offset)
             base_parts.append(base)
         gidx = np.concatenate(idx_parts)
         gbase = np.concatenate(base_parts)
@@ -282,11 +281,11 @@ class DropBack(Optimizer):
         """Per-parameter state: tracked local indices and their w0 (O(k), never dense)."""
         order = np.argsort(self._idx, kind="stable")
         idx, base = self._idx[order], self._base[order]
-        bounds = np.searchsorted(idx, self._offsets)
-        for i, p in enumerate(self._params):
+        bounds = self._layout.bounds(idx)
+        for i, (p, local) in enumerate(zip(self._params, self._layout.split(idx), strict=True)):
             a, b = bounds[i], bounds[i + 1]
             self.state[p] = {
-                "indices": torch.from_numpy(idx[a:b] - self._offsets[i]),
+                "indices": torch.from_numpy(local),
                 "initial": torch.from_numpy(base[a:b].copy()),
             }
         sd = super().state_dict()

@@ -57,11 +57,6 @@ def layer_init_specs(model: nn.Module, family: str) -> dict[str, InitSpec]:
     return specs
 
 
-def model_init_specs(model_id: str) -> dict[str, InitSpec]:
-    """Init specs of a registered model, in parameter order."""
-    return layer_init_specs(build_model(model_id), get_model_entry(model_id).init_family)
-
-
 def seeded_model(model_id: str, seed: int, scheme: int = INIT_SCHEME_VERSION) -> nn.Module:
     """A registered model whose every parameter holds its seeded initial value."""
     model = build_model(model_id)

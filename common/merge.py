@@ -29,10 +29,6 @@ from dropfleet.common.sparse import SparseModel, SparseTensor
 RULES = ("mean", "median", "trimmed-mean")
 
 
-def _flat_offsets(model: SparseModel) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum([t.numel for t in model.tensors])]).astype(np.int64)
-
-
 def merge_sparse(
     updates: Sequence[tuple[SparseModel, float]],
     global_k: int,
@@ -57,11 +53,8 @@ def merge_sparse(
             raise WireFormatError("updates disagree on model id, seed or init scheme")
         if not (np.isfinite(weight) and weight > 0):
             raise ConfigError(f"update weights must be finite and > 0, got {weight}")
-    offsets = _flat_offsets(first)
     total = float(sum(w for _, w in updates))
-    idx = np.concatenate(
-        [t.indices.astype(np.int64) + offsets[i] for m, _ in updates for i, t in enumerate(m.tensors)]
-    )
+    idx = np.concatenate([m.flat_positions() for m, _ in updates])
     scale = [_clip_factor(m, clip_norm) for m, _ in updates]
     raw = np.concatenate(
         [t.values.astype(np.float64) * c for (m, _), c in zip(updates, scale, strict=True) for t in m.tensors]
@@ -107,31 +100,19 @@ def _robust(group: np.ndarray, values: np.ndarray, n_groups: int, trim: float, m
 
 
 def _split(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> SparseModel:
-    offsets = _flat_offsets(template)
-    bounds = np.searchsorted(positions, offsets)
+    b = template.layout.bounds(positions)
     tensors = tuple(
-        SparseTensor(
-            t.name,
-            t.shape,
-            positions[bounds[i] : bounds[i + 1]] - offsets[i],
-            values[bounds[i] : bounds[i + 1]],
-        )
-        for i, t in enumerate(template.tensors)
+        SparseTensor(t.name, t.shape, positions[b[i] : b[i + 1]] - t.offset, values[b[i] : b[i + 1]])
+        for i, t in enumerate(template.layout.tensors)
     )
     return SparseModel(
         seed=template.seed, model_id=template.model_id, tensors=tensors, init_scheme=template.init_scheme
     )
 
 
-def flat_positions(model: SparseModel) -> np.ndarray:
-    """Tracked positions as sorted flat indices over the whole model."""
-    offsets = _flat_offsets(model)
-    return np.concatenate([t.indices.astype(np.int64) + offsets[i] for i, t in enumerate(model.tensors)])
-
-
 def churn(previous: SparseModel, current: SparseModel) -> float:
     """Fraction of the current tracked set that was not tracked before (0 when empty)."""
-    now = flat_positions(current)
+    now = current.flat_positions()
     if now.size == 0:
         return 0.0
-    return float(np.setdiff1d(now, flat_positions(previous), assume_unique=True).size / now.size)
+    return float(np.setdiff1d(now, previous.flat_positions(), assume_unique=True).size / now.size)

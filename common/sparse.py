@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from dropfleet.common.errors import WireFormatError
-from dropfleet.common.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES
+from dropfleet.common.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES, initial_values
 from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.models import build_model
+from dropfleet.common.layout import Layout, model_layout
 
 if TYPE_CHECKING:
     from dropfleet.common.dropback import DropBack
@@ -78,6 +78,15 @@ class SparseModel:
     def numel(self) -> int:
         return sum(t.numel for t in self.tensors)
 
+    @property
+    def layout(self) -> Layout:
+        """The registered model's layout (tensor order, shapes, global offsets, init specs)."""
+        return model_layout(self.model_id)
+
+    def flat_positions(self) -> np.ndarray:
+        """Tracked positions as sorted global flat indices over the whole model."""
+        return self.layout.join([t.indices for t in self.tensors])
+
     def tensor(self, name: str) -> SparseTensor:
         for t in self.tensors:
             if t.name == name:
@@ -93,7 +102,7 @@ class SparseModel:
                 f"unsupported init scheme version {self.init_scheme} "
                 f"(supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
             )
-        expected = parameter_shapes(self.model_id)
+        expected = model_layout(self.model_id).shapes
         got = [(t.name, t.shape) for t in self.tensors]
         if got != list(expected.items()):
             raise WireFormatError(
@@ -107,25 +116,14 @@ class SparseModel:
         """The seeded initial model: no tracked entries."""
         tensors = tuple(
             SparseTensor(name, shape, np.zeros(0, np.int64), np.zeros(0, np.float32))
-            for name, shape in parameter_shapes(model_id).items()
+            for name, shape in model_layout(model_id).shapes.items()
         )
         return cls(seed=seed, model_id=model_id, tensors=tensors)
 
 
-_SHAPES_CACHE: dict[str, dict[str, tuple[int, ...]]] = {}
-
-
-def parameter_shapes(model_id: str) -> dict[str, tuple[int, ...]]:
-    """Parameter names and shapes of a registered model, in order."""
-    if model_id not in _SHAPES_CACHE:
-        model = build_model(model_id)
-        _SHAPES_CACHE[model_id] = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    return dict(_SHAPES_CACHE[model_id])
-
-
 def num_weights(model_id: str) -> int:
     """N: how many weights (parameters) a registered model has."""
-    return sum(math.prod(s) for s in parameter_shapes(model_id).values())
+    return model_layout(model_id).numel
 
 
 def materialize(sparse: SparseModel) -> nn.Module:
@@ -149,7 +147,7 @@ def load_deltas_(model: nn.Module, sparse: SparseModel) -> None:
 def sparse_from_dense_delta(model_id: str, seed: int, deltas: dict[str, np.ndarray]) -> SparseModel:
     """Sparse model holding every non-zero entry of dense deltas (tests, references)."""
     tensors = []
-    for name, shape in parameter_shapes(model_id).items():
+    for name, shape in model_layout(model_id).shapes.items():
         d = np.asarray(deltas[name], dtype=np.float32).reshape(-1)
         idx = np.flatnonzero(d)
         tensors.append(SparseTensor(name, shape, idx.astype(np.int64), d[idx]))
@@ -168,13 +166,10 @@ def dense_deltas(sparse: SparseModel) -> dict[str, np.ndarray]:
 
 def initial_at_tracked(sparse: SparseModel) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per tensor: tracked indices and w0 there, regenerated for those k entries only."""
-    from dropfleet.common.init_scheme import initial_values
-    from dropfleet.common.layer_init import model_init_specs
-
-    specs = model_init_specs(sparse.model_id)
+    layout = model_layout(sparse.model_id)
     return [
-        (t.indices, initial_values(sparse.seed, t.name, specs[t.name], t.indices, sparse.init_scheme))
-        for t in sparse.tensors
+        (t.indices, initial_values(sparse.seed, t.name, slot.init, t.indices, sparse.init_scheme))
+        for t, slot in zip(sparse.tensors, layout.tensors, strict=True)
     ]
 
 
@@ -183,7 +178,7 @@ def sparse_from_optimizer(model: nn.Module, optimizer: "DropBack", seed: int, mo
     names = [n for n, _ in model.named_parameters()]
     if [id(p) for g in optimizer.param_groups for p in g["params"]] != [id(p) for p in model.parameters()]:
         raise WireFormatError("optimizer must hold exactly model.parameters(), in order")
-    shapes = parameter_shapes(model_id)
+    shapes = model_layout(model_id).shapes
     tensors = tuple(
         SparseTensor(name, shapes[name], idx, delta)
         for name, (idx, delta) in zip(names, optimizer.tracked(), strict=True)

@@ -24,21 +24,14 @@ from torch.autograd.function import FunctionCtx
 
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.init_scheme import initial_values
-from dropfleet.common.layer_init import model_init_specs
+from dropfleet.common.layout import TensorSlot, model_layout
 from dropfleet.common.models import build_model
-from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
+from dropfleet.common.sparse import SparseModel, SparseTensor
 
 # Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
 BYTES_PER_TRACKED = 8
 # Initial values are generated this many at a time (the generator's temporaries are ~100 B each).
 REGEN_CHUNK = 4096
-
-
-@dataclass
-class _Tensor:
-    name: str
-    shape: tuple[int, ...]
-    offset: int  # first global flat index
 
 
 @dataclass
@@ -128,13 +121,9 @@ class StreamingDropBack:
             raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
         self.block_weights = block_weights
         self._steps = 0
-        self._specs = model_init_specs(model_id)
-        self._tensors: list[_Tensor] = []
-        offset = 0
-        for name, shape in parameter_shapes(model_id).items():
-            self._tensors.append(_Tensor(name, shape, offset))
-            offset += int(np.prod(shape))
-        self.numel = offset
+        layout = model_layout(model_id)
+        self._tensors = layout.tensors
+        self.numel = layout.numel
         self._layers = [(self._tensors[i], self._tensors[i + 1]) for i in range(0, len(self._tensors), 2)]
         # The whole persistent state: sorted global indices (int32) and the weights there.
         self._index = torch.zeros(0, dtype=torch.int32)
@@ -166,7 +155,7 @@ class StreamingDropBack:
             )
         index, value, score = [], [], []
         for t, meta in zip(sparse.tensors, self._tensors, strict=True):
-            w0 = initial_values(self.seed, t.name, self._specs[t.name], t.indices, sparse.init_scheme)
+            w0 = initial_values(self.seed, t.name, meta.init, t.indices, sparse.init_scheme)
             w = torch.from_numpy(w0) + torch.from_numpy(t.values.astype(np.float32))
             index.append(torch.from_numpy(t.indices.astype(np.int64)) + meta.offset)
             value.append(w)
@@ -182,35 +171,32 @@ class StreamingDropBack:
         tensors = []
         index = self._index.to(torch.int64)
         for meta in self._tensors:
-            size = int(np.prod(meta.shape))
-            mask = (index >= meta.offset) & (index < meta.offset + size)
+            mask = (index >= meta.offset) & (index < meta.end)
             local = (index[mask] - meta.offset).numpy()
-            w0 = initial_values(self.seed, meta.name, self._specs[meta.name], local)
+            w0 = initial_values(self.seed, meta.name, meta.init, local)
             tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
         return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
 
     # ----- weights on demand -------------------------------------------------------------
-    def _tracked_slice(self, meta: _Tensor, start: int, stop: int) -> slice:
+    def _tracked_slice(self, meta: TensorSlot, start: int, stop: int) -> slice:
         """Where flat entries [start, stop) of one tensor lie in the (sorted) tracked index."""
         bounds = torch.tensor([meta.offset + start, meta.offset + stop], dtype=torch.int32)
         lo, hi = torch.searchsorted(self._index, bounds).tolist()
         return slice(lo, hi)
 
-    def _weights(self, meta: _Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+    def _weights(self, meta: TensorSlot, start: int, stop: int) -> tuple[Tensor, Tensor]:
         """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller."""
         w0 = torch.empty(stop - start)
         for a in range(start, stop, REGEN_CHUNK):  # bounds the generator's temporaries
             b = min(a + REGEN_CHUNK, stop)
             idx = np.arange(a, b, dtype=np.uint64)
-            w0[a - start : b - start] = torch.from_numpy(
-                initial_values(self.seed, meta.name, self._specs[meta.name], idx)
-            )
+            w0[a - start : b - start] = torch.from_numpy(initial_values(self.seed, meta.name, meta.init, idx))
         w = w0.clone()
         where = self._tracked_slice(meta, start, stop)
         w[self._index[where].to(torch.int64) - (meta.offset + start)] = self._value[where]
         return w0, w
 
-    def _row_blocks(self, meta: _Tensor) -> list[tuple[int, int]]:
+    def _row_blocks(self, meta: TensorSlot) -> list[tuple[int, int]]:
         """Row ranges of a weight matrix holding at most `block_weights` weights each."""
         rows, cols = meta.shape[0], int(np.prod(meta.shape[1:]))
         step = rows if self.block_weights is None else max(1, self.block_weights // cols)
@@ -255,7 +241,7 @@ class StreamingDropBack:
         self._pending, self._pending_values = None, None
         self._steps += 1
 
-    def _absorb(self, meta: _Tensor, start: int, grad: Tensor, w0: Tensor) -> None:
+    def _absorb(self, meta: TensorSlot, start: int, grad: Tensor, w0: Tensor) -> None:
         """Score weights [start, start + len) of a tensor after the SGD step; fold the best into the top-k."""
         # In place where possible: a block's temporaries are what peak memory is made of.
         step = grad.reshape(-1).mul_(-self.lr)
@@ -284,7 +270,12 @@ class _StreamedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: FunctionCtx, x: Tensor, anchor: Tensor, owner: StreamingDropBack, weight: _Tensor, bias: _Tensor
+        ctx: FunctionCtx,
+        x: Tensor,
+        anchor: Tensor,
+        owner: StreamingDropBack,
+        weight: TensorSlot,
+        bias: TensorSlot,
     ) -> Tensor:
         cols = x.shape[1]
         _, b = owner._weights(bias, 0, bias.shape[0])

@@ -12,13 +12,14 @@ like for like.
 import numpy as np
 
 from dropfleet.common.codec import decode, encode
-from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.layout import model_layout
+from dropfleet.common.sparse import SparseModel, dense_deltas, sparse_from_dense_delta
 
 Dense = dict[str, np.ndarray]
 
 
 def zeros(model_id: str) -> Dense:
-    return {name: np.zeros(shape, np.float32) for name, shape in parameter_shapes(model_id).items()}
+    return {name: np.zeros(shape, np.float32) for name, shape in model_layout(model_id).shapes.items()}
 
 
 def sparsify_with_feedback(
@@ -28,18 +29,18 @@ def sparsify_with_feedback(
 
     The residual keeps everything not received, quantization error included.
     """
-    acc = {name: update[name] + residual[name] for name in update}
+    layout = model_layout(model_id)
+    acc = {t.name: update[t.name] + residual[t.name] for t in layout.tensors}
     flat = np.concatenate([a.reshape(-1) for a in acc.values()])
     keep = np.zeros(flat.size, bool)
     if k < flat.size:
         keep[np.argpartition(-np.abs(flat), k - 1)[:k]] = True
     else:
         keep[:] = True
-    chosen, start = {}, 0
-    for name, a in acc.items():
-        mask = keep[start : start + a.size].reshape(a.shape)
-        chosen[name] = np.where(mask, a, np.float32(0))
-        start += a.size
+    chosen = {
+        t.name: np.where(keep[t.offset : t.end].reshape(t.shape), acc[t.name], np.float32(0))
+        for t in layout.tensors
+    }
     payload = encode(sparse_from_dense_delta(model_id, seed, chosen), precision)
     received = decode(payload)
     got = dense_deltas(received)

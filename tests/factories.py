@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from dropfleet.common.sparse import SparseModel, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.layout import model_layout
+from dropfleet.common.sparse import SparseModel, sparse_from_dense_delta
 
 N_MLP = 89_610
 
@@ -13,7 +14,7 @@ def random_sparse_model(k: int, seed: int = 0, model_seed: int = 0, scale: float
     flat = np.zeros(N_MLP, np.float32)
     flat[rng.choice(N_MLP, k, replace=False)] = (rng.standard_normal(k) * scale).astype(np.float32)
     deltas, start = {}, 0
-    for name, shape in parameter_shapes("mlp-90k").items():
+    for name, shape in model_layout("mlp-90k").shapes.items():
         size = int(np.prod(shape))
         deltas[name] = flat[start : start + size].reshape(shape)
         start += size

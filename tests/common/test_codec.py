@@ -14,10 +14,11 @@ from dropfleet.common.codec import (
     quantize_values,
 )
 from dropfleet.common.errors import ConfigError, PayloadTooLargeError, WireFormatError
-from dropfleet.common.sparse import SparseModel, SparseTensor, parameter_shapes
+from dropfleet.common.layout import model_layout
+from dropfleet.common.sparse import SparseModel, SparseTensor
 from dropfleet.proto import sparse_model_pb2 as pb
 
-SHAPES = parameter_shapes("mlp-90k")
+SHAPES = model_layout("mlp-90k").shapes
 N = sum(math.prod(s) for s in SHAPES.values())
 
 

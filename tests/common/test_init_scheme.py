@@ -9,7 +9,8 @@ import pytest
 
 from dropfleet.common.errors import InitSchemeError
 from dropfleet.common.init_scheme import InitSpec, initial_tensor, initial_values, tensor_id
-from dropfleet.common.layer_init import model_init_specs, seeded_model
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.layout import model_layout
 
 IDX = np.array([0, 1, 12345, 2**40])
 GOLDEN = {
@@ -101,14 +102,14 @@ def test_distributions_are_the_scaled_inits():
 
 
 def test_layer_rules_cover_batch_norm_and_prelu():
-    specs = model_init_specs("cnn-bn-prelu")
+    specs = {t.name: t.init for t in model_layout("cnn-bn-prelu").tensors}
     assert specs["1.weight"] == InitSpec("constant", 1.0)
     assert specs["1.bias"] == InitSpec("constant", 0.0)
     assert specs["2.weight"] == InitSpec("constant", 0.25)
     assert specs["0.weight"] == InitSpec("normal", math.sqrt(2.0 / 9))
     m = seeded_model("cnn-bn-prelu", 0)
     assert bool((m[2].weight == 0.25).all()) and bool((m[1].weight == 1.0).all())
-    mlp = model_init_specs("mlp-90k")
+    mlp = {t.name: t.init for t in model_layout("mlp-90k").tensors}
     assert mlp["1.weight"] == InitSpec("uniform", 1 / math.sqrt(784))
 
 

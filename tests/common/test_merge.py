@@ -6,11 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dropfleet.common.errors import ConfigError, WireFormatError
-from dropfleet.common.merge import churn, flat_positions, merge_sparse
-from dropfleet.common.sparse import SparseModel, dense_deltas, parameter_shapes, sparse_from_dense_delta
+from dropfleet.common.layout import model_layout
+from dropfleet.common.merge import churn, merge_sparse
+from dropfleet.common.sparse import SparseModel, dense_deltas, sparse_from_dense_delta
 from tests.factories import random_sparse_model
 
-SHAPES = parameter_shapes("mlp-90k")
+SHAPES = model_layout("mlp-90k").shapes
 N = sum(int(np.prod(s)) for s in SHAPES.values())
 
 
@@ -65,7 +66,7 @@ def test_overlapping_entries_average_with_untracked_as_zero():
 def test_order_of_updates_does_not_change_the_tracked_set():
     ups = [(client(700, s), float(s + 1)) for s in range(4)]
     a, b = merge_sparse(ups, 1500), merge_sparse(ups[::-1], 1500)
-    assert np.array_equal(flat_positions(a), flat_positions(b))
+    assert np.array_equal(a.flat_positions(), b.flat_positions())
     np.testing.assert_allclose(flat(a), flat(b), rtol=1e-6)
 
 

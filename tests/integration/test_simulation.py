@@ -79,6 +79,8 @@ def test_dense_baseline_is_seen_as_dense(tmp_path):
         (["--strategy", "fedsgd"], "'strategy'"),
         (["-c", "no-such-key=1"], "unknown run-config key 'no-such-key'"),
         (["--nodes", "0"], "--nodes must be at least 1"),
+        (["--nodes", "10000"], "the dirichlet partitioner needs 10 per device, so at most 6000 devices"),
+        (["--nodes", "30001", "-c", "partitioner=iid"], "at most 30000 devices"),
     ],
 )
 def test_simulate_refuses_bad_input_before_starting_anything(tmp_path, args, needle):
