@@ -6,9 +6,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from dropfleet.client.profiles import load_profiles
+from dropfleet.client.profiles import DeviceProfile, load_profiles
 from dropfleet.server.api.deps import StoreDep, require_read
-from dropfleet.server.api.schemas import NodeOut, ProfileOut
+from dropfleet.server.api.schemas import NodeOut
 
 router = APIRouter(prefix="/v1", tags=["fleet"], dependencies=[Depends(require_read)])
 
@@ -51,7 +51,7 @@ def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
     }
 
 
-@router.get("/profiles", response_model=list[ProfileOut])
-def list_profiles() -> list[dict]:
+@router.get("/profiles", response_model=list[DeviceProfile])
+def list_profiles() -> list[DeviceProfile]:
     """The device profiles a node can run with (client/profiles.toml)."""
-    return [p.__dict__ for p in load_profiles().values()]
+    return list(load_profiles().values())

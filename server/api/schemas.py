@@ -1,44 +1,33 @@
 """Response and request bodies of the REST API."""
 
-from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from dropfleet.server.store.schema import Base, Node, Round, Run
 
 
-class RunOut(BaseModel):
-    run_id: str
-    strategy: str
-    model_id: str
-    seed: int
-    num_rounds: int
-    status: str
-    config: dict[str, Any]
-    created_at: datetime
-    finished_at: datetime | None
-    error: str | None
-    attempt: str | None = Field(None, description="the Flower run whose ServerApp owns this run now")
-    resumes: int = Field(0, description="how many times the run was resumed after its ServerApp stopped")
+def _from_table(table: type[Base], name: str, **extra: Any) -> type[BaseModel]:
+    """A response model with one field per column: type, nullability and `doc` from the ORM table."""
+    fields: dict[str, Any] = {}
+    for column in table.__table__.columns:
+        annotation: Any = column.type.python_type
+        default: Any = ...
+        if column.nullable:
+            annotation, default = annotation | None, None
+        elif column.default is not None and column.default.is_scalar:
+            default = column.default.arg
+        fields[column.name] = (annotation, Field(default, description=column.doc))
+    return create_model(name, **fields, **extra)
 
 
-class RoundOut(BaseModel):
-    run_id: str
-    round: int
-    accuracy: float | None
-    loss: float | None
-    fed_accuracy: float | None
-    fed_loss: float | None
-    train_loss: float | None
-    sampled: int
-    replied: int
-    failed: int
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    tracked: int
-    churn: float
-    seconds: float
-    created_at: datetime
+RunOut = _from_table(Run, "RunOut")
+RoundOut = _from_table(Round, "RoundOut")
+NodeOut = _from_table(
+    Node,
+    "NodeOut",
+    online=(bool | None, Field(None, description="per the SuperLink, when it could be asked")),
+)
 
 
 class TensorSummary(BaseModel):
@@ -58,32 +47,6 @@ class ModelSummary(BaseModel):
     size_bytes: int
     checksum: str = Field(description="SHA-256 of the protobuf bytes")
     tensors: list[TensorSummary]
-
-
-class NodeOut(BaseModel):
-    node_id: str
-    profile: str | None
-    partition_id: int | None
-    budget_bytes: int | None
-    state_bytes: int | None = Field(None, description="model-state bytes the device last reported")
-    k: int | None
-    last_seen: datetime
-    rounds_joined: int
-    failures: int
-    rejected: int
-    bytes_up: int
-    bytes_down: int
-    last_error: str | None
-    online: bool | None = Field(None, description="per the SuperLink, when it could be asked")
-
-
-class ProfileOut(BaseModel):
-    name: str
-    memory_bytes: int
-    state_budget_bytes: int
-    cpus: float
-    speed: float
-    availability: float
 
 
 class StartRun(BaseModel):

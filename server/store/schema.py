@@ -28,8 +28,12 @@ class Run(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     error: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     # The Flower run whose ServerApp owns this run now: only it may publish (a fencing token).
-    attempt: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    resumes: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[str | None] = mapped_column(
+        String(32), nullable=True, doc="the Flower run whose ServerApp owns this run now"
+    )
+    resumes: Mapped[int] = mapped_column(
+        Integer, default=0, doc="how many times the run was resumed after its ServerApp stopped"
+    )
 
 
 class Round(Base):
@@ -73,7 +77,9 @@ class Node(Base):
     profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
     partition_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    state_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    state_bytes: Mapped[int | None] = mapped_column(
+        BigInteger, nullable=True, doc="model-state bytes the device last reported"
+    )
     k: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     rounds_joined: Mapped[int] = mapped_column(Integer, default=0)
