@@ -99,16 +99,16 @@ def train_sparse(
     k = client_k(profile, config, num_weights(global_model.model_id))
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
-    seed = config.seed * 1_000_003 + server_round
+    seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
     if streaming:
-        trainer = StreamingDropBack(global_model.model_id, global_model.seed, k, config.learning_rate, freeze)
+        trainer = StreamingDropBack(global_model.model_id, global_model.seed, k, lr, freeze)
         trainer.load(global_model)
         loss = train_epochs(trainer, trainer, data, config.local_epochs, config.batch_size, seed=seed)
         update, state_bytes = trainer.to_sparse(), trainer.state_bytes()
     else:
         model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
         load_deltas_(model, global_model)
-        opt = DropBack(model.parameters(), lr=config.learning_rate, k=k, freeze_after=freeze)
+        opt = DropBack(model.parameters(), lr=lr, k=k, freeze_after=freeze)
         opt.set_tracked(initial_at_tracked(global_model))
         loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size, seed=seed)
         update = sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id)
@@ -131,9 +131,9 @@ def train_dense(
     """The dense FedAvg baseline: plain SGD from the global dense weights."""
     model = seeded_model(config.model_id, config.seed)
     model.load_state_dict(state)
-    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate_at(server_round))
     loss = train_epochs(
-        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
+        model, opt, data, config.local_epochs, config.batch_size, seed=config.training_seed(server_round)
     )
     return model.state_dict(), loss
 
@@ -146,9 +146,9 @@ def train_topk(
     model = seeded_model(config.model_id, config.seed)
     model.load_state_dict({n: torch.from_numpy(w) for n, w in weights.items()})
     k = client_k(profile, config, sum(w.size for w in weights.values()))
-    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate_at(server_round))
     loss = train_epochs(
-        model, opt, data, config.local_epochs, config.batch_size, seed=config.seed * 1_000_003 + server_round
+        model, opt, data, config.local_epochs, config.batch_size, seed=config.training_seed(server_round)
     )
     update = {n: p.detach().numpy() - weights[n] for n, p in model.named_parameters()}
     payload, _, residual = sparsify_with_feedback(

@@ -11,6 +11,9 @@ and the published global set keeps the K entries with the largest |delta|
 any client's k. Cost grows with the total number of tracked entries received
 (M * k), never with M * N.
 
+With `rule="tracked-mean"` the average at j runs over the clients that track j
+only (weights renormalized there).
+
 Robust options against poisoning clients (run config `aggregation`,
 `trim-fraction`, `clip-norm`):
 - `clip_norm`: each client's delta vector is scaled down to at most this L2 norm first;
@@ -24,9 +27,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from dropfleet.common.errors import ConfigError, WireFormatError
+from dropfleet.common.server_opt import ServerMomentum
 from dropfleet.common.sparse import SparseModel, SparseTensor
 
-RULES = ("mean", "median", "trimmed-mean")
+RULES = ("mean", "tracked-mean", "median", "trimmed-mean")
 
 
 def merge_sparse(
@@ -37,6 +41,43 @@ def merge_sparse(
     clip_norm: float | None = None,
 ) -> SparseModel:
     """Examples-weighted average (or a robust rule) of sparse client models, top `global_k` kept."""
+    if global_k < 0:
+        raise ConfigError(f"global_k must be >= 0, got {global_k}")
+    positions, values = combine(updates, rule, trim, clip_norm)
+    positions, values = top_k(positions, values, global_k)
+    return from_positions(updates[0][0], positions, values)
+
+
+def next_global(
+    previous: SparseModel,
+    updates: Sequence[tuple[SparseModel, float]],
+    global_k: int,
+    rule: str = "mean",
+    trim: float = 0.1,
+    clip_norm: float | None = None,
+    server_opt: ServerMomentum | None = None,
+) -> SparseModel:
+    """A round's new global tracked set: merge, optional server momentum, then the top `global_k`."""
+    merged = combine(updates, rule, trim, clip_norm)
+    if server_opt is not None:
+        published = previous.flat_positions(), np.concatenate([t.values for t in previous.tensors])
+        merged = server_opt.step(published, merged)
+    return from_positions(previous, *top_k(*merged, global_k))
+
+
+def combine(
+    updates: Sequence[tuple[SparseModel, float]],
+    rule: str = "mean",
+    trim: float = 0.1,
+    clip_norm: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The merged delta before the global budget: sorted global positions and float64 values.
+
+    `mean` divides by every update's weight (untracked counts as 0, the
+    paper's rule); `tracked-mean` only by the weights of the updates that
+    track the coordinate, so a coordinate few devices track is not shrunk
+    toward w0 by the devices that do not.
+    """
     if rule not in RULES:
         raise ConfigError(f"aggregation rule must be one of {RULES}, got {rule!r}")
     if not 0 <= trim < 0.5:
@@ -45,8 +86,6 @@ def merge_sparse(
         raise ConfigError(f"clip norm must be > 0, got {clip_norm}")
     if not updates:
         raise ConfigError("nothing to merge")
-    if global_k < 0:
-        raise ConfigError(f"global_k must be >= 0, got {global_k}")
     first = updates[0][0]
     for model, weight in updates:
         if (model.model_id, model.seed, model.init_scheme) != (first.model_id, first.seed, first.init_scheme):
@@ -60,19 +99,27 @@ def merge_sparse(
         [t.values.astype(np.float64) * c for (m, _), c in zip(updates, scale, strict=True) for t in m.tensors]
     )
     positions, inverse = np.unique(idx, return_inverse=True)
-    if rule == "mean":
-        weights = np.concatenate([np.full(m.num_tracked, w / total) for m, w in updates])
-        mean = np.bincount(inverse, weights=raw * weights, minlength=positions.size)
+    if rule in ("mean", "tracked-mean"):
+        weights = np.concatenate([np.full(m.num_tracked, w) for m, w in updates])
+        sums = np.bincount(inverse, weights=raw * weights, minlength=positions.size)
+        if rule == "mean":
+            merged = sums / total
+        else:
+            merged = sums / np.bincount(inverse, weights=weights, minlength=positions.size)
     else:
-        mean = _robust(inverse, raw, positions.size, 0.0 if rule == "median" else trim, rule == "median")
-    nonzero = mean != 0.0
-    positions, mean = positions[nonzero], mean[nonzero]
-    if positions.size > global_k:
-        # Sort by (-|delta|, index): deterministic choice at the K-th score.
-        order = np.lexsort((positions, -np.abs(mean)))[:global_k]
-        order.sort()
-        positions, mean = positions[order], mean[order]
-    return _split(first, positions, mean.astype(np.float32))
+        merged = _robust(inverse, raw, positions.size, 0.0 if rule == "median" else trim, rule == "median")
+    nonzero = merged != 0.0
+    return positions[nonzero], merged[nonzero]
+
+
+def top_k(positions: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k entries largest in |value|, ties to the lower position, in position order."""
+    if positions.size <= k:
+        return positions, values
+    # Sort by (-|value|, position): deterministic choice at the k-th score.
+    order = np.lexsort((positions, -np.abs(values)))[:k]
+    order.sort()
+    return positions[order], values[order]
 
 
 def _clip_factor(model: SparseModel, clip_norm: float | None) -> float:
@@ -99,7 +146,9 @@ def _robust(group: np.ndarray, values: np.ndarray, n_groups: int, trim: float, m
     return sums / (counts - 2 * cut)
 
 
-def _split(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> SparseModel:
+def from_positions(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> SparseModel:
+    """A model like `template` (id, seed, scheme) holding `values` (as float32) at sorted global positions."""
+    values = values.astype(np.float32)
     b = template.layout.bounds(positions)
     tensors = tuple(
         SparseTensor(t.name, t.shape, positions[b[i] : b[i + 1]] - t.offset, values[b[i] : b[i + 1]])

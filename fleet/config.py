@@ -17,6 +17,7 @@ from dropfleet.common.models import MODELS
 from dropfleet.common.sparse import num_weights
 
 STRATEGIES = ("dropback", "fedavg", "topk-ef")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class RunConfig:
     min_k: int = 100
     local_epochs: int = 1
     learning_rate: float = 0.1
+    learning_rate_schedule: str = "constant"
+    final_learning_rate: float = 0.02
     batch_size: int = 32
     freeze_epochs: int = 0
     partitioner: str = "dirichlet"
@@ -50,6 +53,8 @@ class RunConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float = 0.0
+    server_momentum: float = 0.0
+    server_learning_rate: float = 1.0
     train_subset: int = 0
     # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
     # do not pass on the environment of whoever started them): "" falls back to the environment.
@@ -89,6 +94,12 @@ class RunConfig:
             ("min-k", self.min_k >= 1),
             ("local-epochs", self.local_epochs >= 1),
             ("learning-rate", 0 < self.learning_rate < float("inf")),
+            ("learning-rate-schedule", self.learning_rate_schedule in LR_SCHEDULES),
+            (
+                "final-learning-rate",
+                self.learning_rate_schedule == "constant"
+                or 0 < self.final_learning_rate <= self.learning_rate,
+            ),
             ("batch-size", self.batch_size >= 1),
             ("freeze-epochs", self.freeze_epochs >= 0),
             ("partitioner", self.partitioner in PARTITIONERS),
@@ -108,6 +119,8 @@ class RunConfig:
             ("aggregation", self.aggregation in RULES),
             ("trim-fraction", 0 <= self.trim_fraction < 0.5),
             ("clip-norm", self.clip_norm >= 0),
+            ("server-momentum", 0 <= self.server_momentum < 1),
+            ("server-learning-rate", 0 < self.server_learning_rate < float("inf")),
             (
                 "resume-run",
                 self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
@@ -119,12 +132,17 @@ class RunConfig:
             "partitioner": PARTITIONERS,
             "value-precision": PRECISIONS,
             "aggregation": RULES,
+            "learning-rate-schedule": LR_SCHEDULES,
         }
         for key, ok in checks:
             if not ok:
                 value = getattr(self, key.replace("-", "_"))
                 known = f"; known: {', '.join(choices[key])}" if key in choices else ""
                 raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}{known}")
+        if self.uses_server_optimizer and self.strategy != "dropback":
+            raise ConfigError(
+                "run-config 'server-momentum' and 'server-learning-rate' need strategy 'dropback'"
+            )
         if self.resume_run and self.strategy != "dropback":
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
@@ -136,6 +154,26 @@ class RunConfig:
         if self.global_k >= 1:
             return int(self.global_k)
         return max(1, round(self.global_k * num_weights(self.model_id)))
+
+    @property
+    def uses_server_optimizer(self) -> bool:
+        return self.server_momentum != 0 or self.server_learning_rate != 1
+
+    def learning_rate_at(self, server_round: int) -> float:
+        """The devices' learning rate in a round (1-based): constant, or cosine-decayed over the run
+
+        from `learning-rate` in round 1 toward `final-learning-rate`, which the round after the
+        last would reach.
+        """
+        if self.learning_rate_schedule == "constant":
+            return self.learning_rate
+        done = min(max(server_round - 1, 0), self.num_server_rounds) / self.num_server_rounds
+        span = self.learning_rate - self.final_learning_rate
+        return self.final_learning_rate + span * (1 + math.cos(math.pi * done)) / 2
+
+    def training_seed(self, server_round: int) -> int:
+        """The seed of a device's local data order in a round (the same on every device)."""
+        return self.seed * 1_000_003 + server_round
 
     @property
     def profiles(self) -> list[str]:

@@ -1,5 +1,6 @@
 """Run config: pyproject's [tool.flwr.app.config] and RunConfig agree; bad values are named."""
 
+import itertools
 import tomllib
 from pathlib import Path
 
@@ -47,3 +48,34 @@ def test_global_k_is_a_count_or_a_fraction_of_the_model():
     assert RunConfig.from_mapping({}).global_k_count == 8961  # N/10 of mlp-90k
     assert RunConfig.from_mapping({"model-id": "cnn-bn-prelu"}).global_k_count == 2063  # N/10 of 20,634
     assert RunConfig.from_mapping({"global-k": 3000}).global_k_count == 3000
+
+
+def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
+    config = RunConfig.from_mapping(
+        {
+            "learning-rate-schedule": "cosine",
+            "learning-rate": 0.1,
+            "final-learning-rate": 0.02,
+            "num-server-rounds": 10,
+        }
+    )
+    rates = [config.learning_rate_at(r) for r in range(1, 11)]
+    assert rates[0] == pytest.approx(0.1) and all(a > b for a, b in itertools.pairwise(rates))
+    assert rates[-1] > 0.02 and config.learning_rate_at(11) == pytest.approx(0.02)
+    assert rates[4] + rates[6] == pytest.approx(0.12)  # symmetric about the middle of the run
+    assert RunConfig().learning_rate_at(7) == 0.1  # constant by default
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"learning-rate-schedule": "step"}, "'learning-rate-schedule'"),
+        ({"learning-rate-schedule": "cosine", "final-learning-rate": 0.5}, "'final-learning-rate'"),
+        ({"server-momentum": 1.0}, "'server-momentum'"),
+        ({"server-learning-rate": 0.0}, "'server-learning-rate'"),
+        ({"server-momentum": 0.5, "strategy": "fedavg"}, "need strategy 'dropback'"),
+    ],
+)
+def test_new_knobs_are_checked(raw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_mapping(raw)

@@ -1,14 +1,15 @@
 """Federated DropBack: merge the devices' sparse models, publish the global top-K tracked set."""
 
-from logging import INFO
+from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from torch import nn
 
 from dropfleet.common.codec import decode
-from dropfleet.common.merge import churn, merge_sparse
-from dropfleet.common.sparse import SparseModel, materialize
+from dropfleet.common.merge import churn, next_global
+from dropfleet.common.server_opt import ServerMomentum
+from dropfleet.common.sparse import SparseModel, materialize, num_weights
 from dropfleet.common.train import recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, payload_record, record_payload
@@ -20,6 +21,9 @@ from dropfleet.server.strategies.sparse_replies import SparseReplies
 
 class SparseDropBack(SparseReplies):
     """Merges sparse DropBack replies and publishes the global top-K tracked set.
+
+    Between the merge and the top K, optional server momentum
+    (`server-momentum`, `server-learning-rate`; `common/server_opt.py`).
 
     It holds the published model decoded (`global_model`, values as devices
     see them) and encoded (`payload`), so evaluation and the store take it
@@ -37,6 +41,13 @@ class SparseDropBack(SparseReplies):
             config, recorder, evaluation, checkpoint.round if checkpoint else 0, arrayrecord_key=SPARSE_RECORD
         )
         self.checkpoint = checkpoint
+        self.server_opt = (
+            ServerMomentum(num_weights(config.model_id), config.server_momentum, config.server_learning_rate)
+            if config.uses_server_optimizer
+            else None
+        )
+        if checkpoint is not None and self.server_opt is not None:
+            log(WARNING, "Resumed with server momentum: the velocity is not published and restarts at zero")
         if checkpoint is not None:  # the published bytes exactly, not re-encoded
             self.global_model, self.payload = checkpoint.model, checkpoint.payload
             self.short_rounds = checkpoint.short_rounds
@@ -63,12 +74,14 @@ class SparseDropBack(SparseReplies):
             stats.global_tracked = self.global_model.num_tracked
             return None, None
         previous = self.global_model
-        merged = merge_sparse(
+        merged = next_global(
+            previous,
             [(u.model, float(u.num_examples)) for u in updates],
             self.config.global_k_count,
             rule=self.config.aggregation,
             trim=self.config.trim_fraction,
             clip_norm=self.config.clip_norm or None,
+            server_opt=self.server_opt,
         )
         arrays = self._publish_model(merged)
         stats.churn = churn(previous, self.global_model)

@@ -156,3 +156,33 @@ def test_median_and_trimmed_mean_per_coordinate():
         merge_sparse(ups, 10, rule="krum")
     with pytest.raises(ConfigError):
         merge_sparse(ups, 10, trim=0.5)
+
+
+def tracked_mean_reference(updates, big_k):
+    sums, weights = np.zeros(N), np.zeros(N)
+    for m, w in updates:
+        d = flat(m).astype(np.float64)
+        sums += d * w
+        weights += (d != 0) * w
+    mean = np.divide(sums, weights, out=np.zeros(N), where=weights > 0)
+    order = np.lexsort((np.arange(N), -np.abs(mean)))
+    keep = order[:big_k]
+    keep = keep[mean[keep] != 0]
+    out = np.zeros(N)
+    out[keep] = mean[keep]
+    return out
+
+
+@pytest.mark.parametrize("big_k", [500, 3000, 20_000])
+def test_tracked_mean_matches_dense_reference(big_k):
+    updates = [(client(1000, 1), 10.0), (client(2500, 2), 30.0), (client(600, 3), 5.0)]
+    merged = merge_sparse(updates, big_k, rule="tracked-mean")
+    merged.validate()
+    want = tracked_mean_reference(updates, big_k)
+    np.testing.assert_allclose(flat(merged), want.astype(np.float32), rtol=1e-6)
+
+
+def test_tracked_mean_does_not_shrink_a_weight_one_device_tracks():
+    a = client(50, 7)
+    lone = merge_sparse([(a, 1.0), (SparseModel.empty("mlp-90k", 3), 3.0)], 50, rule="tracked-mean")
+    np.testing.assert_allclose(flat(lone), flat(a), rtol=1e-6)

@@ -46,6 +46,28 @@ def test_merges_good_replies_like_the_reference():
     assert stats.bytes_up == sum(len(encode(m)) for _, m in good)
 
 
+def test_server_momentum_publishes_the_reference_step_over_rounds():
+    from dropfleet.common.merge import combine, from_positions, top_k
+    from dropfleet.common.server_opt import ServerMomentum
+
+    config = RunConfig(global_k=3000, value_precision="fp32", aggregation="tracked-mean", server_momentum=0.5)
+    s = SparseDropBack(config, RoundRecorder("dropback", 3, None, Console(file=io.StringIO())))
+    reference = ServerMomentum(N, 0.5, 1.0)
+    published = SparseModel.empty(config.model_id, config.seed)
+    for r in (1, 2, 3):
+        good = [(node, model(2000, 10 * r + node)) for node in (11, 12, 13)]
+        replies = [reply(n, content(m, examples=100 * n), server_round=r) for n, m in good]
+        arrays, _ = s.aggregate_train(r, replies)
+        merged = combine([(m, 100.0 * n) for n, m in good], rule="tracked-mean")
+        flat_values = np.concatenate([t.values for t in published.tensors])
+        step = reference.step((published.flat_positions(), flat_values), merged)
+        published = from_positions(published, *top_k(*step, 3000))
+        got = decode(record_payload(arrays))
+        assert np.array_equal(got.flat_positions(), published.flat_positions())
+        for a, b in zip(got.tensors, published.tensors, strict=True):
+            assert np.array_equal(a.values, b.values)
+
+
 def hostile_replies():
     ok = model(500, 99)
     nan_bytes = bytearray(encode(ok))
