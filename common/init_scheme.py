@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from dropfleet.common import init_compiled
 from dropfleet.common.errors import InitSchemeError
 from dropfleet.common.philox import philox4x32
 
@@ -36,6 +37,8 @@ INIT_SCHEME_VERSION = 1
 SUPPORTED_INIT_SCHEMES = frozenset({INIT_SCHEME_VERSION})
 
 InitKind = Literal["uniform", "normal", "constant"]
+Backend = Literal["auto", "numpy", "compiled"]
+BACKENDS = ("auto", "numpy", "compiled")
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,13 @@ def initial_values(
     spec: InitSpec,
     indices: np.ndarray,
     scheme: int = INIT_SCHEME_VERSION,
+    backend: Backend = "auto",
 ) -> np.ndarray:
-    """Initial values (float32) of tensor `name` at the given flat indices."""
+    """Initial values (float32) of tensor `name` at the given flat indices.
+
+    `backend`: "auto" uses the compiled kernel (`init_compiled`) when numba is
+    there and the NumPy reference otherwise; both give the same bits.
+    """
     if scheme not in SUPPORTED_INIT_SCHEMES:
         raise InitSchemeError(
             f"init scheme version {scheme} is not supported (supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
@@ -133,6 +141,15 @@ def initial_values(
     seed = int(seed)
     t = tensor_id(name)
     i = idx.astype(np.uint64)
+    if backend not in BACKENDS:
+        raise InitSchemeError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "numpy" and init_compiled.kernel() is not None:
+        out = np.empty(i.shape, np.float32)
+        kind = init_compiled.KIND_UNIFORM if spec.kind == "uniform" else init_compiled.KIND_NORMAL
+        init_compiled.fill(out.reshape(-1), np.ascontiguousarray(i).reshape(-1), seed, t, kind, spec.param)
+        return out
+    if backend == "compiled":
+        raise InitSchemeError("the compiled backend needs numba (pip install dropfleet[fast])")
     x0, x1, x2, x3 = philox4x32(
         (
             i & np.uint64(0xFFFFFFFF),

@@ -59,9 +59,10 @@ MODEL_HASHES = {
 }
 
 
+@pytest.mark.parametrize("backend", ["numpy", "auto"])
 @pytest.mark.parametrize(("seed", "kind"), list(GOLDEN))
-def test_golden_values(seed, kind):
-    got = initial_values(seed, "1.weight", SPECS[kind], IDX)
+def test_golden_values(seed, kind, backend):
+    got = initial_values(seed, "1.weight", SPECS[kind], IDX, backend=backend)
     assert [float(v).hex() for v in got] == GOLDEN[(seed, kind)]
 
 

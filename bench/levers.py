@@ -1,0 +1,242 @@
+"""Accuracy per byte, the research sweep behind #11: which levers make federated DropBack win.
+
+    python bench/levers.py [--quick] [--seeds 0,1,2] [--rounds 30] [--nodes 20] [--jobs N]
+
+Flower-free on purpose, so that variants x seeds x participation run in
+parallel (one process per run): the devices run the product's own code
+(`client/local.py`: data partition, budget -> k, DropBack or SGD), the server
+the product's own merge and server momentum (`common/merge.next_global`), and
+bytes are the product's wire format (`common/codec.encode`) at fp16 — what the
+`dropback` strategy meters. `bench/race.py` runs the same comparison on Flower
+itself (fewer variants).
+
+Fleet as in the race: `--nodes` devices of the pi4-4g profile (k = 10,917 of
+N = 89,610), Dirichlet alpha 0.5, one local epoch, batch 32, lr 0.1; all devices
+per round ("full") or half of them, drawn per round ("half"). Dense FedAvg sends
+fp32 weights both ways; its fp16 row counts the same run at 2 bytes per weight
+(values not re-quantized). Per seed and participation the target is that dense
+run's final accuracy minus 1 point.
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "dense fedavg": {"strategy": "fedavg"},
+    "dropback (paper)": {},
+    "tracked-mean": {"aggregation": "tracked-mean"},
+    "tracked-mean + cosine lr": {"aggregation": "tracked-mean", "learning-rate-schedule": "cosine"},
+    "tracked-mean + momentum 0.5": {"aggregation": "tracked-mean", "server-momentum": 0.5},
+    "tracked-mean + momentum 0.5 + cosine lr": {
+        "aggregation": "tracked-mean",
+        "server-momentum": 0.5,
+        "learning-rate-schedule": "cosine",
+    },
+}
+PARTICIPATION = {"full": 1.0, "half": 0.5}
+
+
+def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int, subset: int) -> dict:
+    """One federated run in this process; the accuracy and bytes of every round."""
+    import numpy as np
+    import torch
+
+    from dropfleet.client.local import local_data, train_dense, train_sparse
+    from dropfleet.client.profiles import get_profile
+    from dropfleet.common.codec import decode, encode
+    from dropfleet.common.data import load_fashion_mnist
+    from dropfleet.common.layer_init import seeded_model
+    from dropfleet.common.merge import next_global
+    from dropfleet.common.server_opt import ServerMomentum
+    from dropfleet.common.sparse import SparseModel, materialize, num_weights
+    from dropfleet.common.train import evaluate
+    from dropfleet.fleet.config import RunConfig
+
+    torch.set_num_threads(1)
+    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **VARIANTS[variant]}
+    config = RunConfig.from_mapping(raw)
+    profile = get_profile("pi4-4g")
+    test = load_fashion_mnist("test")
+    n = num_weights(config.model_id)
+    dense = config.strategy == "fedavg"
+    rng = np.random.default_rng([seed, 7])
+    per_round = max(1, round(nodes * PARTICIPATION[participation]))
+    global_sparse = SparseModel.empty(config.model_id, seed)
+    state = seeded_model(config.model_id, seed).state_dict()
+    opt = ServerMomentum(n, config.server_momentum, config.server_learning_rate)
+    curve, up, down = [], 0, 0
+    started = time.monotonic()
+    for r in range(1, rounds + 1):
+        sampled = sorted(rng.choice(nodes, per_round, replace=False).tolist())
+        updates, dense_updates = [], []
+        down_payload = len(encode(global_sparse, config.value_precision))
+        for pid in sampled:
+            train, _ = local_data(config, pid, nodes)
+            if dense:
+                new, _ = train_dense(state, train, config, r)
+                dense_updates.append((new, len(train)))
+                up += 4 * n
+                down += 4 * n
+            else:
+                update = train_sparse(global_sparse, train, profile, config, r)
+                payload = encode(update.model, config.value_precision)
+                updates.append((decode(payload), float(update.num_examples)))
+                up += len(payload)
+                down += down_payload
+        if dense:
+            total = sum(w for _, w in dense_updates)
+            state = {k: sum(s[k] * (w / total) for s, w in dense_updates) for k in state}
+            model = seeded_model(config.model_id, seed)
+            model.load_state_dict(state)
+        else:
+            merged = next_global(
+                global_sparse,
+                updates,
+                config.global_k_count,
+                rule=config.aggregation,
+                server_opt=opt if config.uses_server_optimizer else None,
+            )
+            global_sparse = decode(encode(merged, config.value_precision))  # as devices receive it
+            model = materialize(global_sparse)
+        acc = evaluate(model, test).accuracy
+        curve.append({"round": r, "accuracy": acc, "bytes_up": up, "bytes_down": down})
+    return {
+        "variant": variant,
+        "seed": seed,
+        "participation": participation,
+        "curve": curve,
+        "seconds": time.monotonic() - started,
+        "tracked_state_bytes": 0 if dense else 8 * global_sparse.num_tracked,
+    }
+
+
+def _reach(
+    curve: list[dict], target: float, byte_scale: float = 1.0
+) -> tuple[float | None, int | None, float]:
+    """(bytes to first reach target, that round, largest drop below the best after reaching it)."""
+    for i, row in enumerate(curve):
+        if row["accuracy"] >= target:
+            after = [x["accuracy"] for x in curve[i:]]
+            best, drop = after[0], 0.0
+            for a in after:
+                best = max(best, a)
+                drop = max(drop, best - a)
+            return (row["bytes_up"] + row["bytes_down"]) * byte_scale, row["round"], drop
+    return None, None, 0.0
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    rows = []
+    for participation in PARTICIPATION:
+        runs = [r for r in results if r["participation"] == participation]
+        targets = {
+            r["seed"]: r["curve"][-1]["accuracy"] - 0.01 for r in runs if r["variant"] == "dense fedavg"
+        }
+        names = [*VARIANTS, "dense fedavg (fp16)"]
+        for name in names:
+            variant, scale = ("dense fedavg", 0.5) if name.endswith("(fp16)") else (name, 1.0)
+            mine = [r for r in runs if r["variant"] == variant]
+            if not mine:
+                continue
+            reached = [_reach(r["curve"], targets[r["seed"]], scale) for r in mine if r["seed"] in targets]
+            hit = [b for b, _, _ in reached if b is not None]
+            rounds_n = len(mine[0]["curve"])
+            last = mine[0]["curve"][-1]
+            rows.append(
+                {
+                    "participation": participation,
+                    "variant": name,
+                    "seeds": len(mine),
+                    "reached": len(hit),
+                    "median_mb_to_target": statistics.median(hit) / 1e6 if len(hit) * 2 > len(mine) else None,
+                    "median_round": statistics.median([r for _, r, _ in reached if r is not None])
+                    if hit
+                    else None,
+                    "worst_drop_after": max((d for b, _, d in reached if b is not None), default=0.0),
+                    "acc_at": {
+                        str(k): statistics.median(r["curve"][k - 1]["accuracy"] for r in mine)
+                        for k in (10, 20, 30)
+                        if k <= rounds_n
+                    },
+                    "kb_up_per_round": last["bytes_up"] * scale / rounds_n / 1e3,
+                    "kb_down_per_round": last["bytes_down"] * scale / rounds_n / 1e3,
+                }
+            )
+    for row in rows:
+        dense = next(
+            (
+                x["median_mb_to_target"]
+                for x in rows
+                if x["participation"] == row["participation"] and x["variant"] == "dense fedavg"
+            ),
+            None,
+        )
+        mb = row["median_mb_to_target"]
+        row["dense_over_this"] = dense / mb if dense and mb else None
+    return rows
+
+
+def _print(rows: list[dict], nodes: int) -> None:
+    print(f"Accuracy per byte, {nodes} pi4-4g devices (median over seeds; target: dense final - 1 pt)")
+    head = f"  {'participation / variant':<48} {'reached':>7} {'MB to target':>12} {'round':>5} "
+    head += f"{'dense/this':>10} {'drop after':>10} {'kB up/rd':>9} {'kB down/rd':>10}  accuracy at rounds"
+    print(head)
+    for r in rows:
+        mb = f"{r['median_mb_to_target']:.2f}" if r["median_mb_to_target"] else "never"
+        rnd = f"{r['median_round']:.0f}" if r["median_round"] else "-"
+        ratio = f"{r['dense_over_this']:.1f}x" if r["dense_over_this"] else "-"
+        accs = " ".join(f"r{k} {100 * a:.2f}" for k, a in r["acc_at"].items())
+        print(
+            f"  {r['participation'] + ' / ' + r['variant']:<48} {r['reached']}/{r['seeds']:<5} {mb:>12} "
+            f"{rnd:>5} {ratio:>10} {100 * r['worst_drop_after']:>9.2f}p {r['kb_up_per_round']:>9.1f} "
+            f"{r['kb_down_per_round']:>10.1f}  {accs}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 seed, 6 devices, 4 rounds, 300 examples each")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--subset", type=int, default=0, help="cap each device's examples (0: all)")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants")
+    parser.add_argument("--participation", default="full,half")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=Path("results/bench-levers.json"))
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    nodes, rounds, subset = args.nodes, args.rounds, args.subset
+    if args.quick:
+        seeds, nodes, rounds, subset = [0], 6, 4, 300
+    variants = [v for v in args.variants.split(",") if v] or list(VARIANTS)
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    if "dense fedavg" not in variants:
+        variants.insert(0, "dense fedavg")  # the target comes from it
+    jobs = [
+        (v, s, p, nodes, rounds, subset)
+        for p in args.participation.split(",")
+        for s in seeds
+        for v in variants
+    ]
+    started = time.monotonic()
+    with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs))) as pool:
+        results = list(pool.map(run_one, *zip(*jobs, strict=True)))
+    rows = summarize(results)
+    _print(rows, nodes)
+    print(f"  {len(jobs)} runs in {time.monotonic() - started:.0f} s on {args.jobs} processes")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
+    if not math.isfinite(sum(r["curve"][-1]["accuracy"] for r in results)):
+        raise SystemExit("a run ended with a non-finite accuracy")
+
+
+if __name__ == "__main__":
+    main()
