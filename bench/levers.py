@@ -24,7 +24,7 @@ import math
 import os
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 VARIANTS: dict[str, dict[str, object]] = {
@@ -227,12 +227,16 @@ def main() -> None:
         for v in variants
     ]
     started = time.monotonic()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
     with ProcessPoolExecutor(max_workers=min(args.jobs, len(jobs))) as pool:
-        results = list(pool.map(run_one, *zip(*jobs, strict=True)))
+        for done in as_completed([pool.submit(run_one, *job) for job in jobs]):
+            results.append(done.result())
+            # Written as runs finish, so a sweep cut short still leaves what it measured.
+            args.out.write_text(json.dumps({"runs": results}, indent=1))
     rows = summarize(results)
     _print(rows, nodes)
     print(f"  {len(jobs)} runs in {time.monotonic() - started:.0f} s on {args.jobs} processes")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
     if not math.isfinite(sum(r["curve"][-1]["accuracy"] for r in results)):
         raise SystemExit("a run ended with a non-finite accuracy")
