@@ -39,6 +39,28 @@ VARIANTS: dict[str, dict[str, object]] = {
         "learning-rate-schedule": "cosine",
     },
 }
+# Further candidates, run by name (--variants): not part of the default sweep.
+EXTRA: dict[str, dict[str, object]] = {
+    "momentum 0.7 + cosine lr": {
+        "aggregation": "tracked-mean",
+        "server-momentum": 0.7,
+        "learning-rate-schedule": "cosine",
+    },
+    "momentum 0.5 + cosine lr + global-k 0.2": {
+        "aggregation": "tracked-mean",
+        "server-momentum": 0.5,
+        "learning-rate-schedule": "cosine",
+        "global-k": 0.2,
+    },
+    "momentum 0.5 + global-k 0.2": {"aggregation": "tracked-mean", "server-momentum": 0.5, "global-k": 0.2},
+    "momentum 0.5 + cosine lr to 0.05": {
+        "aggregation": "tracked-mean",
+        "server-momentum": 0.5,
+        "learning-rate-schedule": "cosine",
+        "final-learning-rate": 0.05,
+    },
+}
+ALL = {**VARIANTS, **EXTRA}
 PARTICIPATION = {"full": 1.0, "half": 0.5}
 
 
@@ -59,7 +81,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     from dropfleet.fleet.config import RunConfig
 
     torch.set_num_threads(1)
-    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **VARIANTS[variant]}
+    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **ALL[variant]}
     config = RunConfig.from_mapping(raw)
     profile = get_profile("pi4-4g")
     test = load_fashion_mnist("test")
@@ -138,7 +160,7 @@ def summarize(results: list[dict]) -> list[dict]:
         targets = {
             r["seed"]: r["curve"][-1]["accuracy"] - 0.01 for r in runs if r["variant"] == "dense fedavg"
         }
-        names = [*VARIANTS, "dense fedavg (fp16)"]
+        names = [*ALL, "dense fedavg (fp16)"]
         for name in names:
             variant, scale = ("dense fedavg", 0.5) if name.endswith("(fp16)") else (name, 1.0)
             mine = [r for r in runs if r["variant"] == variant]
@@ -216,8 +238,8 @@ def main() -> None:
     if args.quick:
         seeds, nodes, rounds, subset = [0], 6, 4, 300
     variants = [v for v in args.variants.split(",") if v] or list(VARIANTS)
-    if unknown := set(variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    if unknown := set(variants) - set(ALL):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {list(ALL)}")
     if "dense fedavg" not in variants:
         variants.insert(0, "dense fedavg")  # the target comes from it
     jobs = [

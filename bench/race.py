@@ -42,7 +42,7 @@ from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import run_simulation
 from dropfleet.server.store import Store
 
-STRATEGIES = ("dropback", "fedavg", "topk-ef")
+STRATEGIES = ("dropback", "dropback-momentum", "fedavg", "topk-ef")
 
 
 def run(strategy: str, nodes: int, rounds: int, subset: int, work: Path) -> dict:
@@ -179,24 +179,24 @@ def main() -> None:
         f"target = dense final accuracy - 1 pt = {100 * target:.2f}%"
     )
     print(
-        f"{'strategy':<10} {'final acc':>9} {'bytes to target':>16} {'dense / this':>12} {'total bytes':>14}"
+        f"{'strategy':<18} {'final acc':>9} {'bytes to target':>16} {'dense / this':>12} {'total bytes':>14}"
     )
     for r in rows.values():
         reach = r["bytes_to_target"]
         reach_text = f"{reach:,}" if reach is not None else "never"
         ratio = f"{dense / reach:.1f}x" if reach and dense else "-"
         print(
-            f"{r['strategy']:<10} {100 * r['final_accuracy']:>8.2f}% {reach_text:>16} {ratio:>12} "
+            f"{r['strategy']:<18} {100 * r['final_accuracy']:>8.2f}% {reach_text:>16} {ratio:>12} "
             f"{r['metered_bytes']:>14,}"
         )
     print(
         "Cross-check on the Deployment Engine (3 devices, 2 rounds; the Simulation Engine counts no network):"
     )
-    print(f"{'strategy':<10} {'metered bytes':>14} {'flower net bytes':>17} {'flower / metered':>16}")
+    print(f"{'strategy':<18} {'metered bytes':>14} {'flower net bytes':>17} {'flower / metered':>16}")
     for c in network:
         ratio = c["flower_network_bytes"] / c["metered_bytes"]
         print(
-            f"{c['strategy']:<10} {c['metered_bytes']:>14,} {c['flower_network_bytes']:>17,} {ratio:>15.2f}x"
+            f"{c['strategy']:<18} {c['metered_bytes']:>14,} {c['flower_network_bytes']:>17,} {ratio:>15.2f}x"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     summary = {"nodes": args.nodes, "rounds": rounds, "target": target, "rows": rows, "crosscheck": network}

@@ -16,7 +16,17 @@ from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
 from dropfleet.common.sparse import num_weights
 
-STRATEGIES = ("dropback", "fedavg", "topk-ef")
+STRATEGIES = ("dropback", "dropback-momentum", "fedavg", "topk-ef")
+SPARSE_DROPBACK = ("dropback", "dropback-momentum")
+# What `strategy = "dropback-momentum"` sets wherever the run leaves these keys at their defaults:
+# the levers that won the accuracy-per-byte sweep (bench/levers.py; README "Accuracy per byte").
+PRESETS: dict[str, dict[str, object]] = {
+    "dropback-momentum": {
+        "aggregation": "tracked-mean",
+        "server_momentum": 0.7,
+        "learning_rate_schedule": "cosine",
+    }
+}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -77,6 +87,10 @@ class RunConfig:
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"run-config {key!r} must be {want.__name__}, got {value!r}")
             values[f.name] = value
+        defaults = cls()
+        for name, value in PRESETS.get(values.get("strategy", defaults.strategy), {}).items():
+            if values.get(name, getattr(defaults, name)) == getattr(defaults, name):
+                values[name] = value
         config = cls(**values)
         config.validate()
         return config
@@ -139,11 +153,11 @@ class RunConfig:
                 value = getattr(self, key.replace("-", "_"))
                 known = f"; known: {', '.join(choices[key])}" if key in choices else ""
                 raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}{known}")
-        if self.uses_server_optimizer and self.strategy != "dropback":
+        if self.uses_server_optimizer and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError(
                 "run-config 'server-momentum' and 'server-learning-rate' need strategy 'dropback'"
             )
-        if self.resume_run and self.strategy != "dropback":
+        if self.resume_run and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
             )

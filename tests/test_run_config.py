@@ -79,3 +79,20 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
 def test_new_knobs_are_checked(raw, needle):
     with pytest.raises(ConfigError, match=needle):
         RunConfig.from_mapping(raw)
+
+
+def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed():
+    config = RunConfig.from_mapping({"strategy": "dropback-momentum"})
+    assert (config.aggregation, config.server_momentum, config.learning_rate_schedule) == (
+        "tracked-mean",
+        0.7,
+        "cosine",
+    )
+    mine = RunConfig.from_mapping({"strategy": "dropback-momentum", "server-momentum": 0.5})
+    assert mine.server_momentum == 0.5 and mine.aggregation == "tracked-mean"
+    paper = RunConfig.from_mapping({"strategy": "dropback"})
+    assert (paper.aggregation, paper.server_momentum, paper.learning_rate_schedule) == (
+        "mean",
+        0.0,
+        "constant",
+    )

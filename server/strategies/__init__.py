@@ -10,6 +10,7 @@ from dropfleet.server.strategies.topk_ef import TopKFedAvg
 
 REGISTRY: dict[str, type[FleetStrategy]] = {
     "dropback": SparseDropBack,
+    "dropback-momentum": SparseDropBack,  # the same strategy with fleet/config.py's preset
     "fedavg": DenseFedAvg,
     "topk-ef": TopKFedAvg,
 }

@@ -35,8 +35,17 @@ def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
 
 
 def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
+    """The accuracy-per-byte mode end to end (the paper's scheme runs in the process-fleet tests)."""
     rounds, audit = _run(
-        tmp_path, 10, **{"num-server-rounds": 2, "fleet-mix": MIX, "fraction-evaluate": 0.3, "global-k": 6000}
+        tmp_path,
+        10,
+        **{
+            "num-server-rounds": 2,
+            "fleet-mix": MIX,
+            "fraction-evaluate": 0.3,
+            "global-k": 6000,
+            "strategy": "dropback-momentum",
+        },
     )
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert rounds[0]["accuracy"] < 0.2 < 0.35 < rounds[2]["accuracy"]
