@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.init_scheme import initial_values
+from dropfleet.common.init_scheme import Backend, initial_values
 from dropfleet.common.layout import TensorSlot, model_layout
 from dropfleet.common.models import build_model
 from dropfleet.common.sparse import SparseModel, SparseTensor
@@ -107,6 +107,7 @@ class StreamingDropBack:
         lr: float,
         freeze_after: int | None = None,
         block_weights: int | None = None,
+        backend: Backend = "auto",
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
@@ -120,6 +121,7 @@ class StreamingDropBack:
         if block_weights is not None and block_weights < 1:
             raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
         self.block_weights = block_weights
+        self.backend = backend  # of the w0 regeneration: "numpy" forces the reference (benchmarks)
         self._steps = 0
         layout = model_layout(model_id)
         self._tensors = layout.tensors
@@ -155,7 +157,9 @@ class StreamingDropBack:
             )
         index, value, score = [], [], []
         for t, meta in zip(sparse.tensors, self._tensors, strict=True):
-            w0 = initial_values(self.seed, t.name, meta.init, t.indices, sparse.init_scheme)
+            w0 = initial_values(
+                self.seed, t.name, meta.init, t.indices, sparse.init_scheme, backend=self.backend
+            )
             w = torch.from_numpy(w0) + torch.from_numpy(t.values.astype(np.float32))
             index.append(torch.from_numpy(t.indices.astype(np.int64)) + meta.offset)
             value.append(w)
@@ -173,7 +177,7 @@ class StreamingDropBack:
         for meta in self._tensors:
             mask = (index >= meta.offset) & (index < meta.end)
             local = (index[mask] - meta.offset).numpy()
-            w0 = initial_values(self.seed, meta.name, meta.init, local)
+            w0 = initial_values(self.seed, meta.name, meta.init, local, backend=self.backend)
             tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
         return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
 
@@ -190,7 +194,9 @@ class StreamingDropBack:
         for a in range(start, stop, REGEN_CHUNK):  # bounds the generator's temporaries
             b = min(a + REGEN_CHUNK, stop)
             idx = np.arange(a, b, dtype=np.uint64)
-            w0[a - start : b - start] = torch.from_numpy(initial_values(self.seed, meta.name, meta.init, idx))
+            w0[a - start : b - start] = torch.from_numpy(
+                initial_values(self.seed, meta.name, meta.init, idx, backend=self.backend)
+            )
         w = w0.clone()
         where = self._tracked_slice(meta, start, stop)
         w[self._index[where].to(torch.int64) - (meta.offset + start)] = self._value[where]
