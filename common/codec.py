@@ -1,8 +1,8 @@
 """Encode and decode `SparseModel` to the proto wire format (proto/sparse_model.proto).
 
 Positions are Golomb-Rice coded gaps (split into a quotient and a remainder
-bit stream so both directions are vectorized); values are fp32, fp16 or int8
-with a per-tensor scale. `decode` treats its input as hostile: every failure
+bit stream so both directions are vectorized); values are fp32, fp16, or int8 or
+int4 with a per-tensor scale. `decode` treats its input as hostile: every failure
 is a `WireFormatError` with a clear message, never a crash or a corrupt model.
 """
 
@@ -19,17 +19,25 @@ from dropfleet.proto import sparse_model_pb2 as pb
 
 FORMAT_VERSION = 1
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-Precision = Literal["fp32", "fp16", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
+Precision = Literal["fp32", "fp16", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
 
-_ENCODING = {"fp32": pb.VALUE_ENCODING_FP32, "fp16": pb.VALUE_ENCODING_FP16, "int8": pb.VALUE_ENCODING_INT8}
+_ENCODING = {
+    "fp32": pb.VALUE_ENCODING_FP32,
+    "fp16": pb.VALUE_ENCODING_FP16,
+    "int8": pb.VALUE_ENCODING_INT8,
+    "int4": pb.VALUE_ENCODING_INT4,
+}
 _WIDTH = {pb.VALUE_ENCODING_FP32: 4, pb.VALUE_ENCODING_FP16: 2, pb.VALUE_ENCODING_INT8: 1}
+# Integer encodings: the largest |q|; value = q * scale (per tensor).
+_LEVELS = {"int8": 127, "int4": 7}
 _FP16_MAX = float(np.finfo(np.float16).max)
 # The largest magnitude each precision carries (int8 scales are fp32).
 MAX_VALUE = {
     "fp32": float(np.finfo(np.float32).max),
     "fp16": _FP16_MAX,
     "int8": float(np.finfo(np.float32).max),
+    "int4": float(np.finfo(np.float32).max),
 }
 
 
@@ -135,7 +143,7 @@ def _read_bits(name: str, data: bytes, count: int, b: int) -> np.ndarray:
 
 
 def quantize_values(values: np.ndarray, precision: str) -> tuple[np.ndarray, float]:
-    """Values as the receiver will see them, and the int8 scale (0.0 otherwise)."""
+    """Values as the receiver will see them, and the integer encodings' scale (0.0 otherwise)."""
     v = np.asarray(values, dtype=np.float32)
     if precision == "fp32":
         return v.copy(), 0.0
@@ -143,12 +151,16 @@ def quantize_values(values: np.ndarray, precision: str) -> tuple[np.ndarray, flo
         if v.size and float(np.abs(v).max()) > _FP16_MAX:
             raise WireFormatError(f"a value exceeds the fp16 range ({_FP16_MAX})")
         return v.astype(np.float16).astype(np.float32), 0.0
-    if precision == "int8":
-        peak = float(np.abs(v).max()) if v.size else 0.0
-        scale = np.float32(peak / 127.0) if peak > 0 else np.float32(1.0)
-        q = np.clip(np.rint(v / scale), -127, 127).astype(np.int8)
+    if precision in _LEVELS:
+        q, scale = _quantize_int(v, _LEVELS[precision])
         return q.astype(np.float32) * scale, float(scale)
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _quantize_int(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.float32]:
+    peak = float(np.abs(v).max()) if v.size else 0.0
+    scale = np.float32(peak / levels) if peak > 0 else np.float32(1.0)
+    return np.clip(np.rint(v / scale), -levels, levels).astype(np.int8), scale
 
 
 def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, float]:
@@ -159,16 +171,23 @@ def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, floa
         quantize_values(v, "fp16")  # range check
         return pb.VALUE_ENCODING_FP16, v.astype("<f2").tobytes(), 0.0
     if precision == "int8":
-        _, scale = quantize_values(v, "int8")
-        q = np.clip(np.rint(v / np.float32(scale)), -127, 127).astype(np.int8)
-        return pb.VALUE_ENCODING_INT8, q.tobytes(), scale
+        q, scale = _quantize_int(v, _LEVELS["int8"])
+        return pb.VALUE_ENCODING_INT8, q.tobytes(), float(scale)
+    if precision == "int4":
+        q, scale = _quantize_int(v, _LEVELS["int4"])
+        nibbles = np.zeros(q.size + q.size % 2, np.uint8)
+        nibbles[: q.size] = q.astype(np.uint8) & 0x0F
+        return pb.VALUE_ENCODING_INT4, (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes(), float(scale)
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: float) -> np.ndarray:
-    if encoding not in _WIDTH:
+    if encoding == pb.VALUE_ENCODING_INT4:
+        if len(data) != (count + 1) // 2:
+            raise WireFormatError(f"{name}: {len(data)} value bytes for {count} int4 values")
+    elif encoding not in _WIDTH:
         raise WireFormatError(f"{name}: unknown value encoding {encoding}")
-    if len(data) != count * _WIDTH[encoding]:
+    elif len(data) != count * _WIDTH[encoding]:
         raise WireFormatError(
             f"{name}: {len(data)} value bytes for {count} values of width {_WIDTH[encoding]}"
         )
@@ -178,11 +197,28 @@ def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: flo
         values = np.frombuffer(data, dtype="<f2").astype(np.float32)
     else:
         if count and not (math.isfinite(scale) and scale > 0):
-            raise WireFormatError(f"{name}: int8 scale must be finite and > 0, got {scale}")
-        values = np.frombuffer(data, dtype=np.int8).astype(np.float32) * np.float32(scale)
+            raise WireFormatError(f"{name}: integer value scale must be finite and > 0, got {scale}")
+        if encoding == pb.VALUE_ENCODING_INT8:
+            q = np.frombuffer(data, dtype=np.int8)
+        else:
+            q = _unpack_int4(name, count, data)
+        values = q.astype(np.float32) * np.float32(scale)
     if not np.all(np.isfinite(values)):
         raise WireFormatError(f"{name}: values contain NaN or Inf")
     return values
+
+
+def _unpack_int4(name: str, count: int, data: bytes) -> np.ndarray:
+    packed = np.frombuffer(data, dtype=np.uint8)
+    nibbles = np.empty(2 * packed.size, np.uint8)
+    nibbles[0::2], nibbles[1::2] = packed & 0x0F, packed >> 4
+    if nibbles.size > count and nibbles[count]:
+        raise WireFormatError(f"{name}: the int4 padding nibble must be 0")
+    q = nibbles[:count].astype(np.int8)
+    q[q > 7] -= 16
+    if np.any(q == -8):
+        raise WireFormatError(f"{name}: int4 values must be in [-7, 7]")
+    return q
 
 
 def encode(model: SparseModel, precision: str = "fp32") -> bytes:

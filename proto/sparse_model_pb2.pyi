@@ -18,12 +18,14 @@ class ValueEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VALUE_ENCODING_FP32: _ClassVar[ValueEncoding]
     VALUE_ENCODING_FP16: _ClassVar[ValueEncoding]
     VALUE_ENCODING_INT8: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_INT4: _ClassVar[ValueEncoding]
 POSITION_CODING_UNSPECIFIED: PositionCoding
 POSITION_CODING_RICE_SPLIT: PositionCoding
 VALUE_ENCODING_UNSPECIFIED: ValueEncoding
 VALUE_ENCODING_FP32: ValueEncoding
 VALUE_ENCODING_FP16: ValueEncoding
 VALUE_ENCODING_INT8: ValueEncoding
+VALUE_ENCODING_INT4: ValueEncoding
 
 class SparseTensor(_message.Message):
     __slots__ = ("name", "shape", "count", "position_coding", "rice_parameter", "rice_quotients", "rice_remainders", "value_encoding", "values", "int8_scale")

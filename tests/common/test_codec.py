@@ -35,7 +35,7 @@ def random_sparse(k: int, seed: int = 0, model_seed: int = 7, scale: float = 0.0
     return SparseModel(seed=model_seed, model_id="mlp-90k", tensors=tuple(tensors))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
 @pytest.mark.parametrize("k", [0, 1, 2000, 4480, N])
 def test_round_trip_bit_for_bit(precision, k):
     model = random_sparse(k)
@@ -68,8 +68,34 @@ def test_positions_near_the_information_floor():
 
 def test_int8_fp16_are_smaller():
     m = random_sparse(4480)
-    sizes = [len(encode(m, p)) for p in ("fp32", "fp16", "int8")]
-    assert sizes[0] > sizes[1] > sizes[2]
+    sizes = [len(encode(m, p)) for p in ("fp32", "fp16", "int8", "int4")]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+
+
+def test_int4_packs_two_values_a_byte_and_keeps_them_within_half_a_step():
+    m = random_sparse(4481)  # odd counts leave a padding nibble somewhere
+    back = decode(encode(m, "int4"))
+    for a, b in zip(m.tensors, back.tensors, strict=True):
+        if a.count:
+            step = float(np.abs(a.values).max()) / 7
+            assert np.all(np.abs(a.values - b.values) <= step / 2 + 1e-6 * step)
+    msg = pb.SparseModel()
+    msg.ParseFromString(encode(m, "int4"))
+    assert all(len(t.values) == (t.count + 1) // 2 for t in msg.tensors)
+
+
+def test_rejects_bad_int4_payloads():
+    m = random_sparse(51)
+    for corrupt, needle in (
+        (lambda v: v[:-1], "int4 values"),  # one byte short
+        (lambda v: v[:-1] + bytes([v[-1] | 0x80]), "padding nibble"),  # odd count: set the pad
+        (lambda v: bytes([0x08]) + v[1:], r"\[-7, 7\]"),  # q = -8
+    ):
+        msg = pb.SparseModel()
+        msg.ParseFromString(encode(m, "int4"))
+        t = next(t for t in msg.tensors if t.count % 2)
+        t.values = corrupt(bytes(t.values))
+        _fails(msg, needle)
 
 
 def test_fp16_overflow_refused():
@@ -196,7 +222,7 @@ def test_fuzz_random_bytes_never_crash(data):
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
-    precision = data.draw(st.sampled_from(["fp32", "fp16", "int8"]))
+    precision = data.draw(st.sampled_from(["fp32", "fp16", "int8", "int4"]))
     payload = bytearray(encode(random_sparse(60, seed=3), precision))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(payload) - 1))
@@ -215,7 +241,7 @@ def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
     k=st.integers(0, 3000),
     seed=st.integers(0, 2**32),
     model_seed=st.integers(0, 2**64 - 1),
-    precision=st.sampled_from(["fp32", "fp16", "int8"]),
+    precision=st.sampled_from(["fp32", "fp16", "int8", "int4"]),
 )
 def test_property_round_trip(k, seed, model_seed, precision):
     m = random_sparse(k, seed=seed, model_seed=model_seed)
