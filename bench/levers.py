@@ -38,14 +38,12 @@ VARIANTS: dict[str, dict[str, object]] = {
         "server-momentum": 0.5,
         "learning-rate-schedule": "cosine",
     },
+    "dropback-momentum": {"strategy": "dropback-momentum"},
+    "dropback-momentum + int8 values": {"strategy": "dropback-momentum", "value-precision": "int8"},
 }
 # Further candidates, run by name (--variants): not part of the default sweep.
 EXTRA: dict[str, dict[str, object]] = {
-    "momentum 0.7 + cosine lr": {
-        "aggregation": "tracked-mean",
-        "server-momentum": 0.7,
-        "learning-rate-schedule": "cosine",
-    },
+    "dropback-momentum + int4 values": {"strategy": "dropback-momentum", "value-precision": "int4"},
     "momentum 0.5 + cosine lr + global-k 0.2": {
         "aggregation": "tracked-mean",
         "server-momentum": 0.5,
