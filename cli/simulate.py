@@ -37,6 +37,14 @@ def simulate(
         str | None,
         typer.Option(help="HOST:PORT of a running Ray cluster to simulate on (attach, or fail)"),
     ] = None,
+    federation: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--federation-config",
+            help="extra Flower federation-config key=value, e.g. client-resources-num-cpus=2 "
+            "or, without --ray-address, init-args-num-cpus=4",
+        ),
+    ] = None,
 ) -> None:
     """Train on Flower's Simulation Engine (`flwr run .`) and print each round.
 
@@ -55,6 +63,19 @@ def simulate(
         run_config[key] = parse_value(value)
     if nodes < 1:
         exit_with(2, f"--nodes must be at least 1, got {nodes}")
+    for item in federation or []:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            exit_with(2, f"--federation-config takes key=value, got {item!r}")
+        if key == "num-supernodes":
+            exit_with(2, "--federation-config num-supernodes: give the fleet size with --nodes")
+        if ray_address and key.startswith("init-args-"):
+            exit_with(
+                2,
+                f"--federation-config {key} cannot be used with --ray-address: Ray refuses init "
+                "arguments such as num_cpus when it attaches to an existing cluster (size the cluster "
+                "with `ray start --num-cpus` instead)",
+            )
     if ray_address and "fashion-mnist-dir" not in run_config and os.environ.get(DATA_DIR_ENV):
         # The environment does not reach a cluster's raylets; the run config does.
         run_config["fashion-mnist-dir"] = os.environ[DATA_DIR_ENV]
@@ -67,7 +88,9 @@ def simulate(
             )
     except (ConfigError, DatasetError) as exc:
         exit_with(2, str(exc))
-    sim = run_simulation(nodes, run_config, flwr_home.resolve(), ray_address=ray_address)
+    sim = run_simulation(
+        nodes, run_config, flwr_home.resolve(), ray_address=ray_address, federation=federation or ()
+    )
     if sim.run_id is None:
         exit_with(sim.code or 1, "flwr run did not start a run (see its output above)")
     path = Path(template.replace("{run_id}", sim.run_id))

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,12 +117,14 @@ def run_simulation(
     extra_env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     ray_address: str | None = None,
+    federation: Sequence[str] = (),
 ) -> Simulated:
     """`flwr run . --stream` on a fresh local simulation, its output passed through.
 
     With `ray_address`, the Simulation Engine attaches to that Ray cluster (RAY_ADDRESS:
     Ray fails rather than start a private one); otherwise
-    Flower starts a Ray of its own on this machine. The managed local SuperLink is
+    Flower starts a Ray of its own on this machine. `federation` adds Flower
+    federation-config items, which replace the defaults of the same key. The managed local SuperLink is
     always started fresh, with this environment.
     """
     stop_managed_superlink(flwr_home)  # one left running would keep the environment of its first start
@@ -130,7 +132,9 @@ def run_simulation(
     env = flower_env(flwr_home, superlink_port=superlink_port)
     env.update(extra_env or {})
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus=1"
+    items = {"num-supernodes": str(num_supernodes), "client-resources-num-cpus": "1"}
+    items.update(item.split("=", 1) for item in federation)  # Flower refuses a key given twice
+    federation_config = " ".join(f"{k}={v}" for k, v in items.items())
     if ray_address:
         # Flower's federation config has no address; Ray's own lookup does, and with it
         # set, Ray attaches or fails (never a private Ray). No init-args-num-cpus with it.
@@ -141,7 +145,7 @@ def run_simulation(
         str(PROJECT_ROOT),
         "--stream",
         "--federation-config",
-        federation,
+        federation_config,
     ]
     if overrides:
         cmd += ["--run-config", overrides]

@@ -90,6 +90,11 @@ def test_dense_baseline_is_seen_as_dense(tmp_path):
         (["--nodes", "0"], "--nodes must be at least 1"),
         (["--nodes", "10000"], "the dirichlet partitioner needs 10 per device, so at most 6000 devices"),
         (["--nodes", "30001", "-c", "partitioner=iid"], "at most 30000 devices"),
+        (
+            ["--ray-address", "127.0.0.1:9", "--federation-config", "init-args-num-cpus=2"],
+            "init-args-num-cpus cannot be used with --ray-address",
+        ),
+        (["--federation-config", "num-supernodes"], "--federation-config takes key=value"),
     ],
 )
 def test_simulate_refuses_bad_input_before_starting_anything(tmp_path, args, needle):
