@@ -44,6 +44,17 @@ VARIANTS: dict[str, dict[str, object]] = {
 # Further candidates, run by name (--variants): not part of the default sweep.
 EXTRA: dict[str, dict[str, object]] = {
     "dropback-momentum + int4 values": {"strategy": "dropback-momentum", "value-precision": "int4"},
+    "dropback-momentum + int4 change uplink": {
+        "strategy": "dropback-momentum",
+        "uplink-coding": "change",
+        "uplink-precision": "int4",
+    },
+    "dropback-momentum + int4 change uplink + int8 down": {
+        "strategy": "dropback-momentum",
+        "uplink-coding": "change",
+        "uplink-precision": "int4",
+        "value-precision": "int8",
+    },
     "momentum 0.5 + cosine lr + global-k 0.2": {
         "aggregation": "tracked-mean",
         "server-momentum": 0.5,
@@ -67,7 +78,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     import numpy as np
     import torch
 
-    from dropfleet.client.local import local_data, train_dense, train_sparse
+    from dropfleet.client.local import local_data, train_dense, train_sparse, uplink_payload
     from dropfleet.client.profiles import get_profile
     from dropfleet.common.codec import decode, encode
     from dropfleet.common.data import load_fashion_mnist
@@ -76,6 +87,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     from dropfleet.common.server_opt import ServerMomentum
     from dropfleet.common.sparse import SparseModel, materialize, num_weights
     from dropfleet.common.train import evaluate
+    from dropfleet.common.uplink import NO_RESIDUAL, Residual, resolve
     from dropfleet.fleet.config import RunConfig
 
     torch.set_num_threads(1)
@@ -91,6 +103,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     state = seeded_model(config.model_id, seed).state_dict()
     opt = ServerMomentum(n, config.server_momentum, config.server_learning_rate)
     curve, up, down = [], 0, 0
+    residuals: dict[int, Residual] = {}  # change-coded uplink: each device's unsent error
     started = time.monotonic()
     for r in range(1, rounds + 1):
         sampled = sorted(rng.choice(nodes, per_round, replace=False).tolist())
@@ -105,8 +118,10 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                 down += 4 * n
             else:
                 update = train_sparse(global_sparse, train, profile, config, r)
-                payload = encode(update.model, config.value_precision)
-                updates.append((decode(payload), float(update.num_examples)))
+                payload, residuals[pid] = uplink_payload(
+                    update.model, global_sparse, config, r, residuals.get(pid, NO_RESIDUAL)
+                )
+                updates.append((resolve(decode(payload), global_sparse, r), float(update.num_examples)))
                 up += len(payload)
                 down += down_payload
         if dense:

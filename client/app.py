@@ -18,6 +18,7 @@ from dropfleet.client.local import (
     train_dense,
     train_sparse,
     train_topk,
+    uplink_payload,
 )
 from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.common.data import Split
@@ -26,12 +27,12 @@ from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import dense_deltas
 from dropfleet.common.topk import zeros
 from dropfleet.common.train import evaluate
+from dropfleet.common.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     DENSE_RECORD,
     SPARSE_RECORD,
     TOPK_RECORD,
-    pack_sparse,
     payload_record,
     unpack_sparse,
     unpack_topk_update,
@@ -46,7 +47,16 @@ BAD_REQUEST = 4003
 # Node state of the sparsified-FedAvg baseline (kept across rounds by Flower).
 TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
 
+# Node state of the change-coded uplink: the quantization error not yet sent.
+UPLINK_RESIDUAL = "uplink-residual"
+
 app = ClientApp(mods=[audit_mod])
+
+
+def _residual(record: ArrayRecord | None) -> Residual:
+    if record is None:
+        return NO_RESIDUAL
+    return record["positions"].numpy(), record["values"].numpy()
 
 
 def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]:
@@ -102,11 +112,17 @@ def train(msg: Message, context: Context) -> Message:
         if not isinstance(streaming, bool):
             raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
         update = train_sparse(global_model, train_data, profile, config, server_round, streaming)
+        residual = _residual(context.state.array_records.get(UPLINK_RESIDUAL))
+        payload, residual = uplink_payload(update.model, global_model, config, server_round, residual)
     except DropfleetError as exc:
         code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
         return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
+    if config.uplink_coding == "change":  # O(k): the unsent error at this device's tracked positions
+        context.state[UPLINK_RESIDUAL] = ArrayRecord(
+            {"positions": Array(residual[0]), "values": Array(residual[1])}
+        )
     reply = TrainReply(
-        arrays=pack_sparse(update.model, config.value_precision),
+        arrays=payload_record(payload),
         num_examples=update.num_examples,
         train_loss=update.train_loss,
         array_key=SPARSE_RECORD,

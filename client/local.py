@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dropfleet.client.profiles import DeviceProfile, budget_to_k
+from dropfleet.common.codec import encode
 from dropfleet.common.data import (
     Split,
     fashion_mnist_labels,
@@ -30,6 +31,7 @@ from dropfleet.common.sparse import (
 from dropfleet.common.streaming import StreamingDropBack
 from dropfleet.common.topk import Dense, sparsify_with_feedback
 from dropfleet.common.train import EvalResult, evaluate, recalibrate_batch_norm, train_epochs
+from dropfleet.common.uplink import Residual, encode_change
 from dropfleet.fleet.config import RunConfig
 
 VALIDATION_FRACTION = 0.1
@@ -123,6 +125,15 @@ def train_sparse(
         state_bytes=state_bytes,
         budget_bytes=profile.state_budget_bytes,
     )
+
+
+def uplink_payload(
+    update: SparseModel, sent: SparseModel, config: RunConfig, server_round: int, residual: Residual
+) -> tuple[bytes, Residual]:
+    """The reply's wire bytes: deltas, or changes against the global `sent` this round (with feedback)."""
+    if config.uplink_coding == "change":
+        return encode_change(update, sent, server_round, config.uplink_values, residual)
+    return encode(update, config.uplink_values), residual
 
 
 def train_dense(

@@ -18,6 +18,7 @@ from dropfleet.common.sparse import SparseModel, SparseTensor
 from dropfleet.proto import sparse_model_pb2 as pb
 
 FORMAT_VERSION = 1
+CHANGE_FORMAT_VERSION = 2  # values are changes against the global set of `base_version`
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
@@ -227,7 +228,11 @@ def encode(model: SparseModel, precision: str = "fp32") -> bytes:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     model.validate()
     msg = pb.SparseModel(
-        format_version=FORMAT_VERSION, seed=model.seed, init_scheme=model.init_scheme, model_id=model.model_id
+        format_version=CHANGE_FORMAT_VERSION if model.base_version else FORMAT_VERSION,
+        seed=model.seed,
+        init_scheme=model.init_scheme,
+        model_id=model.model_id,
+        base_version=model.base_version,
     )
     for t in model.tensors:
         b, quot, rem = _encode_positions(t.indices) if t.count else (0, b"", b"")
@@ -260,9 +265,15 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
         msg.ParseFromString(bytes(data))
     except DecodeError as exc:
         raise WireFormatError(f"malformed or truncated sparse model: {exc}") from None
-    if msg.format_version != FORMAT_VERSION:
+    if msg.format_version not in (FORMAT_VERSION, CHANGE_FORMAT_VERSION):
         raise WireFormatError(
-            f"unsupported format version {msg.format_version} (supported: {FORMAT_VERSION})"
+            f"unsupported format version {msg.format_version} "
+            f"(supported: {FORMAT_VERSION}, {CHANGE_FORMAT_VERSION})"
+        )
+    if (msg.format_version == CHANGE_FORMAT_VERSION) != (msg.base_version > 0):
+        raise WireFormatError(
+            f"format version {msg.format_version} with base version {msg.base_version}: "
+            f"version {CHANGE_FORMAT_VERSION} (changes) needs a base version >= 1, version 1 none"
         )
     try:
         expected = model_layout(msg.model_id).shapes
@@ -291,7 +302,11 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
         )
         tensors.append(SparseTensor(name, shape, indices, values))
     model = SparseModel(
-        seed=msg.seed, model_id=msg.model_id, tensors=tuple(tensors), init_scheme=msg.init_scheme
+        seed=msg.seed,
+        model_id=msg.model_id,
+        tensors=tuple(tensors),
+        init_scheme=msg.init_scheme,
+        base_version=msg.base_version,
     )
     model.validate()
     return model

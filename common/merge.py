@@ -90,6 +90,8 @@ def combine(
     for model, weight in updates:
         if (model.model_id, model.seed, model.init_scheme) != (first.model_id, first.seed, first.init_scheme):
             raise WireFormatError("updates disagree on model id, seed or init scheme")
+        if model.base_version:
+            raise WireFormatError("change-coded update: resolve it against its global first (common/uplink)")
         if not (np.isfinite(weight) and weight > 0):
             raise ConfigError(f"update weights must be finite and > 0, got {weight}")
     total = float(sum(w for _, w in updates))

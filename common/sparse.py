@@ -69,6 +69,8 @@ class SparseModel:
     model_id: str
     tensors: tuple[SparseTensor, ...]
     init_scheme: int = INIT_SCHEME_VERSION
+    # 0: values are deltas w - w0; v >= 1: changes against global version v (common/uplink.py).
+    base_version: int = 0
 
     @property
     def num_tracked(self) -> int:
@@ -97,6 +99,8 @@ class SparseModel:
         """Check seed, scheme, and that tensors match the registered architecture."""
         if not 0 <= self.seed < 2**64:
             raise WireFormatError(f"seed must be in [0, 2**64), got {self.seed}")
+        if not 0 <= self.base_version < 2**32:
+            raise WireFormatError(f"base version must be in [0, 2**32), got {self.base_version}")
         if self.init_scheme not in SUPPORTED_INIT_SCHEMES:
             raise WireFormatError(
                 f"unsupported init scheme version {self.init_scheme} "

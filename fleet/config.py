@@ -28,6 +28,7 @@ PRESETS: dict[str, dict[str, object]] = {
     }
 }
 LR_SCHEDULES = ("constant", "cosine")
+UPLINK_CODINGS = ("delta", "change")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class RunConfig:
     partitioner: str = "dirichlet"
     alpha: float = 0.5
     value_precision: str = "fp16"
+    uplink_coding: str = "delta"
+    uplink_precision: str = ""
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.5
     min_available_nodes: int = 2
@@ -119,6 +122,8 @@ class RunConfig:
             ("partitioner", self.partitioner in PARTITIONERS),
             ("alpha", self.alpha > 0),
             ("value-precision", self.value_precision in PRECISIONS),
+            ("uplink-coding", self.uplink_coding in UPLINK_CODINGS),
+            ("uplink-precision", self.uplink_precision in ("", *PRECISIONS)),
             ("fraction-train", 0 < self.fraction_train <= 1),
             ("fraction-evaluate", 0 <= self.fraction_evaluate <= 1),
             ("min-available-nodes", self.min_available_nodes >= 1),
@@ -128,7 +133,12 @@ class RunConfig:
             ("max-payload-bytes", self.max_payload_bytes >= 1024),
             ("max-examples", self.max_examples >= 1),
             ("max-k", self.max_k >= 0),
-            ("max-abs-value", 0 < self.max_abs_value <= MAX_VALUE.get(self.value_precision, math.inf)),
+            (
+                "max-abs-value",
+                0
+                < self.max_abs_value
+                <= min(MAX_VALUE.get(p, math.inf) for p in (self.value_precision, self.uplink_values)),
+            ),
             ("train-subset", self.train_subset >= 0),
             ("aggregation", self.aggregation in RULES),
             ("trim-fraction", 0 <= self.trim_fraction < 0.5),
@@ -147,6 +157,8 @@ class RunConfig:
             "value-precision": PRECISIONS,
             "aggregation": RULES,
             "learning-rate-schedule": LR_SCHEDULES,
+            "uplink-coding": UPLINK_CODINGS,
+            "uplink-precision": PRECISIONS,
         }
         for key, ok in checks:
             if not ok:
@@ -157,6 +169,8 @@ class RunConfig:
             raise ConfigError(
                 "run-config 'server-momentum' and 'server-learning-rate' need strategy 'dropback'"
             )
+        if self.uplink_coding != "delta" and self.strategy not in SPARSE_DROPBACK:
+            raise ConfigError("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
         if self.resume_run and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
@@ -168,6 +182,11 @@ class RunConfig:
         if self.global_k >= 1:
             return int(self.global_k)
         return max(1, round(self.global_k * num_weights(self.model_id)))
+
+    @property
+    def uplink_values(self) -> str:
+        """The precision of the values devices send (`uplink-precision`, else `value-precision`)."""
+        return self.uplink_precision or self.value_precision
 
     @property
     def uses_server_optimizer(self) -> bool:

@@ -52,15 +52,17 @@ class SparseTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., position_coding: _Optional[_Union[PositionCoding, str]] = ..., rice_parameter: _Optional[int] = ..., rice_quotients: _Optional[bytes] = ..., rice_remainders: _Optional[bytes] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., values: _Optional[bytes] = ..., int8_scale: _Optional[float] = ...) -> None: ...
 
 class SparseModel(_message.Message):
-    __slots__ = ("format_version", "seed", "init_scheme", "model_id", "tensors")
+    __slots__ = ("format_version", "seed", "init_scheme", "model_id", "tensors", "base_version")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     INIT_SCHEME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     seed: int
     init_scheme: int
     model_id: str
     tensors: _containers.RepeatedCompositeFieldContainer[SparseTensor]
-    def __init__(self, format_version: _Optional[int] = ..., seed: _Optional[int] = ..., init_scheme: _Optional[int] = ..., model_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[SparseTensor, _Mapping]]] = ...) -> None: ...
+    base_version: int
+    def __init__(self, format_version: _Optional[int] = ..., seed: _Optional[int] = ..., init_scheme: _Optional[int] = ..., model_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[SparseTensor, _Mapping]]] = ..., base_version: _Optional[int] = ...) -> None: ...

@@ -26,6 +26,7 @@ from dropfleet.common.codec import decode
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import SparseModel, num_weights
+from dropfleet.common.uplink import resolve
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, record_payload
 from dropfleet.fleet.replies import EvaluateReply, TrainReply
@@ -84,9 +85,14 @@ def _check_values(values: np.ndarray, bound: float, what: str) -> None:
 
 
 def validate_sparse_reply(
-    content: RecordDict, expected: SparseModel, config: RunConfig, max_k: int
+    content: RecordDict, expected: SparseModel, config: RunConfig, max_k: int, version: int | None = None
 ) -> AcceptedUpdate:
-    """Read and check one sparse training reply against the current global model and run config."""
+    """Read and check one sparse training reply against the current global model and run config.
+
+    With `version` (the number of the global `expected` this round sent), a
+    change-coded reply against exactly that version is resolved into deltas;
+    without it, or against another version, it is rejected.
+    """
     reply = TrainReply.from_record(content, SPARSE_RECORD, config.max_examples)
     try:
         payload = record_payload(reply.arrays)
@@ -104,6 +110,13 @@ def validate_sparse_reply(
         raise ReplyRejectedError(f"declared k {reply.k} > the {max_k} the server allows a device (max-k)")
     if model.num_tracked > reply.k:
         raise ReplyRejectedError(f"{model.num_tracked} tracked values > declared k {reply.k}")
+    if model.base_version:
+        if version is None:
+            raise ReplyRejectedError("change-coded values (base version set) are not accepted here")
+        try:
+            model = resolve(model, expected, version)
+        except WireFormatError as exc:
+            raise ReplyRejectedError(str(exc)) from None
     for t in model.tensors:
         _check_values(t.values, config.max_abs_value, f"values of {t.name}")
     return AcceptedUpdate(model=model, reply=reply, payload_bytes=len(payload))

@@ -68,7 +68,8 @@ class SparseDropBack(SparseReplies):
     def merge(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates = self.accept(server_round, replies, self.global_model)
+        # The global sent in round r is version r: change-coded replies are against it.
+        updates = self.accept(server_round, replies, self.global_model, version=server_round)
         stats = self.recorder.current(server_round)
         if updates is None:
             stats.global_tracked = self.global_model.num_tracked

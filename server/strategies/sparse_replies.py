@@ -24,14 +24,17 @@ class SparseReplies(FleetStrategy):
         self.max_k = allowed_k(self.config)
 
     def accept(
-        self, server_round: int, replies: list[Message], expected: SparseModel
+        self, server_round: int, replies: list[Message], expected: SparseModel, version: int | None = None
     ) -> list[AcceptedUpdate] | None:
-        """The acceptable updates of a round, or None for a short round (see the class)."""
+        """The acceptable updates of a round, or None for a short round (see the class).
+
+        `version`: the number of the global `expected` (change-coded replies resolve against it).
+        """
         stats = self.recorder.current(server_round)
         checked = self._train_replies(
             server_round,
             replies,
-            lambda content: validate_sparse_reply(content, expected, self.config, self.max_k),
+            lambda content: validate_sparse_reply(content, expected, self.config, self.max_k, version),
         )
         for msg, update in checked:
             accepted(stats, msg, update.reply, update.payload_bytes)

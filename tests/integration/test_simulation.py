@@ -35,7 +35,7 @@ def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
 
 
 def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
-    """The accuracy-per-byte mode end to end (the paper's scheme runs in the process-fleet tests)."""
+    """The accuracy-per-byte levers end to end (the paper's scheme runs in the process-fleet tests)."""
     rounds, audit = _run(
         tmp_path,
         10,
@@ -45,6 +45,8 @@ def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
             "fraction-evaluate": 0.3,
             "global-k": 6000,
             "strategy": "dropback-momentum",
+            "uplink-coding": "change",  # devices keep their feedback residual in Flower's node state
+            "uplink-precision": "int8",
         },
     )
     assert [r["round"] for r in rounds] == [0, 1, 2]

@@ -68,6 +68,26 @@ def test_server_momentum_publishes_the_reference_step_over_rounds():
             assert np.array_equal(a.values, b.values)
 
 
+def test_change_coded_replies_resolve_against_the_global_sent_and_stale_ones_are_rejected():
+    from dropfleet.common.uplink import encode_change, resolve
+
+    config = RunConfig(global_k=3000, value_precision="fp32", uplink_coding="change", uplink_precision="int8")
+    s = SparseDropBack(config, RoundRecorder("dropback", 3, None, Console(file=io.StringIO())))
+    sent = s.global_model
+    good = [(node, encode_change(model(2000, node), sent, 1, "int8")[0]) for node in (11, 12, 13)]
+    stale = encode_change(model(2000, 14), sent, 2, "int8")[0]
+    replies = [reply(n, content(raw_record(p), examples=100 * n)) for n, p in good]
+    arrays, _ = s.aggregate_train(1, [*replies, reply(14, content(raw_record(stale)))])
+    want = merge_sparse([(resolve(decode(p), sent, 1), 100.0 * n) for n, p in good], 3000)
+    got = decode(record_payload(arrays))
+    assert np.array_equal(got.flat_positions(), want.flat_positions())
+    for a, b in zip(got.tensors, want.tensors, strict=True):
+        assert np.array_equal(a.values, b.values)
+    stats = s.recorder.current(1)
+    assert stats.replied == 3 and stats.rejected == 1
+    assert any("global version 2, but this round sent version 1" in f for f in stats.failures)
+
+
 def hostile_replies():
     ok = model(500, 99)
     nan_bytes = bytearray(encode(ok))
