@@ -25,6 +25,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "aggregation": "tracked-mean",
         "server_momentum": 0.7,
         "learning_rate_schedule": "cosine",
+        "uplink_coding": "change",
+        "uplink_precision": "int4",
+        "value_precision": "int8",
     }
 }
 LR_SCHEDULES = ("constant", "cosine")
