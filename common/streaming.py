@@ -11,8 +11,9 @@ and the next tracked set is known when the backward pass ends.
 
 Peak weight memory is then about one layer (its weights, initial values and
 gradient) plus the tracked set, or one block of rows of a layer with
-`block_weights`; the price is regenerating every weight twice per step. Models
-made of Linear layers with ReLU between them are supported.
+`block_weights` (Linear/ReLU models); the price is regenerating every weight
+twice per step. Any other sequential model (convolutions, batch norm, PReLU)
+streams one layer at a time, recomputing each layer's forward in backward.
 """
 
 from dataclasses import dataclass
@@ -113,9 +114,12 @@ class StreamingDropBack:
             raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
         if not 0.0 < lr < float("inf"):
             raise ConfigError(f"Invalid learning rate: {lr!r} (must be finite and > 0)")
-        modules = [m for m in build_model(model_id).modules() if m.__class__ is not nn.Sequential]
-        if not all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in modules):
-            raise ConfigError(f"streaming mode supports Linear/ReLU models only, not {model_id!r}")
+        net = build_model(model_id)
+        if not isinstance(net, nn.Sequential):
+            raise ConfigError(f"streaming mode needs a sequential model, not {type(net).__name__}")
+        mlp = all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in net)
+        if block_weights is not None and not mlp:
+            raise ConfigError(f"row blocks need a Linear/ReLU model; {model_id!r} streams whole layers")
         self.model_id, self.seed, self.k, self.lr = model_id, seed, k, lr
         self.freeze_after = freeze_after
         if block_weights is not None and block_weights < 1:
@@ -127,6 +131,18 @@ class StreamingDropBack:
         self._tensors = layout.tensors
         self.numel = layout.numel
         self._layers = [(self._tensors[i], self._tensors[i + 1]) for i in range(0, len(self._tensors), 2)]
+        # Any other sequential model streams layer by layer: each module's parameters are placeholders
+        # without storage, supplied when the module runs (buffers such as batch-norm statistics stay).
+        self._net: nn.Sequential | None = None
+        if not mlp:
+            slots = iter(self._tensors)
+            self._modules = []
+            for module in net:
+                own = [(name, next(slots)) for name, _ in module.named_parameters(recurse=False)]
+                for name, p in module.named_parameters(recurse=False):
+                    module.register_parameter(name, nn.Parameter(torch.empty(p.shape, device="meta")))
+                self._modules.append((module, own))
+            self._net = net
         # The whole persistent state: sorted global indices (int32) and the weights there.
         self._index = torch.zeros(0, dtype=torch.int32)
         self._value = torch.zeros(0)
@@ -211,6 +227,10 @@ class StreamingDropBack:
     # ----- training ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Logits; with grad enabled, backward streams the step's selection."""
+        if self._net is not None:
+            for module, own in self._modules:
+                x = _StreamedModule.apply(x, self._anchor, self, module, own) if own else module(x)
+            return x
         h = x.reshape(x.shape[0], -1)
         for i, (weight, bias) in enumerate(self._layers):
             h = _StreamedLinear.apply(h, self._anchor, self, weight, bias)
@@ -223,10 +243,12 @@ class StreamingDropBack:
     # The model and its optimizer are one object, used the way a training loop uses both:
     # zero_grad() opens a step, loss.backward() scores layer by layer, step() commits.
     def train(self, mode: bool = True) -> "StreamingDropBack":
+        if self._net is not None:
+            self._net.train(mode)  # batch norm: batch statistics, or the running ones
         return self
 
     def eval(self) -> "StreamingDropBack":
-        return self
+        return self.train(False)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Open a step (the freeze decision is made here: backward must know it)."""
@@ -307,4 +329,48 @@ class _StreamedLinear(torch.autograd.Function):
             del w0, w
         b0, _ = owner._weights(ctx.bias, 0, ctx.bias.shape[0])
         owner._absorb(ctx.bias, 0, grad_out.sum(0), b0)
+        return grad_x, None, None, None, None
+
+
+class _StreamedModule(torch.autograd.Function):
+    """Any layer with its parameters regenerated in forward, and again in backward to differentiate it.
+
+    Backward recomputes the layer's forward from its saved input (activation
+    checkpointing, one layer at a time) on copies of its buffers, so batch-norm
+    running statistics are updated once per step, as without streaming.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        anchor: Tensor,
+        owner: StreamingDropBack,
+        module: nn.Module,
+        own: list[tuple[str, TensorSlot]],
+    ) -> Tensor:
+        params = {name: owner._weights(slot, 0, slot.numel)[1].view(slot.shape) for name, slot in own}
+        y = torch.func.functional_call(module, params, (x,))
+        ctx.save_for_backward(x)
+        ctx.owner, ctx.module, ctx.own = owner, module, own
+        return y
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        owner, module, own = ctx.owner, ctx.module, ctx.own
+        regenerated = [owner._weights(slot, 0, slot.numel) for _, slot in own]
+        params = {
+            name: w.view(slot.shape).requires_grad_()
+            for (name, slot), (_, w) in zip(own, regenerated, strict=True)
+        }
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = torch.func.functional_call(module, {**params, **buffers}, (x,))
+            inputs = [x, *params.values()] if ctx.needs_input_grad[0] else list(params.values())
+            grads = torch.autograd.grad(y, inputs, grad_out)
+        grad_x = grads[0] if ctx.needs_input_grad[0] else None
+        for (_, slot), (w0, _), grad in zip(own, regenerated, grads[-len(own) :], strict=True):
+            owner._absorb(slot, 0, grad, w0)
         return grad_x, None, None, None, None

@@ -77,9 +77,26 @@ def test_evaluation_equals_the_materialized_model(fmnist_train, fmnist_test):
     assert got.accuracy == want.accuracy and got.loss == pytest.approx(want.loss, rel=1e-6)
 
 
+def test_conv_batch_norm_prelu_stream_layer_by_layer_bit_for_bit(fmnist_train, fmnist_test):
+    """Every registered model streams: the CNN's conv, batch-norm and PReLU weights included."""
+    data, k = fmnist_train.subset(np.arange(640)), 20_634 // 10
+    model = seeded_model("cnn-bn-prelu", 0)
+    opt = DropBack(model.parameters(), lr=0.1, k=k)
+    train_epochs(model, opt, data, 1, 32, seed=5)
+    trainer = StreamingDropBack("cnn-bn-prelu", 0, k, 0.1)
+    train_epochs(trainer, trainer, data, 1, 32, seed=5)
+    assert_identical(sparse_from_optimizer(model, opt, 0, "cnn-bn-prelu"), trainer.to_sparse())
+    assert {t.name for t in trainer.to_sparse().tensors if t.count} >= {"1.weight", "5.bias"}  # BN pruned too
+    # Batch-norm running statistics moved once per step, as without streaming.
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), trainer._net.buffers(), strict=True))
+    assert all(p.device.type == "meta" for p in trainer._net.parameters())  # no dense weights held
+    test = fmnist_test.subset(np.arange(1000))
+    assert evaluate(trainer, test).accuracy == evaluate(model, test).accuracy
+
+
 def test_refusals():
-    with pytest.raises(ConfigError, match="Linear/ReLU models only"):
-        StreamingDropBack("cnn-bn-prelu", 0, 100, 0.1)
+    with pytest.raises(ConfigError, match="row blocks need a Linear/ReLU model"):
+        StreamingDropBack("cnn-bn-prelu", 0, 100, 0.1, block_weights=2048)
     with pytest.raises(ConfigError, match="k"):
         StreamingDropBack("mlp-90k", 0, 0, 0.1)
     trainer = StreamingDropBack("mlp-90k", 0, 100, 0.1)
