@@ -22,8 +22,9 @@ from dropfleet.client.local import (
 )
 from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.common.data import Split
-from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, WireFormatError
+from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
 from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.layout import model_layout
 from dropfleet.common.sparse import dense_deltas
 from dropfleet.common.topk import zeros
 from dropfleet.common.train import evaluate
@@ -32,17 +33,21 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     DENSE_RECORD,
     SPARSE_RECORD,
+    TOPK_MODEL_RECORD,
     TOPK_RECORD,
     payload_record,
     unpack_sparse,
+    unpack_topk_model,
     unpack_topk_update,
 )
-from dropfleet.fleet.replies import EvaluateReply, TrainReply
-
-# Error codes in replies (Flower reserves small numbers for its own errors).
-REFUSED_BUDGET = 4001
-UNAVAILABLE = 4002
-BAD_REQUEST = 4003
+from dropfleet.fleet.replies import (
+    BAD_REQUEST,
+    OUT_OF_SYNC,
+    REFUSED_BUDGET,
+    UNAVAILABLE,
+    EvaluateReply,
+    TrainReply,
+)
 
 # Node state of the sparsified-FedAvg baseline (kept across rounds by Flower).
 TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
@@ -100,11 +105,17 @@ def train(msg: Message, context: Context) -> Message:
         new_state, loss = train_dense(state, train_data, config, server_round)
         reply = TrainReply(ArrayRecord(new_state), len(train_data), loss, DENSE_RECORD)
         return Message(reply.to_record(), reply_to=msg)
-    if TOPK_RECORD in msg.content.array_records:
+    if TOPK_RECORD in msg.content.array_records or TOPK_MODEL_RECORD in msg.content.array_records:
         try:
             return _train_topk(msg, context, config, train_data, profile, partition_id, server_round)
         except DropfleetError as exc:
-            code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
+            code = (
+                REFUSED_BUDGET
+                if isinstance(exc, BudgetError)
+                else OUT_OF_SYNC
+                if isinstance(exc, OutOfSyncError)
+                else BAD_REQUEST
+            )
             return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
@@ -144,23 +155,32 @@ def _train_topk(
     partition_id: int,
     server_round: int,
 ) -> Message:
-    """The sparsified-FedAvg baseline: the dense model and residual live in this node's state."""
-    update, version = unpack_topk_update(msg.content.array_records[TOPK_RECORD], config.max_payload_bytes)
-    state = context.state
+    """The sparsified-FedAvg baseline: the dense model and residual live in this node's state.
+
+    The server sends the update to its current version, preceded by the ones this node
+    missed, or the whole model when the node holds none it can update from.
+    """
+    records, state = msg.content.array_records, context.state
     if TOPK_STATE not in state.array_records:  # version 0: the seeded model, no residual yet
         model = seeded_model(config.model_id, config.seed)
         state[TOPK_STATE] = ArrayRecord({n: Array(p.detach().numpy()) for n, p in model.named_parameters()})
         state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in zeros(config.model_id).items()})
         state[TOPK_META] = ConfigRecord({"version": 0})
     held = int(state[TOPK_META]["version"])
-    weights = {n: a.numpy().copy() for n, a in state[TOPK_STATE].items()}
-    if version == held + 1:
-        for name, delta in dense_deltas(update).items():
-            weights[name] += delta
-    elif version != held:
-        raise WireFormatError(
-            f"out of sync: this node holds model version {held}, the update leads to {version}"
-        )
+    if TOPK_MODEL_RECORD in records:
+        weights, version = unpack_topk_model(records[TOPK_MODEL_RECORD], model_layout(config.model_id).shapes)
+    else:
+        updates, version = unpack_topk_update(records[TOPK_RECORD], config.max_payload_bytes)
+        weights = {n: a.numpy().copy() for n, a in state[TOPK_STATE].items()}
+        first = version - len(updates) + 1  # the version the oldest update leads to
+        if not first <= held + 1 <= version + 1:
+            raise OutOfSyncError(
+                f"out of sync: this node holds model version {held}, the updates lead from "
+                f"{first - 1} to {version}"
+            )
+        for update in updates[held + 1 - first :]:
+            for name, delta in dense_deltas(update).items():
+                weights[name] += delta
     residual = {n: a.numpy().copy() for n, a in state[TOPK_RESIDUAL].items()}
     payload, residual, loss, k = train_topk(weights, residual, train_data, profile, config, server_round)
     state[TOPK_STATE] = ArrayRecord({n: Array(a) for n, a in weights.items()})

@@ -56,3 +56,7 @@ class FlowerControlError(DropfleetError, RuntimeError):
 
 class StaleWriterError(DropfleetError, RuntimeError):
     """A ServerApp tried to publish a round for a run that another attempt has taken over."""
+
+
+class OutOfSyncError(WireFormatError):
+    """A device does not hold the model version an update starts from (it needs a resync)."""

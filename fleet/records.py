@@ -5,6 +5,8 @@ custom serialization type inside an ArrayRecord, so Flower chunks it like any
 array and no dense tensor ever travels.
 """
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
@@ -17,7 +19,9 @@ SPARSE_ARRAY = "model"
 SPARSE_STYPE = "dropfleet.v1.SparseModel"
 DENSE_RECORD = "arrays"
 TOPK_RECORD = "topk-update"
+TOPK_MODEL_RECORD = "topk-full-model"
 TOPK_VERSION = "version"
+TOPK_EARLIER = "earlier-"
 
 
 def pack_sparse(model: SparseModel, precision: str) -> ArrayRecord:
@@ -61,21 +65,63 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-def pack_topk_update(payload: bytes, version: int) -> ArrayRecord:
-    """A sparse update (encoded `SparseModel` of update entries) and the model version it leads to."""
+def pack_topk_update(payload: bytes, version: int, earlier: Sequence[bytes] = ()) -> ArrayRecord:
+    """A sparse update (encoded `SparseModel` of update entries) and the model version it leads to.
+
+    `earlier`: the updates before it, oldest first (a device that missed rounds catches up).
+    """
     record = payload_record(payload)
+    for i, data in enumerate(earlier):
+        record[f"{TOPK_EARLIER}{i}"] = Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)
     record[TOPK_VERSION] = Array(np.array([version], dtype=np.int64))
     return record
 
 
-def unpack_topk_update(record: ArrayRecord, max_bytes: int) -> tuple[SparseModel, int]:
-    """The update and its version from `pack_topk_update` (untrusted input)."""
-    if sorted(record) != sorted([SPARSE_ARRAY, TOPK_VERSION]):
-        raise WireFormatError(f"expected arrays {SPARSE_ARRAY!r} and {TOPK_VERSION!r}, got {list(record)}")
+def pack_topk_model(weights: Mapping[str, np.ndarray], version: int) -> ArrayRecord:
+    """The whole dense model at `version`: for a device that holds no version it can update from."""
+    record = ArrayRecord({name: Array(np.ascontiguousarray(w)) for name, w in weights.items()})
+    record[TOPK_VERSION] = Array(np.array([version], dtype=np.int64))
+    return record
+
+
+def unpack_topk_model(
+    record: ArrayRecord, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], int]:
+    """The dense weights and version from `pack_topk_model` (untrusted input: names, shapes, finite)."""
+    if sorted(record) != sorted([*shapes, TOPK_VERSION]):
+        raise WireFormatError(f"expected the model's tensors and {TOPK_VERSION!r}, got {sorted(record)[:8]}")
+    weights = {}
+    for name, shape in shapes.items():
+        array = record[name]
+        if array.dtype != "float32" or tuple(array.shape) != shape:
+            raise WireFormatError(f"{name}: {array.dtype}{tuple(array.shape)} is not float32{shape}")
+        values = array.numpy()
+        if values.shape != shape or not np.all(np.isfinite(values)):
+            raise WireFormatError(f"{name}: malformed or non-finite values")
+        weights[name] = values.copy()
+    return weights, _version(record)
+
+
+def _version(record: ArrayRecord) -> int:
     version = record[TOPK_VERSION].numpy()
     if version.shape != (1,) or version.dtype != np.int64 or version[0] < 0:
         raise WireFormatError(f"bad model version {version!r}")
-    array = record[SPARSE_ARRAY]
-    if array.stype != SPARSE_STYPE:
-        raise WireFormatError(f"unexpected serialization type {array.stype!r}")
-    return decode(bytes(array.data), max_bytes=max_bytes), int(version[0])
+    return int(version[0])
+
+
+def unpack_topk_update(record: ArrayRecord, max_bytes: int) -> tuple[list[SparseModel], int]:
+    """The updates, oldest first, and the version the last leads to, from `pack_topk_update`."""
+    earlier = len(record) - 2
+    names = [*(f"{TOPK_EARLIER}{i}" for i in range(earlier)), SPARSE_ARRAY]
+    if earlier < 0 or sorted(record) != sorted([*names, TOPK_VERSION]):
+        raise WireFormatError(f"expected arrays {[*names, TOPK_VERSION]}, got {list(record)[:8]}")
+    version = _version(record)
+    if version < earlier:
+        raise WireFormatError(f"{earlier + 1} updates cannot lead to version {version}")
+    updates = []
+    for name in names:
+        array = record[name]
+        if array.stype != SPARSE_STYPE:
+            raise WireFormatError(f"unexpected serialization type {array.stype!r}")
+        updates.append(decode(bytes(array.data), max_bytes=max_bytes))
+    return updates, version

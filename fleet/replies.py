@@ -29,6 +29,12 @@ EVAL_ACCURACY = "eval-accuracy"
 PROFILE = "profile"
 PARTITION_ID = "partition-id"
 
+# Error codes of refusal replies (Flower reserves small numbers for its own errors).
+REFUSED_BUDGET = 4001  # the device's budget cannot hold the minimum model
+UNAVAILABLE = 4002  # the device sits this round out
+BAD_REQUEST = 4003  # the instruction was unusable (bad global model, data missing)
+OUT_OF_SYNC = 4004  # top-k baseline: the device does not hold the version the update starts from
+
 # Every accepted integer fits a signed 64-bit store column with room to add counters up.
 MAX_COUNT = 2**62
 MAX_LOSS = 1e6

@@ -121,18 +121,22 @@ class FleetStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self.tailor(list(super().configure_train(server_round, arrays, config, grid)))
         stats = self.recorder.current(server_round)
         stats.sampled = len(messages)
-        _meter_down(stats, messages, arrays)
+        _meter_down(stats, messages)
         return _tagged(messages, server_round)
+
+    def tailor(self, messages: list[Message]) -> list[Message]:
+        """Per-node instructions where a node needs other content than the rest (default: none)."""
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
-        _meter_down(self.recorder.current(server_round), messages, arrays)
+        _meter_down(self.recorder.current(server_round), messages)
         return _tagged(messages, server_round)
 
     def aggregate_train(
@@ -235,10 +239,10 @@ def _reject(stats: RoundStats, msg: Message, reason: str, train: bool) -> None:
     log(WARNING, "Rejected %s from node %s: %s", kind, node, reason)
 
 
-def _meter_down(stats: RoundStats, messages: list[Message], arrays: ArrayRecord) -> None:
-    size = record_bytes(arrays)
-    stats.bytes_down += len(messages) * size
+def _meter_down(stats: RoundStats, messages: list[Message]) -> None:
     for m in messages:
+        size = sum(record_bytes(r) for r in m.content.array_records.values())
+        stats.bytes_down += size
         stats.node_bytes_down[m.metadata.dst_node_id] = (
             stats.node_bytes_down.get(m.metadata.dst_node_id, 0) + size
         )

@@ -22,6 +22,7 @@ class SparseReplies(FleetStrategy):
         super().__init__(*args, **kwargs)
         self.short_rounds = 0
         self.max_k = allowed_k(self.config)
+        self.accepted_nodes: list[int] = []  # who sent the updates the last `accept` returned
 
     def accept(
         self, server_round: int, replies: list[Message], expected: SparseModel, version: int | None = None
@@ -36,6 +37,7 @@ class SparseReplies(FleetStrategy):
             replies,
             lambda content: validate_sparse_reply(content, expected, self.config, self.max_k, version),
         )
+        self.accepted_nodes = [msg.metadata.src_node_id for msg, _ in checked]
         for msg, update in checked:
             accepted(stats, msg, update.reply, update.payload_bytes)
         updates = [update for _, update in checked]

@@ -1,7 +1,7 @@
 """The sparsified-FedAvg baseline: dense models, top-k updates with error feedback both ways."""
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -12,7 +12,8 @@ from dropfleet.common.sparse import SparseModel, dense_deltas
 from dropfleet.common.topk import sparsify_with_feedback, zeros
 from dropfleet.common.train import recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import TOPK_RECORD, pack_topk_update
+from dropfleet.fleet.records import TOPK_MODEL_RECORD, TOPK_RECORD, pack_topk_model, pack_topk_update
+from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies.base import Evaluation, train_metrics
 from dropfleet.server.strategies.sparse_replies import SparseReplies
@@ -23,7 +24,10 @@ class TopKFedAvg(SparseReplies):
     and send back the top-k of their update (k from their memory budget, as a
     DropBack device); the server averages them, adds its own residual and
     sends the top global-k of that, tagged with the model version it leads to
-    (STC-style; every client must take part in every round to stay in sync).
+    (STC-style). A client that missed rounds gets the updates it missed before
+    this one, or the whole dense model when that is smaller or it holds no
+    version the server knows of (a new client, or one that reported itself
+    out of sync), so the baseline also runs on a fleet whose devices miss rounds.
     """
 
     def __init__(
@@ -36,6 +40,9 @@ class TopKFedAvg(SparseReplies):
         self.expected = SparseModel.empty(config.model_id, config.seed)
         self.version = 0
         self.update = encode(self.expected, config.value_precision)
+        self.history: dict[int, bytes] = {}  # version -> the update that led to it
+        self.held: dict[int, int] = {}  # node id -> the version it holds, per its accepted replies
+        self.dense_bytes = 4 * sum(w.size for w in self.weights.values())
 
     def initial_arrays(self) -> ArrayRecord:
         return pack_topk_update(self.update, self.version)
@@ -45,10 +52,45 @@ class TopKFedAvg(SparseReplies):
     ) -> list[Message]:
         return []  # a baseline for the byte race: the server evaluates the global model centrally
 
+    def tailor(self, messages: list[Message]) -> list[Message]:
+        """Catch-up content for nodes that do not hold the version before this one."""
+        out = []
+        for m in messages:
+            held = self.held.get(m.metadata.dst_node_id)
+            if self.version == 0 or held == self.version - 1:
+                out.append(m)
+                continue
+            missed = None if held is None else range(held + 1, self.version)
+            if missed is not None and all(v in self.history for v in missed):
+                earlier = [self.history[v] for v in missed]
+                if sum(map(len, earlier)) + len(self.update) <= self.dense_bytes:
+                    out.append(
+                        self._instruction(
+                            m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier)
+                        )
+                    )
+                    continue
+            out.append(self._instruction(m, TOPK_MODEL_RECORD, pack_topk_model(self.weights, self.version)))
+        return out
+
+    @staticmethod
+    def _instruction(template: Message, key: str, record: ArrayRecord) -> Message:
+        content = RecordDict({key: record, "config": template.content.config_records["config"]})
+        return Message(
+            content=content,
+            dst_node_id=template.metadata.dst_node_id,
+            message_type=template.metadata.message_type,
+        )
+
     def merge(
         self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        for m in replies:
+            if m.has_error() and m.error.code == OUT_OF_SYNC:
+                self.held.pop(m.metadata.src_node_id, None)  # it gets the whole model next time
         updates = self.accept(server_round, replies, self.expected)
+        for node in self.accepted_nodes:
+            self.held[node] = self.version  # it applied what it was sent, then trained
         if updates is None:
             return None, None
         mean = merge_sparse(
@@ -66,6 +108,7 @@ class TopKFedAvg(SparseReplies):
         for name, delta in dense_deltas(received).items():
             self.weights[name] += delta
         self.version += 1
+        self.history[self.version] = self.update
         stats = self.recorder.current(server_round)
         stats.global_tracked = received.num_tracked
         return pack_topk_update(self.update, self.version), train_metrics(stats, [u.reply for u in updates])
