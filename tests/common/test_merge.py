@@ -28,6 +28,11 @@ def dense_reference(updates, big_k):
         )
         / total
     )
+    return keep_top(mean, big_k)
+
+
+def keep_top(mean, big_k):
+    """The reference global budget: the big_k largest |mean|, ties to the lower index."""
     order = np.lexsort((np.arange(N), -np.abs(mean)))
     keep = order[:big_k]
     keep = keep[mean[keep] != 0]
@@ -164,13 +169,7 @@ def tracked_mean_reference(updates, big_k):
         d = flat(m).astype(np.float64)
         sums += d * w
         weights += (d != 0) * w
-    mean = np.divide(sums, weights, out=np.zeros(N), where=weights > 0)
-    order = np.lexsort((np.arange(N), -np.abs(mean)))
-    keep = order[:big_k]
-    keep = keep[mean[keep] != 0]
-    out = np.zeros(N)
-    out[keep] = mean[keep]
-    return out
+    return keep_top(np.divide(sums, weights, out=np.zeros(N), where=weights > 0), big_k)
 
 
 @pytest.mark.parametrize("big_k", [500, 3000, 20_000])
