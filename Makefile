@@ -91,6 +91,7 @@ bench: install
 	$(PY) bench/overhead.py
 	$(PY) bench/memory.py
 	$(PY) bench/race.py
+	$(PY) bench/levers.py
 	$(PY) bench/fleet_scale.py
 
 bench-quick: install
@@ -100,6 +101,7 @@ bench-quick: install
 	$(PY) bench/overhead.py --quick
 	$(PY) bench/memory.py --quick
 	$(PY) bench/race.py --quick
+	$(PY) bench/levers.py --quick
 	$(PY) bench/fleet_scale.py --quick
 
 clean:
