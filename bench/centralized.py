@@ -10,6 +10,7 @@ measured side by side and machine noise hits all runs alike.
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -61,16 +62,45 @@ def main() -> None:
         DropBack(model.parameters(), lr=args.lr, k=n // 20, freeze_after=freeze_steps),
         n // 20,
     )
+    # Issue #11's quality levers for DropBack itself, each against the same dense baseline.
+    late = args.epochs / 2
+    model = seeded_model(MODEL_ID, args.seed)
+    runs[f"DropBack k=N/20, frozen after {late:g} ep"] = (
+        model,
+        DropBack(model.parameters(), lr=args.lr, k=n // 20, freeze_after=int(late * steps_per_epoch)),
+        n // 20,
+    )
+    model = seeded_model(MODEL_ID, args.seed)
+    runs["DropBack k=N/20, w0 decay 0.9/step"] = (
+        model,
+        DropBack(model.parameters(), lr=args.lr, k=n // 20, init_decay=0.9),
+        n // 20,
+    )
+    for name in ("dense SGD, cosine lr", "DropBack k=N/20, cosine lr"):
+        model = seeded_model(MODEL_ID, args.seed)
+        opt = (
+            torch.optim.SGD(model.parameters(), lr=args.lr)
+            if name.startswith("dense")
+            else DropBack(model.parameters(), lr=args.lr, k=n // 20)
+        )
+        runs[name] = (model, opt, None if name.startswith("dense") else n // 20)
+    total_steps = args.epochs * steps_per_epoch
 
     loss_fn = nn.CrossEntropyLoss()
     step_times: dict[str, list[float]] = {name: [] for name in runs}
     gen = torch.Generator().manual_seed(args.seed)
+    done = 0
     for _ in range(args.epochs):
         order = torch.randperm(len(train), generator=gen)
         for start in range(0, len(train), args.batch_size):
             idx = order[start : start + args.batch_size]
             x, y = train.images[idx], train.labels[idx]
+            cosine = args.lr * 0.5 * (1 + math.cos(math.pi * done / total_steps))
+            done += 1
             for name, (model, opt, _) in runs.items():
+                if name.endswith("cosine lr"):
+                    for group in opt.param_groups:
+                        group["lr"] = cosine
                 model.train()
                 t0 = time.perf_counter()
                 opt.zero_grad()
@@ -80,10 +110,13 @@ def main() -> None:
 
     sgd_times = np.array(step_times["dense SGD"])
     rows = []
-    for name, (model, _opt, k) in runs.items():
+    for name, (model, opt, k) in runs.items():
         result = evaluate(model, test)
         times = np.array(step_times[name])
-        frozen_part = name.endswith("ep") and 0 < freeze_steps < len(times)
+        freeze_at = (
+            int(float(name.split("after ")[1].split(" ")[0]) * steps_per_epoch) if "frozen" in name else 0
+        )
+        frozen_part = 0 < freeze_at < len(times)
         row = {
             "run": name,
             "k": k or n,
@@ -93,8 +126,8 @@ def main() -> None:
             "step_ratio": float(np.median(times / sgd_times)),
         }
         if frozen_part:
-            row["step_ratio_before_freeze"] = float(np.median((times / sgd_times)[:freeze_steps]))
-            row["step_ratio_after_freeze"] = float(np.median((times / sgd_times)[freeze_steps:]))
+            row["step_ratio_before_freeze"] = float(np.median((times / sgd_times)[:freeze_at]))
+            row["step_ratio_after_freeze"] = float(np.median((times / sgd_times)[freeze_at:]))
         rows.append(row)
 
     dense_acc = rows[0]["test_accuracy"]
@@ -102,7 +135,7 @@ def main() -> None:
         f"Fashion-MNIST, {MODEL_ID} (N = {n:,}), lr {args.lr}, batch {args.batch_size}, "
         f"{args.epochs} epoch(s), seed {args.seed}, {len(train):,} training examples"
     )
-    print(f"{'run':<38} {'k':>7} {'test acc':>9} {'vs dense':>9} {'step time / SGD':>16}")
+    print(f"{'run':<40} {'k':>7} {'test acc':>9} {'vs dense':>9} {'step time / SGD':>16}")
     for r in rows:
         extra = ""
         if "step_ratio_after_freeze" in r:
@@ -111,7 +144,7 @@ def main() -> None:
                 f"after {r['step_ratio_after_freeze']:.2f})"
             )
         print(
-            f"{r['run']:<38} {r['k']:>7,} {100 * r['test_accuracy']:>8.2f}% "
+            f"{r['run']:<40} {r['k']:>7,} {100 * r['test_accuracy']:>8.2f}% "
             f"{100 * (r['test_accuracy'] - dense_acc):>+8.2f} {r['step_ratio']:>15.2f}x{extra}"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,11 @@ class DropBack(Optimizer):
         lr: learning rate (plain SGD: DropBack's score assumes no momentum).
         k: the global number of tracked weights across all parameters.
         freeze_after: steps after which the tracked set is frozen (None: never).
+        init_decay: the authors' later option: every step w0 is multiplied by
+            this factor (their tuned configs use 0.9), so untracked weights
+            fade toward zero. It gives up the seeded scaffold: the tracked set
+            is then no longer w0(seed) + deltas and cannot be exported to the
+            wire (`tracked()` refuses). None (the paper's rule): w0 stays.
 
     The model must hold its seeded initial weights (or w0 + the deltas given
     to `set_tracked`) when training starts.
@@ -67,6 +72,7 @@ class DropBack(Optimizer):
         lr: float,
         k: int,
         freeze_after: int | None = None,
+        init_decay: float | None = None,
     ) -> None:
         _check_lr(lr)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -83,8 +89,11 @@ class DropBack(Optimizer):
                     raise ConfigError(
                         f"DropBack needs dense float32 CPU parameters, got {p.dtype} on {p.device}"
                     )
+        if init_decay is not None and not 0 < init_decay < 1:
+            raise ConfigError(f"Invalid init_decay: {init_decay!r} (must be None or in (0, 1))")
         self.k = k
         self.freeze_after = freeze_after
+        self.init_decay = init_decay
         self._params: list[Tensor] = [p for g in self.param_groups for p in g["params"]]
         # Parameters by position: the optimizer does not know their names.
         self._layout = Layout.of_shapes((str(i), tuple(p.shape)) for i, p in enumerate(self._params))
@@ -147,6 +156,8 @@ class DropBack(Optimizer):
 
     def tracked(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per parameter (in param-group order): sorted local flat indices and w - w0."""
+        if self.init_decay is not None:
+            raise ConfigError("with init_decay, w0 is no longer the seeded one: no sparse state to export")
         order = np.argsort(self._idx, kind="stable")
         idx = self._idx[order]
         delta = self._w[idx] - self._base[order]
@@ -202,6 +213,12 @@ class DropBack(Optimizer):
             self._frozen_step()
         else:
             self._selection_step()
+        if self.init_decay is not None:
+            # Untracked weights sit at w0 and tracked ones are scored against it: decay both.
+            kept = self._w[self._idx]
+            self._w *= self.init_decay
+            self._w[self._idx] = kept
+            self._base *= self.init_decay
         self._steps += 1
         return loss
 
@@ -295,6 +312,7 @@ class DropBack(Optimizer):
             "steps": self._steps,
             "threshold": self._threshold,
             "frozen": self._frozen,
+            "init_decay": self.init_decay,
         }
         self.state.clear()
         return sd
@@ -318,6 +336,7 @@ class DropBack(Optimizer):
         self.set_tracked(per_param)
         self._steps, self._threshold = extra["steps"], extra["threshold"]
         self._frozen = extra["frozen"]
+        self.init_decay = extra.get("init_decay")
 
 
 def _check_lr(lr: object) -> None:

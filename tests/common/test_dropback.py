@@ -132,6 +132,39 @@ def test_untracked_weights_sit_exactly_at_init_and_count_is_k():
     assert opt.num_tracked == 500 and moved <= 500
 
 
+class DecayingNaiveDropBack(NaiveDropBack):
+    """The authors' later option as written: w0 is multiplied by `decay` after every step."""
+
+    def __init__(self, params, lrs, k, decay):
+        super().__init__(params, lrs, k)
+        self.decay = decay
+
+    @torch.no_grad()
+    def step(self):
+        super().step()
+        score = torch.cat([(p - w0).abs().reshape(-1) for p, w0 in zip(self.params, self.w0, strict=True)])
+        moved = score > 0
+        start = 0
+        for p, w0 in zip(self.params, self.w0, strict=True):
+            m = moved[start : start + p.numel()].view_as(p)
+            w0.mul_(self.decay)
+            p.copy_(torch.where(m, p, w0))  # untracked weights follow the decayed w0
+            start += p.numel()
+
+
+def test_init_decay_fades_w0_like_the_authors_rule_and_refuses_export():
+    model, ref_model = seeded_model("mlp-90k", 1), seeded_model("mlp-90k", 1)
+    opt = DropBack(model.parameters(), lr=0.2, k=500, init_decay=0.9)
+    ref = DecayingNaiveDropBack(ref_model.parameters(), [0.2] * 6, 500, 0.9)
+    _train(model, opt, _batches(8))
+    _train(ref_model, ref, _batches(8))
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert opt.num_tracked == 500
+    with pytest.raises(ConfigError, match="no sparse state to export"):
+        opt.tracked()
+
+
 def test_batch_norm_and_prelu_are_pruned_and_regenerated():
     model = seeded_model("cnn-bn-prelu", 0)
     opt = DropBack(model.parameters(), lr=0.1, k=300)
@@ -252,6 +285,7 @@ def test_set_tracked_trims_to_k_and_resets_the_rest():
         ({"lr": 0.1, "k": 0}, "k: 0"),
         ({"lr": 0.1, "k": 2.5}, "k: 2.5"),
         ({"lr": 0.1, "k": 5, "freeze_after": -3}, "freeze_after: -3"),
+        ({"lr": 0.1, "k": 5, "init_decay": 1.0}, "init_decay: 1.0"),
     ],
 )
 def test_invalid_hyperparameters_name_the_bad_value(kwargs, needle):
