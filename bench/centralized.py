@@ -113,9 +113,7 @@ def main() -> None:
     for name, (model, opt, k) in runs.items():
         result = evaluate(model, test)
         times = np.array(step_times[name])
-        freeze_at = (
-            int(float(name.split("after ")[1].split(" ")[0]) * steps_per_epoch) if "frozen" in name else 0
-        )
+        freeze_at = getattr(opt, "freeze_after", None) or 0
         frozen_part = 0 < freeze_at < len(times)
         row = {
             "run": name,
