@@ -20,10 +20,16 @@ installed, by the compiled kernel.
   need not coincide).
 - time: step time relative to SGD (streaming regenerates every weight twice).
 Ratios are SGD's figure over the mode's figure, measured in this run.
+
+Then the process view: the peak resident memory (getrusage) of a fresh
+process that imports the device code, loads one device's partition, and runs
+one device round with DropBack on a dense model or streaming.
 """
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -176,6 +182,35 @@ def measure(model_id: str, steps: int, data, test) -> list[dict]:
     return rows
 
 
+_DEVICE_ROUND = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from dropfleet.client.local import local_data, train_sparse
+from dropfleet.client.profiles import get_profile
+from dropfleet.common.sparse import SparseModel
+from dropfleet.fleet.config import RunConfig
+stage, model_id = sys.argv[1], sys.argv[2]
+config = RunConfig.from_mapping({"model-id": model_id})
+if stage != "imports":
+    train, _ = local_data(config, 3, 20)
+if stage in ("dense", "streaming"):
+    start = SparseModel.empty(model_id, 0)
+    train_sparse(start, train, get_profile("pi4-4g"), config, 1, streaming=stage == "streaming")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def device_round_rss(model_id: str) -> dict[str, int]:
+    """Peak RSS of a fresh process doing one device round (pi4-4g, 1 of 20 partitions), by stage."""
+    out = {}
+    for stage in ("imports", "data", "dense", "streaming"):
+        done = subprocess.run(
+            [sys.executable, "-c", _DEVICE_ROUND, stage, model_id], capture_output=True, text=True, check=True
+        )
+        out[stage] = int(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -200,8 +235,17 @@ def main() -> None:
             f"{r['peak_bytes']:>10,} {r['peak_ratio']:>5.1f}x "
             f"{100 * r['accuracy']:>6.2f}% {r['time_vs_sgd']:>5.1f}x"
         )
+    rss = {m: device_round_rss(m) for m in ("mlp-90k", "cnn-bn-prelu")}
+    print("Peak RSS of a process doing one device round (pi4-4g, 1 of 20 Dirichlet partitions):")
+    print(f"{'model':<14} {'imports':>9} {'+ data':>9} {'+ DropBack round':>17} {'+ streaming round':>18}")
+    for model_id, r in rss.items():
+        mib = {k: v / 2**20 for k, v in r.items()}
+        print(
+            f"{model_id:<14} {mib['imports']:>6.0f} MiB {mib['data']:>6.0f} MiB "
+            f"{mib['dense']:>13.0f} MiB {mib['streaming']:>14.0f} MiB"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"steps": steps, "rows": rows}, indent=2))
+    args.out.write_text(json.dumps({"steps": steps, "rows": rows, "device_round_rss": rss}, indent=2))
 
 
 if __name__ == "__main__":

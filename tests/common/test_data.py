@@ -1,15 +1,18 @@
 """Fashion-MNIST from Debian's IDX files, and flwr-datasets partitions."""
 
 import gzip
+import tracemalloc
 
 import numpy as np
 import pytest
+import torch
 
 from dropfleet.common.data import (
     load_fashion_mnist,
     load_hf_partition,
     partition_indices,
     read_idx,
+    read_idx_rows,
 )
 from dropfleet.common.errors import ConfigError, DatasetError
 
@@ -73,3 +76,29 @@ def test_hub_dataset_offline_gives_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(DatasetError, match="not available"):
         load_hf_partition("ylecun/mnist", 0, 10)
+
+
+def test_a_partition_is_read_in_chunks_with_a_small_peak(fmnist_test):
+    rows = np.random.default_rng(1).choice(10_000, 300, replace=False)
+    tracemalloc.start()
+    part = load_fashion_mnist("test", indices=rows)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert torch.equal(part.images, fmnist_test.images[torch.from_numpy(rows)])
+    assert torch.equal(part.labels, fmnist_test.labels[torch.from_numpy(rows)])
+    assert peak < 4 * 2**20  # one 1 MiB chunk and 300 images, not the 7.8 MB of all 10k
+
+
+def test_reading_rows_refuses_bad_indices_and_truncated_files(tmp_path):
+    header = bytes([0, 0, 8, 3]) + (5).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
+    (tmp_path / "ok-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(range(20))))
+    got = read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([4, 0, 4]))
+    assert got.tolist() == [[[16, 17], [18, 19]], [[0, 1], [2, 3]], [[16, 17], [18, 19]]]
+    with pytest.raises(DatasetError, match="out of range"):
+        read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([5]))
+    (tmp_path / "short-idx3-ubyte").write_bytes(header + bytes(range(19)))
+    with pytest.raises(DatasetError, match="truncated"):
+        read_idx_rows(tmp_path / "short-idx3-ubyte", np.array([0]))
+    (tmp_path / "long-idx3-ubyte").write_bytes(header + bytes(range(21)))
+    with pytest.raises(DatasetError, match="data after"):
+        read_idx_rows(tmp_path / "long-idx3-ubyte", np.array([0]))
