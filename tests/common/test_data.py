@@ -1,6 +1,9 @@
 """Fashion-MNIST from Debian's IDX files, and flwr-datasets partitions."""
 
 import gzip
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -9,7 +12,6 @@ import torch
 
 from dropfleet.common.data import (
     load_fashion_mnist,
-    load_hf_partition,
     partition_indices,
     read_idx,
     read_idx_rows,
@@ -70,12 +72,17 @@ def test_iid_partitions_and_bad_arguments(fmnist_test):
         partition_indices(labels, 4, 0, "dirichlet", alpha=0.0)
 
 
-def test_hub_dataset_offline_gives_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(DatasetError, match="not available"):
-        load_hf_partition("ylecun/mnist", 0, 10)
+def test_hub_dataset_offline_gives_a_clear_error(tmp_path):
+    # A fresh process: the Hugging Face libraries read their offline switches when imported.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    code = (
+        "from dropfleet.common.data import load_hf_partition\n"
+        "from dropfleet.common.errors import DatasetError\n"
+        "try:\n    load_hf_partition('ylecun/mnist', 0, 10)\n"
+        "except DatasetError as exc:\n    print(exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "Hugging Face data set 'ylecun/mnist' is not available" in done.stdout, done.stderr[-2000:]
 
 
 def test_a_partition_is_read_in_chunks_with_a_small_peak(fmnist_test):
