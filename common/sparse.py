@@ -82,8 +82,8 @@ class SparseModel:
 
     @property
     def layout(self) -> Layout:
-        """The registered model's layout (tensor order, shapes, global offsets, init specs)."""
-        return model_layout(self.model_id)
+        """Where these tensors lie in one flat index space (from their own names and shapes)."""
+        return Layout.of_shapes((t.name, t.shape) for t in self.tensors)
 
     def flat_positions(self) -> np.ndarray:
         """Tracked positions as sorted global flat indices over the whole model."""

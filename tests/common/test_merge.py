@@ -185,3 +185,17 @@ def test_tracked_mean_does_not_shrink_a_weight_one_device_tracks():
     a = client(50, 7)
     lone = merge_sparse([(a, 1.0), (SparseModel.empty("mlp-90k", 3), 3.0)], 50, rule="tracked-mean")
     np.testing.assert_allclose(flat(lone), flat(a), rtol=1e-6)
+
+
+def test_models_outside_the_registry_merge_by_their_own_shapes():
+    """The aggregation benchmark merges synthetic models of up to 10M weights."""
+    from dropfleet.common.sparse import SparseTensor
+
+    def synthetic(indices, values):
+        t = SparseTensor("w", (1_000,), np.array(indices, np.int64), np.array(values, np.float32))
+        return SparseModel(
+            seed=0, model_id="synthetic", tensors=(t, SparseTensor("b", (3,), *[np.zeros(0)] * 2))
+        )
+
+    merged = merge_sparse([(synthetic([1, 5], [1.0, 2.0]), 1.0), (synthetic([5, 999], [4.0, 3.0]), 1.0)], 2)
+    assert merged.tensors[0].indices.tolist() == [5, 999] and merged.tensors[0].values.tolist() == [3.0, 1.5]
