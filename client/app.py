@@ -58,6 +58,12 @@ UPLINK_RESIDUAL = "uplink-residual"
 app = ClientApp(mods=[audit_mod])
 
 
+def _refusal_code(exc: DropfleetError) -> int:
+    if isinstance(exc, BudgetError):
+        return REFUSED_BUDGET
+    return OUT_OF_SYNC if isinstance(exc, OutOfSyncError) else BAD_REQUEST
+
+
 def _residual(record: ArrayRecord | None) -> Residual:
     if record is None:
         return NO_RESIDUAL
@@ -109,14 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         try:
             return _train_topk(msg, context, config, train_data, profile, partition_id, server_round)
         except DropfleetError as exc:
-            code = (
-                REFUSED_BUDGET
-                if isinstance(exc, BudgetError)
-                else OUT_OF_SYNC
-                if isinstance(exc, OutOfSyncError)
-                else BAD_REQUEST
-            )
-            return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
+            return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
         streaming = context.node_config.get("streaming", False)  # a board too small for dense weights
@@ -126,8 +125,7 @@ def train(msg: Message, context: Context) -> Message:
         residual = _residual(context.state.array_records.get(UPLINK_RESIDUAL))
         payload, residual = uplink_payload(update.model, global_model, config, server_round, residual)
     except DropfleetError as exc:
-        code = REFUSED_BUDGET if isinstance(exc, BudgetError) else BAD_REQUEST
-        return _refuse(msg, code, f"{profile.name} node {partition_id}: {exc}")
+        return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
     if config.uplink_coding == "change":  # O(k): the unsent error at this device's tracked positions
         context.state[UPLINK_RESIDUAL] = ArrayRecord(
             {"positions": Array(residual[0]), "values": Array(residual[1])}

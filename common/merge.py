@@ -60,7 +60,7 @@ def next_global(
     """A round's new global tracked set: merge, optional server momentum, then the top `global_k`."""
     merged = combine(updates, rule, trim, clip_norm)
     if server_opt is not None:
-        published = previous.flat_positions(), np.concatenate([t.values for t in previous.tensors])
+        published = previous.flat_positions(), previous.flat_values()
         merged = server_opt.step(published, merged)
     return from_positions(previous, *top_k(*merged, global_k))
 

@@ -89,6 +89,10 @@ class SparseModel:
         """Tracked positions as sorted global flat indices over the whole model."""
         return self.layout.join([t.indices for t in self.tensors])
 
+    def flat_values(self) -> np.ndarray:
+        """The tracked values (float32) in `flat_positions` order."""
+        return np.concatenate([np.asarray(t.values, np.float32) for t in self.tensors])
+
     def tensor(self, name: str) -> SparseTensor:
         for t in self.tensors:
             if t.name == name:

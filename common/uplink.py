@@ -38,11 +38,6 @@ def values_at(positions: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.n
     return out
 
 
-def _flat(model: SparseModel) -> tuple[np.ndarray, np.ndarray]:
-    values = [t.values for t in model.tensors]
-    return model.flat_positions(), np.concatenate(values).astype(np.float32) if values else np.zeros(0)
-
-
 def encode_change(
     update: SparseModel,
     sent: SparseModel,
@@ -53,11 +48,11 @@ def encode_change(
     """The wire bytes of `update` as changes against `sent` (global `version`), and the new residual."""
     if version < 1:
         raise ConfigError(f"global versions start at 1, got {version} (no server round in the message?)")
-    positions, deltas = _flat(update)
-    change = deltas - values_at(*_flat(sent), positions) + values_at(*residual, positions)
+    positions, deltas = update.flat_positions(), update.flat_values()
+    change = deltas - _at(sent, positions) + values_at(*residual, positions)
     model = dataclasses.replace(from_positions(update, positions, change), base_version=version)
     payload = encode(model, precision)
-    _, arrived = _flat(decode(payload))
+    arrived = decode(payload).flat_values()
     return payload, (positions, (change - arrived).astype(np.float32))
 
 
@@ -70,5 +65,9 @@ def resolve(reply: SparseModel, sent: SparseModel, version: int) -> SparseModel:
             f"values are changes against global version {reply.base_version}, "
             f"but this round sent version {version}"
         )
-    positions, change = _flat(reply)
-    return from_positions(reply, positions, change + values_at(*_flat(sent), positions))
+    positions = reply.flat_positions()
+    return from_positions(reply, positions, reply.flat_values() + _at(sent, positions))
+
+
+def _at(model: SparseModel, positions: np.ndarray) -> np.ndarray:
+    return values_at(model.flat_positions(), model.flat_values(), positions)
