@@ -21,7 +21,7 @@ installed, by the compiled kernel.
 - time: step time relative to SGD (streaming regenerates every weight twice).
 Ratios are SGD's figure over the mode's figure, measured in this run.
 
-Then the process view: the peak resident memory (getrusage) of a fresh
+Then the process view: the peak resident memory (VmHWM) of a fresh
 process that imports the device code, loads one device's partition, and runs
 one device round with DropBack on a dense model or streaming.
 """
@@ -183,7 +183,7 @@ def measure(model_id: str, steps: int, data, test) -> list[dict]:
 
 
 _DEVICE_ROUND = """
-import resource, sys, torch
+import sys, torch
 torch.set_num_threads(1)
 from dropfleet.client.local import local_data, train_sparse
 from dropfleet.client.profiles import get_profile
@@ -196,7 +196,9 @@ if stage != "imports":
 if stage in ("dense", "streaming"):
     start = SparseModel.empty(model_id, 0)
     train_sparse(start, train, get_profile("pi4-4g"), config, 1, streaming=stage == "streaming")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+# VmHWM, not getrusage: ru_maxrss carries the forking parent's peak over exec.
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(int(hwm.split()[1]) * 1024)
 """
 
 
