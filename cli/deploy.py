@@ -12,11 +12,12 @@ from dropfleet.common.errors import DropfleetError
 def compose(
     nodes: Annotated[int, typer.Option(help="SuperNodes in the compose fleet")] = 4,
     profiles: Annotated[str, typer.Option(help="device profiles, assigned round robin")] = (
-        "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+        "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
     streaming: Annotated[
-        bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
+        bool,
+        typer.Option(help="devices stream even when their budget holds the dense step"),
     ] = False,
     network: Annotated[
         str, typer.Option(help="bridge: a compose network; host: every service on the host's 127.0.0.1")

@@ -16,12 +16,13 @@ app = typer.Typer(help="The process fleet: the compose topology as local process
 def up(
     nodes: Annotated[int, typer.Option(help="SuperNodes to start")] = 4,
     profiles: Annotated[str, typer.Option(help="device profiles, assigned round robin")] = (
-        "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+        "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
     node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
     streaming: Annotated[
-        bool, typer.Option(help="devices keep only the tracked set (streaming DropBack)")
+        bool,
+        typer.Option(help="devices stream even when their budget holds the dense step"),
     ] = False,
     superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
     api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,

@@ -118,7 +118,7 @@ def train(msg: Message, context: Context) -> Message:
             return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
     try:
         global_model = unpack_sparse(msg.content, config.max_payload_bytes)
-        streaming = context.node_config.get("streaming", False)  # a board too small for dense weights
+        streaming = context.node_config.get("streaming", False)  # stream even when the dense step fits
         if not isinstance(streaming, bool):
             raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
         update = train_sparse(global_model, train_data, profile, config, server_round, streaming)
@@ -137,9 +137,11 @@ def train(msg: Message, context: Context) -> Message:
         array_key=SPARSE_RECORD,
         k=update.k,
         state_bytes=update.state_bytes,
+        peak_bytes=update.peak_bytes,
         budget_bytes=update.budget_bytes,
         profile=profile.name,
         partition_id=partition_id,
+        trainer=update.trainer,
     )
     return Message(reply.to_record(), reply_to=msg)
 

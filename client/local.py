@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.client.profiles import DeviceProfile, budget_to_k
+from dropfleet.client.profiles import DeviceProfile, TrainingPlan, plan_training
 from dropfleet.common.codec import encode
 from dropfleet.common.data import (
     Split,
@@ -20,17 +20,17 @@ from dropfleet.common.data import (
 )
 from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError
+from dropfleet.common.footprint import held_bytes
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import (
     SparseModel,
     initial_at_tracked,
     load_deltas_,
-    num_weights,
     sparse_from_optimizer,
 )
 from dropfleet.common.streaming import StreamingDropBack
 from dropfleet.common.topk import Dense, sparsify_with_feedback
-from dropfleet.common.train import EvalResult, evaluate, recalibrate_batch_norm, train_epochs
+from dropfleet.common.train import EvalResult, PeakProbe, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.common.uplink import Residual, encode_change
 from dropfleet.fleet.config import RunConfig
 
@@ -43,8 +43,10 @@ class LocalUpdate:
     num_examples: int
     train_loss: float
     k: int
-    state_bytes: int
+    state_bytes: int  # kept between steps
     budget_bytes: int
+    trainer: str  # the plan's mode: dense, streaming or streaming-blocks
+    peak_bytes: int | None  # measured in the round's first step (None: the profiler was busy)
 
 
 @cache
@@ -73,9 +75,11 @@ def local_data(
     return own.subset(idx[n_val:]), own.subset(idx[:n_val])
 
 
-def client_k(profile: DeviceProfile, config: RunConfig, num_weights: int) -> int:
-    """k for this device (raises `BudgetError` when the budget is too small)."""
-    return budget_to_k(profile.state_budget_bytes, num_weights, config.min_k)
+def client_plan(profile: DeviceProfile, config: RunConfig, streaming_only: bool = False) -> TrainingPlan:
+    """This device's trainer and k (raises `BudgetError` when the budget holds no training step)."""
+    return plan_training(
+        profile.state_budget_bytes, config.model_id, config.batch_size, config.min_k, streaming_only
+    )
 
 
 def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, partition_id: int) -> bool:
@@ -90,40 +94,55 @@ def train_sparse(
     profile: DeviceProfile,
     config: RunConfig,
     server_round: int,
-    streaming: bool = False,
+    streaming_only: bool = False,
 ) -> LocalUpdate:
     """Start from the published global set (trimmed to this device's k) and run DropBack.
 
-    With `streaming`, the dense weights are never resident: each layer is
-    regenerated from the seed and the tracked set when it runs (the same
-    training; slower; see `StreamingDropBack` on ties).
+    The trainer is the budget's plan (`client_plan`): DropBack on dense weights
+    when its step fits, else streaming, where the dense weights are never
+    resident: each layer (or row block) is regenerated from the seed and the
+    tracked set when it runs (the same training; slower; see
+    `StreamingDropBack` on ties). The first step's peak is measured and must
+    fit the budget.
     """
-    k = client_k(profile, config, num_weights(global_model.model_id))
+    plan = plan_training(
+        profile.state_budget_bytes, global_model.model_id, config.batch_size, config.min_k, streaming_only
+    )
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
     seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
-    if streaming:
-        trainer = StreamingDropBack(global_model.model_id, global_model.seed, k, lr, freeze)
+    if plan.streaming:
+        trainer = StreamingDropBack(
+            global_model.model_id, global_model.seed, plan.k, lr, freeze, block_weights=plan.block_weights
+        )
         trainer.load(global_model)
-        loss = train_epochs(trainer, trainer, data, config.local_epochs, config.batch_size, seed=seed)
+        probe = PeakProbe(lambda: held_bytes(trainer))
+        loss = train_epochs(trainer, trainer, data, config.local_epochs, config.batch_size, seed, probe)
         update, state_bytes = trainer.to_sparse(), trainer.state_bytes()
     else:
         model = seeded_model(global_model.model_id, global_model.seed, global_model.init_scheme)
         load_deltas_(model, global_model)
-        opt = DropBack(model.parameters(), lr=lr, k=k, freeze_after=freeze)
+        opt = DropBack(model.parameters(), lr=lr, k=plan.k, freeze_after=freeze)
         opt.set_tracked(initial_at_tracked(global_model))
-        loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size, seed=seed)
+        probe = PeakProbe(lambda: held_bytes(model, opt))
+        loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size, seed, probe)
         update = sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id)
         state_bytes = opt.state_bytes()
-    if state_bytes > profile.state_budget_bytes:  # guarded by construction; never trust it blindly
-        raise BudgetError(f"state grew to {state_bytes} bytes > budget {profile.state_budget_bytes}")
+    budget = profile.state_budget_bytes
+    if probe.peak_bytes is not None and probe.peak_bytes > budget:  # the plan is a model: hold it to account
+        raise BudgetError(
+            f"measured step peak {probe.peak_bytes} bytes > budget {budget} ({plan.mode} trainer, "
+            f"k={plan.k}, stated {plan.peak_bytes})"
+        )
     return LocalUpdate(
         model=update,
         num_examples=len(data),
         train_loss=loss,
-        k=k,
+        k=plan.k,
         state_bytes=state_bytes,
-        budget_bytes=profile.state_budget_bytes,
+        budget_bytes=budget,
+        trainer=plan.mode,
+        peak_bytes=probe.peak_bytes,
     )
 
 
@@ -156,7 +175,7 @@ def train_topk(
     the update plus residual. Returns (wire bytes, new residual, loss, k)."""
     model = seeded_model(config.model_id, config.seed)
     model.load_state_dict({n: torch.from_numpy(w) for n, w in weights.items()})
-    k = client_k(profile, config, sum(w.size for w in weights.values()))
+    k = client_plan(profile, config).k  # the k DropBack would get on this device: a like-for-like race
     opt = torch.optim.SGD(model.parameters(), lr=config.learning_rate_at(server_round))
     loss = train_epochs(
         model, opt, data, config.local_epochs, config.batch_size, seed=config.training_seed(server_round)

@@ -1,12 +1,20 @@
-"""Device profiles (client/profiles.toml) and how a memory budget decides k."""
+"""Device profiles (client/profiles.toml) and how a memory budget decides the trainer and k."""
 
 import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
-from dropfleet.common.dropback import BYTES_PER_TRACKED, FIXED_STATE_BYTES
+from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError, ConfigError
+from dropfleet.common.footprint import Footprint, activation_bytes
+from dropfleet.common.layout import model_layout
+from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+
+# Fastest first: DropBack on dense weights, then streaming one layer at a time
+# (about 5x an SGD step), then streaming in row blocks (about 20x; bench/memory.py).
+TrainingMode = Literal["dense", "streaming", "streaming-blocks"]
 
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 
@@ -58,16 +66,64 @@ def profile_for_partition(partition_id: int, mix: list[str]) -> DeviceProfile:
     return get_profile(mix[partition_id % len(mix)])
 
 
-def budget_to_k(budget_bytes: int, num_weights: int, min_k: int) -> int:
-    """The largest k whose DropBack state fits the budget (capped at the model size).
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a device trains under its budget: the trainer, its k, and the step peak it states."""
 
-    Raises `BudgetError` when even `min_k` tracked weights do not fit.
+    mode: TrainingMode
+    k: int
+    footprint: Footprint
+    block_weights: int | None = None
+
+    @property
+    def streaming(self) -> bool:
+        return self.mode != "dense"
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.footprint.bytes(self.k)
+
+
+def trainer_footprint(
+    mode: TrainingMode, model_id: str, batch_size: int, block_weights: int | None = None
+) -> Footprint:
+    """The step footprint that `mode`'s trainer states for this model and batch size."""
+    activations = activation_bytes(model_id, batch_size)
+    if mode == "dense":
+        return DropBack.footprint(model_layout(model_id), activations)
+    trainer = StreamingDropBack(model_id, 0, 1, 1.0, block_weights=block_weights)
+    return trainer.footprint(activations)
+
+
+@cache
+def plan_training(
+    budget_bytes: int, model_id: str, batch_size: int, min_k: int, streaming_only: bool = False
+) -> TrainingPlan:
+    """The fastest trainer whose step peak fits `budget_bytes` with at least `min_k` tracked weights.
+
+    k is the largest that fits that trainer (capped at the model size): a budget
+    that cannot hold the dense model's step trains streaming, one layer at a
+    time, or in row blocks when not even a layer fits. `streaming_only` skips
+    the dense trainer (a board that wants its budget spent on k, not speed).
+    Raises `BudgetError` when no trainer fits `min_k`.
     """
-    k = (budget_bytes - FIXED_STATE_BYTES) // BYTES_PER_TRACKED
-    need = FIXED_STATE_BYTES + BYTES_PER_TRACKED * min_k
-    if k < min_k:
-        raise BudgetError(
-            f"state budget of {budget_bytes} bytes cannot hold the minimum model "
-            f"({min_k} tracked weights need {need} bytes)"
-        )
-    return int(min(k, num_weights))
+    n = model_layout(model_id).numel
+    modes: list[tuple[TrainingMode, int | None]] = [("streaming", None)]
+    if not streaming_only:
+        modes.insert(0, ("dense", None))
+    try:
+        StreamingDropBack(model_id, 0, 1, 1.0, block_weights=DEFAULT_BLOCK_WEIGHTS)
+        modes.append(("streaming-blocks", DEFAULT_BLOCK_WEIGHTS))
+    except ConfigError:  # row blocks need a Linear/ReLU model
+        pass
+    smallest = None
+    for mode, block in modes:
+        footprint = trainer_footprint(mode, model_id, batch_size, block)
+        k = min(footprint.max_k(budget_bytes), n)
+        if k >= min_k:
+            return TrainingPlan(mode, k, footprint, block)
+        smallest = footprint.bytes(min_k) if smallest is None else min(smallest, footprint.bytes(min_k))
+    raise BudgetError(
+        f"memory budget of {budget_bytes} bytes cannot hold a training step of {model_id} at batch "
+        f"{batch_size} with the minimum {min_k} tracked weights (the leanest trainer needs {smallest} bytes)"
+    )

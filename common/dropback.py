@@ -37,12 +37,19 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from dropfleet.common.errors import ConfigError
+from dropfleet.common.footprint import Footprint
 from dropfleet.common.layout import Layout
 
-# Bytes kept per tracked weight (int64 index + float32 w0) and fixed overhead
-# (threshold, counters, seed) for memory-budget accounting.
+# Bytes kept per tracked weight between steps (int64 index + float32 w0) and fixed
+# overhead (threshold, counters, seed).
 BYTES_PER_TRACKED = 12
 FIXED_STATE_BYTES = 64
+# A step's peak, per weight of the model: weights, gradient and step/score/mask
+# scratch are held (17 B); the first step of a round scores every weight against
+# a zero bar, so its candidate indices, scores and partition copies add ~20 B.
+STEP_BYTES_PER_WEIGHT = 38
+# Per tracked weight in a step: what is kept plus the selection's pool temporaries.
+STEP_BYTES_PER_TRACKED = 48
 # The entry bar for untracked weights is this fraction of the last k-th score:
 # lower means a slightly larger candidate pool but fewer exactness rescans.
 THRESHOLD_MARGIN = 0.8
@@ -142,6 +149,17 @@ class DropBack(Optimizer):
     def state_bytes(self) -> int:
         """Bytes this optimizer keeps across steps (what a device budget pays for)."""
         return FIXED_STATE_BYTES + BYTES_PER_TRACKED * self.num_tracked
+
+    @staticmethod
+    def footprint(layout: Layout, activation_bytes: int) -> Footprint:
+        """Peak bytes of one step on a model of this layout (measured against real steps in tests).
+
+        Adds one copy of the largest tensor (autograd's gradient before it is
+        accumulated into the flat buffer) and the batch's activations.
+        """
+        largest = max((t.numel for t in layout.tensors), default=0)
+        fixed = FIXED_STATE_BYTES + STEP_BYTES_PER_WEIGHT * layout.numel + 4 * largest + activation_bytes
+        return Footprint(fixed, STEP_BYTES_PER_TRACKED)
 
     def freeze(self) -> None:
         """Freeze the tracked set: from now on only tracked weights change."""

@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
+from dropfleet.common import init_compiled
 from dropfleet.common.errors import ConfigError
+from dropfleet.common.footprint import Footprint
 from dropfleet.common.init_scheme import Backend, initial_values
 from dropfleet.common.layout import TensorSlot, model_layout
 from dropfleet.common.models import build_model
@@ -31,8 +33,19 @@ from dropfleet.common.sparse import SparseModel, SparseTensor
 
 # Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
 BYTES_PER_TRACKED = 8
-# Initial values are generated this many at a time (the generator's temporaries are ~100 B each).
+# Initial values are generated this many at a time (the NumPy generator's temporaries are ~100 B each).
 REGEN_CHUNK = 4096
+NUMPY_REGEN_BYTES_PER_WEIGHT = 112
+# The default block when a device's budget needs blocks (bench/memory.py: 2,048 weights).
+DEFAULT_BLOCK_WEIGHTS = 2048
+# A step's peak (measured against real steps in tests): per weight of the largest piece
+# materialized at once (w0, w, gradient, score, the selection's copies: ~19 B), a
+# constant for the layer's output, bias and interpreter temporaries, and per tracked
+# weight what is kept plus the running top-k's merge copies (a whole layer's first
+# top-k is k entries wide; a block's at most a block).
+STEP_BYTES_PER_LIVE_WEIGHT = 22
+STEP_FIXED_BYTES = 160 * 1024
+STEP_BYTES_PER_TRACKED = {"layers": 80, "blocks": 44}
 
 
 @dataclass
@@ -160,6 +173,22 @@ class StreamingDropBack:
     def state_bytes(self) -> int:
         """Bytes kept across steps: the tracked indices and values, nothing dense."""
         return BYTES_PER_TRACKED * self.num_tracked
+
+    def footprint(self, activation_bytes: int) -> Footprint:
+        """Peak bytes of one step of this trainer (any k), given the batch's activation bytes."""
+        if self._net is not None:  # one module's parameters at a time
+            pieces = [sum(slot.numel for _, slot in own) for _, own in self._modules]
+        else:
+            pieces = [bias.numel for _, bias in self._layers]
+            for weight, _ in self._layers:
+                cols = int(np.prod(weight.shape[1:]))
+                rows = max(r1 - r0 for r0, r1 in self._row_blocks(weight))
+                pieces.append(rows * cols + (0 if self.block_weights else weight.shape[0]))
+        live = max(pieces)
+        compiled = self.backend != "numpy" and init_compiled.kernel() is not None
+        regen = 0 if compiled else NUMPY_REGEN_BYTES_PER_WEIGHT * min(REGEN_CHUNK, live)
+        fixed = STEP_BYTES_PER_LIVE_WEIGHT * live + STEP_FIXED_BYTES + regen + activation_bytes
+        return Footprint(fixed, STEP_BYTES_PER_TRACKED["blocks" if self.block_weights else "layers"])
 
     def freeze(self) -> None:
         """From now on only the tracked weights change and no selection runs."""

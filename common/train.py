@@ -1,5 +1,6 @@
 """Training and evaluation loops shared by the benchmark, the client and the server."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from dropfleet.common.data import Split
+from dropfleet.common.footprint import can_measure, measure_step_peak
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,27 @@ class EvalResult:
     examples: int
 
 
+class PeakProbe:
+    """Measures the peak memory of the first training step: what is held when it starts plus its peak.
+
+    `held` returns the bytes the model and optimizer hold (after zero_grad).
+    `peak_bytes` stays None when the measurement could not run (another
+    profiler active in this process): training goes on unmeasured.
+    """
+
+    def __init__(self, held: Callable[[], int]) -> None:
+        self.held = held
+        self.peak_bytes: int | None = None
+
+    def measure(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if not can_measure():
+            return step()
+        at_start = self.held()
+        out: list[torch.Tensor] = []
+        self.peak_bytes = at_start + measure_step_peak(lambda: out.append(step()))
+        return out[0]
+
+
 def train_epochs(
     model: nn.Module,
     optimizer: Optimizer,
@@ -23,21 +46,31 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     seed: int,
+    probe: PeakProbe | None = None,
 ) -> float:
-    """Run `epochs` shuffled passes; returns the mean training loss of the last one."""
+    """Run `epochs` shuffled passes; returns the mean training loss of the last one.
+
+    With `probe`, the first step's memory peak is measured into it.
+    """
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
     mean_loss = float("nan")
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = torch.randperm(len(data), generator=gen)
         total, batches = 0.0, 0
         for start in range(0, len(data), batch_size):
             idx = order[start : start + batch_size]
+            x, y = data.images[idx], data.labels[idx]
             optimizer.zero_grad()
-            loss = loss_fn(model(data.images[idx]), data.labels[idx])
-            loss.backward()
-            optimizer.step()
+
+            def step(x: torch.Tensor = x, y: torch.Tensor = y) -> torch.Tensor:
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                return loss
+
+            loss = probe.measure(step) if probe is not None and epoch == 0 and batches == 0 else step()
             total += loss.item()
             batches += 1
         mean_loss = total / max(batches, 1)

@@ -27,7 +27,7 @@ SERVER_IMAGE = "dropfleet-server:0.1.0"
 CLIENT_IMAGE = "dropfleet-client:0.1.0"
 NODE_RUNTIME_PORT = 9094  # each SuperNode container has its own loopback
 # A ClientApp process (CPython, torch, Flower, its data partition) peaks at about
-# 630 MiB (measured for mcu-256k and pi-zero-512m); a profile's RAM below this floor
+# 630 MiB (measured for mcu-512k and pi-zero-512m); a profile's RAM below this floor
 # is raised to it (the model-state budget, not the container, is what DropBack obeys).
 MIN_CONTAINER_BYTES = 768 * 1024 * 1024
 STORE_URL = "sqlite:////data/store/dropfleet.db"

@@ -24,10 +24,10 @@ CONNECTION = "fleet"
 @dataclass(frozen=True)
 class FleetSpec:
     nodes: int = 4
-    profiles: tuple[str, ...] = ("mcu-256k", "pi-zero-512m", "pi4-4g", "jetson-8g")
+    profiles: tuple[str, ...] = ("mcu-512k", "pi-zero-512m", "pi4-4g", "jetson-8g")
     tls: bool = True
     node_auth: bool = False  # only registered SuperNodes may connect (needs TLS)
-    streaming: bool = False  # devices keep only the tracked set (node config streaming=true)
+    streaming: bool = False  # devices stream even when the dense step fits (node config streaming=true)
     host: str = "127.0.0.1"
     superlink_port: int = SUPERLINK_PORT
     api_port: int = API_PORT

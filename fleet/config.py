@@ -59,7 +59,7 @@ class RunConfig:
     min_train_nodes: int = 2
     max_short_rounds: int = 3
     round_timeout: float = 600.0
-    fleet_mix: str = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g"
+    fleet_mix: str = "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g"
     max_payload_bytes: int = 16 * 1024 * 1024
     max_examples: int = 100_000
     max_k: int = 0

@@ -23,11 +23,14 @@ NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
 K = "k"
 STATE_BYTES = "state-bytes"
+PEAK_BYTES = "peak-bytes"
 BUDGET_BYTES = "budget-bytes"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 PROFILE = "profile"
 PARTITION_ID = "partition-id"
+TRAINER = "trainer"
+TRAINERS = ("dense", "streaming", "streaming-blocks")
 
 # Error codes of refusal replies (Flower reserves small numbers for its own errors).
 REFUSED_BUDGET = 4001  # the device's budget cannot hold the minimum model
@@ -92,9 +95,11 @@ def _known_keys(record: Mapping[str, object], known: tuple[str, ...], what: str)
 class TrainReply:
     """A training reply: the model's ArrayRecord, training metrics and self-reported device facts.
 
-    `k`, `state_bytes` and `budget_bytes` are what a sparse (DropBack or top-k)
-    device reports; the dense baseline reports none. Device facts are for the
-    fleet view only and never trusted for merging.
+    `k`, `state_bytes` (kept between steps), `peak_bytes` (measured in the
+    round's first step) and `budget_bytes` are what a sparse (DropBack or
+    top-k) device reports, with the `trainer` its budget chose; the dense
+    baseline reports none. Device facts are for the fleet view only and never
+    trusted for merging.
     """
 
     arrays: ArrayRecord
@@ -106,16 +111,28 @@ class TrainReply:
     budget_bytes: int | None = None
     profile: str | None = None
     partition_id: int | None = None
+    peak_bytes: int | None = None
+    trainer: str | None = None
 
     def to_record(self) -> RecordDict:
         metrics: dict[str, int | float] = {NUM_EXAMPLES: self.num_examples, TRAIN_LOSS: self.train_loss}
-        for key, value in ((K, self.k), (STATE_BYTES, self.state_bytes), (BUDGET_BYTES, self.budget_bytes)):
+        optional = (
+            (K, self.k),
+            (STATE_BYTES, self.state_bytes),
+            (PEAK_BYTES, self.peak_bytes),
+            (BUDGET_BYTES, self.budget_bytes),
+        )
+        for key, value in optional:
             if value is not None:
                 metrics[key] = value
         content = RecordDict({self.array_key: self.arrays, METRICS_RECORD: MetricRecord(metrics)})
         device = {
             key: value
-            for key, value in ((PROFILE, self.profile), (PARTITION_ID, self.partition_id))
+            for key, value in (
+                (PROFILE, self.profile),
+                (PARTITION_ID, self.partition_id),
+                (TRAINER, self.trainer),
+            )
             if value is not None
         }
         if device:
@@ -129,13 +146,18 @@ class TrainReply:
         """Check and read an untrusted training reply (`sparse`: k is required)."""
         _records(content, (array_key,), (DEVICE_RECORD,))
         metrics = content.metric_records[METRICS_RECORD]
-        _known_keys(metrics, (NUM_EXAMPLES, TRAIN_LOSS, K, STATE_BYTES, BUDGET_BYTES), "metric")
+        _known_keys(metrics, (NUM_EXAMPLES, TRAIN_LOSS, K, STATE_BYTES, PEAK_BYTES, BUDGET_BYTES), "metric")
         device = content.config_records.get(DEVICE_RECORD, ConfigRecord())
-        _known_keys(device, (PROFILE, PARTITION_ID), "device")
+        _known_keys(device, (PROFILE, PARTITION_ID, TRAINER), "device")
         profile = device.get(PROFILE)
         if profile is not None and not (isinstance(profile, str) and 0 < len(profile) <= MAX_PROFILE_CHARS):
             raise ReplyRejectedError(
                 f"device {PROFILE!r} must be a string of 1 to {MAX_PROFILE_CHARS} characters"
+            )
+        trainer = device.get(TRAINER)
+        if trainer is not None and trainer not in TRAINERS:
+            raise ReplyRejectedError(
+                f"device {TRAINER!r} must be one of {list(TRAINERS)}, got {trainer!r:.40}"
             )
         return cls(
             arrays=content.array_records[array_key],
@@ -147,6 +169,8 @@ class TrainReply:
             budget_bytes=_int(metrics, BUDGET_BYTES, 0, MAX_COUNT, required=False),
             profile=profile,
             partition_id=_int(device, PARTITION_ID, 0, MAX_COUNT, required=False),
+            peak_bytes=_int(metrics, PEAK_BYTES, 0, MAX_COUNT, required=False),
+            trainer=trainer,
         )
 
 

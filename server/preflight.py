@@ -8,8 +8,9 @@ device profile, after every round has failed on that device).
 
 from collections.abc import Mapping
 
-from dropfleet.client.profiles import get_profile
+from dropfleet.client.profiles import get_profile, plan_training
 from dropfleet.common.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
+from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.fleet.config import RunConfig
 
 
@@ -19,15 +20,32 @@ def check_run(
     """Parse and check a run config (overrides of pyproject's defaults) and what it needs.
 
     Raises `ConfigError` (unknown key, wrong type, bad value, unknown model,
-    strategy or device profile; with `fleet_size`, more devices than the
-    partitioner can give data) or `DatasetError` (data set missing; with `data`).
+    strategy or device profile, a fleet none of whose profiles can hold a
+    training step; with `fleet_size`, more devices than the partitioner can
+    give data) or `DatasetError` (data set missing; with `data`).
     """
     config = RunConfig.from_mapping(run_config)
-    for name in config.profiles:
-        get_profile(name)
+    profiles = [get_profile(name) for name in config.profiles]
+    if config.strategy != "fedavg":
+        _check_some_device_can_train(config, [p.state_budget_bytes for p in profiles])
     if data:
         check_fashion_mnist(config.fashion_mnist_dir or None)
         if fleet_size is not None:
             labels = fashion_mnist_labels("train", config.fashion_mnist_dir or None)
             check_partitioning(len(labels), fleet_size, config.partitioner)
     return config
+
+
+def _check_some_device_can_train(config: RunConfig, budgets: list[int]) -> None:
+    """A fleet where every device would refuse every round is a configuration error, not a run."""
+    reasons = []
+    for budget in budgets:
+        try:
+            plan_training(budget, config.model_id, config.batch_size, config.min_k, streaming_only=True)
+            return
+        except BudgetError as exc:
+            reasons.append(str(exc))
+    raise ConfigError(
+        f"no device in fleet-mix can train: {reasons[0] if reasons else 'the mix is empty'}; lower "
+        "batch-size or min-k, or use profiles with a larger state-budget-bytes"
+    )

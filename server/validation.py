@@ -21,11 +21,11 @@ from functools import cache
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from dropfleet.client.profiles import budget_to_k, load_profiles
+from dropfleet.client.profiles import load_profiles, plan_training
 from dropfleet.common.codec import decode
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
 from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.sparse import SparseModel, num_weights
+from dropfleet.common.sparse import SparseModel
 from dropfleet.common.uplink import resolve
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, record_payload
@@ -62,18 +62,20 @@ def allowed_k(config: RunConfig) -> int:
     """
     if config.max_k:
         return config.max_k
-    return _largest_profile_k(config.model_id, config.min_k)
+    return _largest_profile_k(config.model_id, config.batch_size, config.min_k)
 
 
 @cache
-def _largest_profile_k(model_id: str, min_k: int) -> int:
-    n = num_weights(model_id)
+def _largest_profile_k(model_id: str, batch_size: int, min_k: int) -> int:
     ks = []
     for profile in load_profiles().values():
-        try:
-            ks.append(budget_to_k(profile.state_budget_bytes, n, min_k))
-        except BudgetError:
-            continue
+        for streaming_only in (False, True):  # a board may stream by choice, which buys a larger k
+            try:
+                ks.append(
+                    plan_training(profile.state_budget_bytes, model_id, batch_size, min_k, streaming_only).k
+                )
+            except BudgetError:
+                continue
     return max(ks, default=min_k)
 
 

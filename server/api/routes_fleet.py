@@ -39,6 +39,8 @@ def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
         "partition_id": None,
         "budget_bytes": None,
         "state_bytes": None,
+        "peak_bytes": None,
+        "trainer": None,
         "k": None,
         "last_seen": now,
         "rounds_joined": 0,

@@ -78,7 +78,15 @@ class Node(Base):
     partition_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     budget_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     state_bytes: Mapped[int | None] = mapped_column(
-        BigInteger, nullable=True, doc="model-state bytes the device last reported"
+        BigInteger, nullable=True, doc="model-state bytes the device last reported keeping between steps"
+    )
+    peak_bytes: Mapped[int | None] = mapped_column(
+        BigInteger, nullable=True, doc="the peak bytes the device last measured in a training step"
+    )
+    trainer: Mapped[str | None] = mapped_column(
+        String(32),
+        nullable=True,
+        doc="how its budget lets the device train: dense, streaming, streaming-blocks",
     )
     k: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

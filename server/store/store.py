@@ -66,6 +66,8 @@ class NodeEvent:
     partition_id: int | None = None
     budget_bytes: int | None = None
     state_bytes: int | None = None
+    peak_bytes: int | None = None
+    trainer: str | None = None
     k: int | None = None
     error: str | None = None
 
@@ -240,7 +242,15 @@ class Store:
                 node.last_seen = now
                 node.bytes_up += ev.bytes_up
                 node.bytes_down += ev.bytes_down
-                for attr in ("profile", "partition_id", "budget_bytes", "state_bytes", "k"):
+                for attr in (
+                    "profile",
+                    "partition_id",
+                    "budget_bytes",
+                    "state_bytes",
+                    "peak_bytes",
+                    "trainer",
+                    "k",
+                ):
                     if getattr(ev, attr) is not None:
                         setattr(node, attr, getattr(ev, attr))
                 if ev.outcome == "accepted":

@@ -218,6 +218,8 @@ def accepted(stats: RoundStats, msg: Message, reply: TrainReply, bytes_up: int) 
             partition_id=reply.partition_id,
             budget_bytes=reply.budget_bytes,
             state_bytes=reply.state_bytes,
+            peak_bytes=reply.peak_bytes,
+            trainer=reply.trainer,
             k=reply.k,
         )
     )

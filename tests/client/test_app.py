@@ -33,16 +33,24 @@ def run(msg: Message, ctx: Context, identity) -> Message:
     return train(msg, ctx)
 
 
-def test_a_streaming_node_replies_with_the_same_model_and_less_state(task_identity):
+def test_a_node_reports_its_trainer_and_measured_peak_within_its_budget(task_identity):
     start = pack_sparse(random_sparse_model(2000, seed=3), "fp16")
     replies = {
-        mode: run(instruction(SPARSE_RECORD, start, 1, task_identity), context(streaming=mode), task_identity)
-        for mode in (False, True)
+        (profile, mode): run(
+            instruction(SPARSE_RECORD, start, 1, task_identity),
+            context(profile=profile, streaming=mode),
+            task_identity,
+        )
+        for profile, mode in (("pi4-4g", False), ("pi4-4g", True), ("pi-zero-512m", False))
     }
-    assert sparse_payload(replies[True].content) == sparse_payload(replies[False].content)
-    k = replies[True].content.metric_records["metrics"]["k"]
-    assert replies[True].content.metric_records["metrics"]["state-bytes"] == 8 * k
-    assert replies[False].content.metric_records["metrics"]["state-bytes"] == 64 + 12 * k
+    trainers = {key: r.content.config_records["device"]["trainer"] for key, r in replies.items()}
+    assert list(trainers.values()) == ["dense", "streaming", "streaming"]  # pi-zero streams by its budget
+    for reply in replies.values():
+        metrics = reply.content.metric_records["metrics"]
+        assert 0 < metrics["state-bytes"] < metrics["peak-bytes"] <= metrics["budget-bytes"]
+    dense, streamed = (replies["pi4-4g", m].content.metric_records["metrics"] for m in (False, True))
+    assert dense["state-bytes"] == 64 + 12 * dense["k"] and streamed["state-bytes"] == 8 * streamed["k"]
+    assert decode(sparse_payload(replies["pi4-4g", True].content)).num_tracked <= streamed["k"]
 
 
 def test_a_topk_node_keeps_its_model_and_refuses_an_update_it_cannot_apply(task_identity):

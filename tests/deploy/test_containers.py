@@ -81,7 +81,7 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
         generated = subprocess.run(
             [
                 DROPFLEET, "compose", "--network", "host", "--nodes", "2",
-                "--profiles", "mcu-256k,pi-zero-512m",
+                "--profiles", "mcu-512k,pi-zero-512m",
                 "--superlink-port", str(link), "--api-port", str(api_port),
                 "--node-port-base", str(free_range(2)),
             ],

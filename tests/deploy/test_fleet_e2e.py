@@ -106,7 +106,7 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         assert len(nodes) == NODES and all(n["online"] for n in nodes)
         assert json.loads(run("nodes", "--json", "--api", api).stdout)[0]["node_id"] in {
             n["node_id"] for n in nodes
-        } and {n["profile"] for n in nodes} == {"mcu-256k", "pi-zero-512m", "pi4-4g"}
+        } and {n["profile"] for n in nodes} == {"mcu-512k", "pi-zero-512m", "pi4-4g"}
         assert all(n["rounds_joined"] == 2 for n in nodes)
         # A second, long run is stopped over REST through the SuperLink.
         auth = {"Authorization": f"Bearer {token}"}

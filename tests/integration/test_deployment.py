@@ -15,7 +15,7 @@ from tests.integration.procs import (
     wait_healthy,
 )
 
-PROFILES = ["mcu-256k", "pi-zero-512m", "pi4-4g"]
+PROFILES = ["mcu-512k", "pi-zero-512m", "pi4-4g"]
 
 
 @pytest.mark.slow  # the process-fleet tests (tests/deploy) cover the Deployment Engine in `make test`

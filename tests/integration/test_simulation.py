@@ -12,7 +12,7 @@ from dropfleet.server.simulation import run_simulation
 from tests.integration.procs import free_port_pair, processes_mentioning, read_jsonl
 
 DROPFLEET = str(Path(sys.executable).parent / "dropfleet")
-MIX = "mcu-256k,pi-zero-512m,pi4-4g,jetson-8g,dust-1k"
+MIX = "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g,dust-1k"
 
 
 def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
@@ -86,6 +86,8 @@ def test_dense_baseline_is_seen_as_dense(tmp_path):
     [
         (["-c", "fleet-mix=pi4-4gb,jetson-8g"], "unknown device profile 'pi4-4gb'"),
         (["-c", "model-id=resnet-9000"], "'model-id'"),
+        (["-c", "fleet-mix=dust-1k"], "no device in fleet-mix can train"),
+        (["-c", "model-id=cnn-bn-prelu", "-c", "fleet-mix=pi4-4g"], "step of cnn-bn-prelu at batch 32"),
         (["--rounds", "-3"], "'num-server-rounds' has an invalid value: -3"),
         (["--strategy", "fedsgd"], "'strategy'"),
         (["-c", "no-such-key=1"], "unknown run-config key 'no-such-key'"),
@@ -109,13 +111,14 @@ def test_simulate_refuses_bad_input_before_starting_anything(tmp_path, args, nee
 
 
 def test_simulate_exits_non_zero_with_the_reason_when_the_run_fails(tmp_path):
-    """Every device refuses (dust-1k), so the run fails after one short round; flwr run exits 0."""
+    """Every reply is over max-payload-bytes, so the run fails after one short round; flwr run exits 0."""
     results = tmp_path / "{run_id}.jsonl"
     done = subprocess.run(
         [
             DROPFLEET, "simulate", "--nodes", "2", "--rounds", "2", "--results", str(results),
             "--flwr-home", str(tmp_path / "flwr"),
-            "-c", "fleet-mix=dust-1k", "-c", "max-short-rounds=1", "-c", "fraction-evaluate=0.0",
+            "-c", "fleet-mix=pi4-4g", "-c", "max-payload-bytes=1024", "-c", "train-subset=200",
+            "-c", "max-short-rounds=1", "-c", "fraction-evaluate=0.0",
         ],
         capture_output=True, text=True, timeout=420,
     )  # fmt: skip
@@ -123,5 +126,7 @@ def test_simulate_exits_non_zero_with_the_reason_when_the_run_fails(tmp_path):
     assert done.returncode == 1 and "failed: RunFailedError" in last and "acceptable replies" in last, last
     [path] = list(tmp_path.glob("*.jsonl"))  # one file per run, named by its run id
     written = read_results(path)
-    assert path.stem == written["header"]["run_id"] and written["header"]["config"]["fleet-mix"] == "dust-1k"
+    assert (
+        path.stem == written["header"]["run_id"] and written["header"]["config"]["max-payload-bytes"] == 1024
+    )
     assert [r["round"] for r in written["rounds"]] == [0] and written["end"]["status"] == "failed"

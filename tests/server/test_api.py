@@ -76,7 +76,7 @@ def test_fleet_and_profiles(api):
     assert nodes["7"]["bytes_up"] == 18000 and nodes["8"]["failures"] == 2
     assert nodes["8"]["last_error"] == "budget too small"
     names = {p["name"] for p in httpx.get(api.url + "/v1/profiles").json()}
-    assert {"mcu-256k", "jetson-8g"} <= names
+    assert {"mcu-512k", "jetson-8g"} <= names
 
 
 def test_prometheus_metrics(api):

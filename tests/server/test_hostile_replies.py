@@ -80,6 +80,17 @@ def hostile_cases():
                 }
             ),
         ),
+        "unknown trainer": (
+            FP32,
+            RecordDict(
+                {
+                    SPARSE_RECORD: pack_sparse(model(500, 38), "fp32"),
+                    "metrics": MetricRecord({"num-examples": 100, "train-loss": 0.5, "k": 2000}),
+                    "device": ConfigRecord({"trainer": "gpu-cluster"}),
+                }
+            ),
+        ),
+        "negative peak": (FP32, content(model(500, 39), **{"peak-bytes": -1})),
         "unexpected ConfigRecord": (
             FP32,
             RecordDict(
@@ -130,7 +141,7 @@ def good_round(server_round):
 
 
 def test_the_k_a_device_may_send_comes_from_the_profiles_or_max_k():
-    assert 20_000 < allowed_k(FP32) < N_MLP  # jetson-8g: 256 KiB of state at 12 bytes a weight
+    assert 20_000 < allowed_k(FP32) < N_MLP  # jetson-8g's budget spent on k by streaming
     assert allowed_k(RunConfig(max_k=5000)) == 5000
     s = SparseDropBack(
         RunConfig(max_k=2000, global_k=3000, value_precision="fp32"), sparse_strategy().recorder
@@ -217,13 +228,15 @@ _scalars = st.one_of(
     st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
     st.lists(st.floats(allow_nan=True), max_size=3),
 )
-_keys = st.sampled_from(["num-examples", "train-loss", "k", "state-bytes", "budget-bytes", "x", ""])
+_keys = st.sampled_from(
+    ["num-examples", "train-loss", "k", "state-bytes", "peak-bytes", "budget-bytes", "x", ""]
+)
 _metric_records = st.dictionaries(_keys, _scalars, max_size=6).map(MetricRecord)
 _config_values = st.one_of(
     st.integers(-(2**63), 2**63 - 1), st.text(max_size=80), st.binary(max_size=8), st.booleans()
 )
 _config_records = st.dictionaries(
-    st.sampled_from(["profile", "partition-id", "x"]), _config_values, max_size=3
+    st.sampled_from(["profile", "partition-id", "trainer", "x"]), _config_values, max_size=3
 ).map(ConfigRecord)
 _payloads = st.one_of(
     st.binary(max_size=300),

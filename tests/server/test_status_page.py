@@ -52,9 +52,8 @@ def test_status_page_shows_runs_fleet_and_charts(tmp_path):
     assert "RunFailedError: 3 rounds in a row" in dom  # a failed run's reason
     assert re.search(r'class="eta">16 s<', dom)  # running run 103: 8 rounds left at 2 s each
     assert "pi4-4g" in dom and "budget too small" in dom  # the fleet, with each node's last error
-    assert (
-        "131.1 kB / 131.1 kB" in dom and dom.count("</span> unknown</td>") == 2
-    )  # state vs budget; online unknown
+    assert "3.65 MB / 4.32 MB" in dom and "131.1 kB" in dom  # measured step peak vs budget; kept state
+    assert "<td>dense</td>" in dom and dom.count("</span> unknown</td>") == 2  # trainer; online unknown
     race = dom[dom.index('id="race"') : dom.index('id="acc"')]
     assert "log scale" in race and "dense FedAvg run 100" in race and race.count('class="series"') == 2
     assert ">10.0 kB<" in race and ">1.00 MB<" in race  # log-x ticks at powers of ten

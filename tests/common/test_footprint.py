@@ -1,0 +1,144 @@
+"""Each trainer's stated step footprint against the peak measured in real steps on real data."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.profiler import profile
+
+from dropfleet.common import init_compiled
+from dropfleet.common.data import load_fashion_mnist
+from dropfleet.common.dropback import DropBack
+from dropfleet.common.footprint import (
+    Footprint,
+    activation_bytes,
+    can_measure,
+    held_bytes,
+    measure_step_peak,
+)
+from dropfleet.common.layer_init import seeded_model
+from dropfleet.common.layout import model_layout
+from dropfleet.common.sparse import SparseModel, SparseTensor, initial_at_tracked, load_deltas_
+from dropfleet.common.streaming import StreamingDropBack
+
+# A stated footprint may be loose (it must hold for any batch), but not absurdly.
+LOOSENESS = 1.6
+
+
+@pytest.fixture(scope="module")
+def batches():
+    init_compiled.kernel()  # compiling the kernel is a one-time cost of the process, not of a step
+    data = load_fashion_mnist("train", indices=np.arange(256))
+    return data.images, data.labels
+
+
+def _global_set(model_id: str, k: int) -> SparseModel:
+    """A published set of k random positions: the device's first step scores all weights against 0."""
+    rng = np.random.default_rng(k)
+    layout = model_layout(model_id)
+    positions = np.sort(rng.choice(layout.numel, k, replace=False))
+    tensors = tuple(
+        SparseTensor(t.name, t.shape, local, (rng.standard_normal(local.size) * 0.01).astype(np.float32))
+        for t, local in zip(layout.tensors, layout.split(positions), strict=True)
+    )
+    return SparseModel(seed=0, model_id=model_id, tensors=tensors)
+
+
+def _measured_and_stated(model_id, trainer, batch, k, batches, backend="auto"):
+    start = _global_set(model_id, k)
+    act = activation_bytes(model_id, batch)
+    if trainer == "dense":
+        model = seeded_model(model_id, 0)
+        load_deltas_(model, start)
+        opt = DropBack(model.parameters(), lr=0.1, k=k)
+        opt.set_tracked(initial_at_tracked(start))
+        holders = (model, opt)
+        stated = DropBack.footprint(model_layout(model_id), act)
+    else:
+        block = 2048 if trainer == "streaming-blocks" else None
+        model = opt = StreamingDropBack(model_id, 0, k, 0.1, block_weights=block, backend=backend)
+        opt.load(start)
+        holders = (opt,)
+        stated = opt.footprint(act)
+    images, labels = batches
+    peaks = []
+    for s in range(2):  # the round's first step (bar at zero) and a steady one
+        x, y = images[s * batch : (s + 1) * batch], labels[s * batch : (s + 1) * batch]
+        opt.zero_grad()
+        at_start = held_bytes(*holders)
+
+        def step(x=x, y=y):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        peaks.append(at_start + measure_step_peak(step))
+    return max(peaks), stated.bytes(k)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "trainer", "batch", "fraction", "backend"),
+    [
+        ("mlp-90k", "dense", 32, 20, "auto"),
+        ("mlp-90k", "dense", 8, 5, "auto"),
+        ("mlp-90k", "streaming", 32, 20, "auto"),
+        ("mlp-90k", "streaming", 128, 5, "numpy"),
+        ("mlp-90k", "streaming-blocks", 32, 20, "auto"),
+        ("mlp-90k", "streaming-blocks", 8, 100, "numpy"),
+        ("lenet-300-100", "streaming-blocks", 32, 5, "auto"),
+        ("cnn-bn-prelu", "dense", 8, 20, "auto"),
+        ("cnn-bn-prelu", "streaming", 8, 5, "auto"),
+    ],
+)
+def test_the_stated_footprint_covers_the_measured_step_peak(
+    model_id, trainer, batch, fraction, backend, batches
+):
+    k = model_layout(model_id).numel // fraction
+    measured, stated = _measured_and_stated(model_id, trainer, batch, k, batches, backend)
+    assert measured <= stated, f"{trainer} stated {stated} B, measured {measured} B"
+    assert stated <= LOOSENESS * measured, f"{trainer} stated {stated} B for a {measured} B peak"
+
+
+def test_footprint_max_k_is_the_largest_fitting_k():
+    fp = Footprint(fixed_bytes=1000, bytes_per_tracked=7)
+    for budget in (999, 1000, 1006, 1007, 50_000):
+        k = fp.max_k(budget)
+        assert fp.bytes(k) <= budget or k == 0
+        assert fp.bytes(k + 1) > budget
+
+
+def test_streaming_states_less_than_dense_and_blocks_least():
+    act = activation_bytes("mlp-90k", 32)
+    dense = DropBack.footprint(model_layout("mlp-90k"), act)
+    layers = StreamingDropBack("mlp-90k", 0, 1, 0.1).footprint(act)
+    blocks = StreamingDropBack("mlp-90k", 0, 1, 0.1, block_weights=2048).footprint(act)
+    assert blocks.fixed_bytes < layers.fixed_bytes < dense.fixed_bytes
+
+
+def test_activations_grow_with_the_batch_and_the_cnn_dominates():
+    assert activation_bytes("mlp-90k", 64) == 2 * activation_bytes("mlp-90k", 32)
+    assert activation_bytes("cnn-bn-prelu", 32) > 50 * activation_bytes("mlp-90k", 32)
+
+
+def test_measured_peak_sees_torch_and_numpy_allocations():
+    def step():
+        a = torch.ones(250_000)  # 1 MB in torch's allocator
+        b = np.ones(250_000, np.float32)  # 1 MB through numpy (tracemalloc)
+        return float(a.sum()) + float(b.sum())
+
+    assert 2_000_000 <= measure_step_peak(step) < 2_200_000
+    assert measure_step_peak(lambda: None) < 50_000
+
+
+def test_no_measurement_inside_another_profiler():
+    assert can_measure()
+    with profile():
+        assert not can_measure()
+
+
+def test_held_bytes_counts_a_storage_once():
+    t = torch.zeros(1000)
+    view = t[:10]
+    arr = t.numpy()
+    assert held_bytes(t, view, arr, [t], {"x": view}) == 4000
+    model = seeded_model("mlp-90k", 0)
+    assert held_bytes(model) == 4 * model_layout("mlp-90k").numel
