@@ -75,9 +75,9 @@ def held_bytes(*objects: object) -> int:
     """
     found: list[object] = []
     seen_objects: set[int] = set()
-    stack = list(objects)
+    stack = [(v, True) for v in objects]
     while stack:
-        v = stack.pop()
+        v, top = stack.pop()
         if id(v) in seen_objects:
             continue
         seen_objects.add(id(v))
@@ -86,14 +86,14 @@ def held_bytes(*objects: object) -> int:
             if isinstance(v, torch.Tensor) and v.grad is not None:
                 found.append(v.grad)
         elif isinstance(v, nn.Module):
-            stack.extend(v.parameters())
-            stack.extend(v.buffers())
+            stack.extend((t, False) for t in (*v.parameters(), *v.buffers()))
         elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+            stack.extend((x, False) for x in v)
         elif isinstance(v, dict):
-            stack.extend(v.values())
-        elif hasattr(v, "__dict__") and not isinstance(v, type):
-            stack.extend(vars(v).values())
+            stack.extend((x, False) for x in v.values())
+        elif (top or not callable(v)) and isinstance(getattr(v, "__dict__", None), dict):
+            # Plain objects (and the trainers passed in): functions and kernels hold no state.
+            stack.extend((x, False) for x in vars(v).values())
     return _storage_bytes(found)
 
 

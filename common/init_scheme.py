@@ -25,6 +25,7 @@ regenerated alone and equals the same slice of the whole tensor.
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -57,6 +58,7 @@ class InitSpec:
             raise InitSchemeError(f"{self.kind} init needs param >= 0, got {self.param!r}")
 
 
+@cache
 def tensor_id(name: str) -> int:
     """The 64-bit id of a tensor name (step 2 of the scheme)."""
     return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
@@ -177,3 +179,45 @@ def initial_tensor(
     """The whole initial tensor of the given shape (float32, row-major)."""
     n = math.prod(shape)
     return initial_values(seed, name, spec, np.arange(n, dtype=np.uint64), scheme).reshape(shape)
+
+
+# Ranges are generated this many values at a time: the NumPy reference makes ~100 B of
+# temporaries per value, the compiled kernel only the 8-byte index.
+RANGE_CHUNK = {"numpy": 4096, "compiled": 16384}
+
+
+def initial_range(
+    seed: int,
+    name: str,
+    spec: InitSpec,
+    start: int,
+    out: np.ndarray,
+    scheme: int = INIT_SCHEME_VERSION,
+    backend: Backend = "auto",
+) -> None:
+    """Write the initial values of tensor `name` at flat indices [start, start + out.size) into `out`.
+
+    The same bits as `initial_values` over that range, with bounded temporaries
+    (what streaming regenerates a layer or a block of rows with).
+    """
+    if spec.kind == "constant":
+        out.fill(spec.param)
+        return
+    if backend != "numpy" and init_compiled.kernel() is not None:  # checked once, not per chunk
+        if scheme not in SUPPORTED_INIT_SCHEMES:
+            raise InitSchemeError(f"init scheme version {scheme} is not supported")
+        _check_seed(seed)
+        if start < 0:
+            raise InitSchemeError("indices must be non-negative integers")
+        kind = init_compiled.KIND_UNIFORM if spec.kind == "uniform" else init_compiled.KIND_NORMAL
+        t, chunk = tensor_id(name), RANGE_CHUNK["compiled"]
+        for a in range(0, out.size, chunk):
+            b = min(a + chunk, out.size)
+            idx = np.arange(start + a, start + b, dtype=np.uint64)
+            init_compiled.fill(out[a:b], idx, int(seed), t, kind, spec.param)
+        return
+    chunk = RANGE_CHUNK["numpy"]
+    for a in range(0, out.size, chunk):
+        b = min(a + chunk, out.size)
+        idx = np.arange(start + a, start + b, dtype=np.uint64)
+        out[a:b] = initial_values(seed, name, spec, idx, scheme, backend)

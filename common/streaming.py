@@ -6,7 +6,8 @@ each layer's weights are regenerated from the seed plus the tracked values
 just before the layer runs, forward and again in backward, and dropped right
 after. The backward pass scores that layer's weights exactly as `DropBack`
 does (|w - w0| after the SGD step: |lr g| for an untracked weight) and merges
-its best candidates into a running top-k, so the selection streams over layers
+its candidates into a running top-k (`running_topk`: compiled, no per-block
+allocations, where numba is installed), so the selection streams over layers
 and the next tracked set is known when the backward pass ends.
 
 Peak weight memory is then about one layer (its weights, initial values and
@@ -16,80 +17,34 @@ twice per step. Any other sequential model (convolutions, batch norm, PReLU)
 streams one layer at a time, recomputing each layer's forward in backward.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from dropfleet.common import init_compiled
+from dropfleet.common import init_compiled, running_topk
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.footprint import Footprint
-from dropfleet.common.init_scheme import Backend, initial_values
+from dropfleet.common.init_scheme import RANGE_CHUNK, Backend, initial_range, initial_values
 from dropfleet.common.layout import TensorSlot, model_layout
 from dropfleet.common.models import build_model
 from dropfleet.common.sparse import SparseModel, SparseTensor
 
 # Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
 BYTES_PER_TRACKED = 8
-# Initial values are generated this many at a time (the NumPy generator's temporaries are ~100 B each).
-REGEN_CHUNK = 4096
+# Regenerating with the NumPy reference makes ~100 B of temporaries per value (init_scheme.RANGE_CHUNK).
 NUMPY_REGEN_BYTES_PER_WEIGHT = 112
-# The default block when a device's budget needs blocks (bench/memory.py: 2,048 weights).
-DEFAULT_BLOCK_WEIGHTS = 2048
+# The block a device streams in when its budget needs blocks. Per-block Python and torch
+# dispatch is what a block costs (bench/memory.py): 8,192 weights made a mlp-90k step
+# 5.0x SGD's at 0.48x its peak, 2,048 weights 8.4x at 0.40x.
+DEFAULT_BLOCK_WEIGHTS = 8192
 # A step's peak (measured against real steps in tests): per weight of the largest piece
-# materialized at once (w0, w, gradient, score, the selection's copies: ~19 B), a
-# constant for the layer's output, bias and interpreter temporaries, and per tracked
-# weight what is kept plus the running top-k's merge copies (a whole layer's first
-# top-k is k entries wide; a block's at most a block).
-STEP_BYTES_PER_LIVE_WEIGHT = 22
-STEP_FIXED_BYTES = 160 * 1024
-STEP_BYTES_PER_TRACKED = {"layers": 80, "blocks": 44}
-
-
-@dataclass
-class _Candidates:
-    """The running top-k of one step: global flat indices, their new values and scores."""
-
-    index: Tensor
-    value: Tensor
-    score: Tensor
-
-    @classmethod
-    def empty(cls) -> "_Candidates":
-        return cls(torch.zeros(0, dtype=torch.int32), torch.zeros(0), torch.zeros(0))
-
-    def full(self, k: int) -> bool:
-        return self.score.numel() >= k
-
-    def floor(self) -> float:
-        """The score a newcomer must beat to enter a full set: the k-th best so far."""
-        return float(self.score.min())
-
-    def merge(self, index: Tensor, value: Tensor, score: Tensor, k: int) -> None:
-        """Keep the k best of these and the newcomers."""
-        if not self.full(k):
-            self.index = torch.cat([self.index, index.to(torch.int32)])
-            self.value = torch.cat([self.value, value])
-            self.score = torch.cat([self.score, score])
-            if self.score.numel() > k:
-                keep = torch.topk(self.score, k, sorted=False).indices
-                self.index, self.value, self.score = self.index[keep], self.value[keep], self.score[keep]
-            return
-        # Full: the m newcomers can only displace the m weakest; swap in place, O(m) extra memory.
-        m = score.numel()
-        if m == 0:
-            return
-        weakest = torch.topk(self.score, m, largest=False, sorted=False).indices
-        contest = torch.cat([self.score[weakest], score])
-        winners = torch.topk(contest, m, sorted=False).indices
-        from_new = winners >= m
-        free = weakest[torch.isin(torch.arange(m), winners[~from_new], invert=True)]  # holders that lost
-        pick = winners[from_new] - m
-        self.index[free] = index[pick].to(torch.int32)
-        self.value[free] = value[pick]
-        self.score[free] = score[pick]
+# materialized at once (w0, w, gradient, scores), a constant for the layer's output, bias
+# and interpreter temporaries, and per tracked weight what is kept plus the running
+# top-k's candidates (compiled: 1.5k buffers of 16 B; the NumPy reference: merge copies).
+STEP_BYTES_PER_LIVE_WEIGHT = {"compiled": 20, "numpy": 30}
+STEP_FIXED_BYTES = {"compiled": 64 * 1024, "numpy": 96 * 1024}
+STEP_BYTES_PER_TRACKED = {"compiled": 52, "numpy": 104}
 
 
 class StreamingDropBack:
@@ -107,10 +62,16 @@ class StreamingDropBack:
             layer's input gradient block by block, which differs in rounding.
 
     Weights with equal scores at the k-th place (common: constant input
-    pixels give whole rows of equal gradients) may be kept in a different
-    choice than `DropBack` makes (it prefers tracked weights, then position);
-    until the first such tie the two produce the same model bit for bit, and
-    afterwards they drift apart by that choice only.
+    pixels give whole rows of equal gradients) are kept by one defined rule,
+    the weight scored earlier in the step first (`running_topk`), which the
+    compiled and NumPy paths share bit for bit. `DropBack` breaks such ties
+    its own way (tracked weights, then position): until the first tie the two
+    produce the same model bit for bit, afterwards they drift apart by that
+    choice only.
+
+    `backend` ("auto", "numpy", "compiled") picks how w0 is regenerated and
+    the top-k kept: compiled kernels where numba is installed, the NumPy
+    references otherwise or when asked (same bits, slower).
     """
 
     def __init__(
@@ -138,7 +99,7 @@ class StreamingDropBack:
         if block_weights is not None and block_weights < 1:
             raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
         self.block_weights = block_weights
-        self.backend = backend  # of the w0 regeneration: "numpy" forces the reference (benchmarks)
+        self.backend = backend  # "numpy" forces the references (benchmarks, parity tests)
         self._steps = 0
         layout = model_layout(model_id)
         self._tensors = layout.tensors
@@ -157,10 +118,9 @@ class StreamingDropBack:
                 self._modules.append((module, own))
             self._net = net
         # The whole persistent state: sorted global indices (int32) and the weights there.
-        self._index = torch.zeros(0, dtype=torch.int32)
-        self._value = torch.zeros(0)
+        self._set_tracked(torch.zeros(0, dtype=torch.int32), torch.zeros(0))
         self._frozen = False
-        self._pending: _Candidates | None = None
+        self._pending: running_topk.RunningTopK | running_topk.CompiledTopK | None = None
         self._pending_values: Tensor | None = None  # frozen steps: the tracked values being updated
         # The weights are not autograd leaves; this empty leaf makes autograd call our backward.
         self._anchor = torch.zeros(0, requires_grad=True)
@@ -185,10 +145,12 @@ class StreamingDropBack:
                 rows = max(r1 - r0 for r0, r1 in self._row_blocks(weight))
                 pieces.append(rows * cols + (0 if self.block_weights else weight.shape[0]))
         live = max(pieces)
-        compiled = self.backend != "numpy" and init_compiled.kernel() is not None
-        regen = 0 if compiled else NUMPY_REGEN_BYTES_PER_WEIGHT * min(REGEN_CHUNK, live)
-        fixed = STEP_BYTES_PER_LIVE_WEIGHT * live + STEP_FIXED_BYTES + regen + activation_bytes
-        return Footprint(fixed, STEP_BYTES_PER_TRACKED["blocks" if self.block_weights else "layers"])
+        regen = "compiled" if self.backend != "numpy" and init_compiled.kernel() is not None else "numpy"
+        select = "compiled" if self.backend != "numpy" and running_topk.kernel() is not None else "numpy"
+        fixed = STEP_BYTES_PER_LIVE_WEIGHT[select] * live + STEP_FIXED_BYTES[select] + activation_bytes
+        if regen == "numpy":
+            fixed += NUMPY_REGEN_BYTES_PER_WEIGHT * min(RANGE_CHUNK["numpy"], live)
+        return Footprint(fixed, STEP_BYTES_PER_TRACKED[select])
 
     def freeze(self) -> None:
         """From now on only the tracked weights change and no selection runs."""
@@ -213,7 +175,7 @@ class StreamingDropBack:
         if idx.numel() > self.k:  # the same trim as DropBack.set_tracked: stable, farthest first
             keep = torch.from_numpy(np.sort(np.argsort(-sc.numpy(), kind="stable")[: self.k]))
             idx, val = idx[keep], val[keep]
-        self._index, self._value = idx.to(torch.int32), val.clone()
+        self._set_tracked(idx.to(torch.int32), val.clone())
 
     def to_sparse(self) -> SparseModel:
         """The tracked set as a `SparseModel` (deltas w - w0, regenerated for k entries only)."""
@@ -226,26 +188,26 @@ class StreamingDropBack:
             tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
         return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
 
+    def _set_tracked(self, index: Tensor, value: Tensor) -> None:
+        """The persistent state, and NumPy views of it for the per-block work."""
+        self._index, self._value = index, value
+        self._index_np, self._value_np = index.numpy(), value.numpy()
+
     # ----- weights on demand -------------------------------------------------------------
     def _tracked_slice(self, meta: TensorSlot, start: int, stop: int) -> slice:
         """Where flat entries [start, stop) of one tensor lie in the (sorted) tracked index."""
-        bounds = torch.tensor([meta.offset + start, meta.offset + stop], dtype=torch.int32)
-        lo, hi = torch.searchsorted(self._index, bounds).tolist()
-        return slice(lo, hi)
+        lo, hi = np.searchsorted(self._index_np, (meta.offset + start, meta.offset + stop))
+        return slice(int(lo), int(hi))
 
-    def _weights(self, meta: TensorSlot, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller."""
-        w0 = torch.empty(stop - start)
-        for a in range(start, stop, REGEN_CHUNK):  # bounds the generator's temporaries
-            b = min(a + REGEN_CHUNK, stop)
-            idx = np.arange(a, b, dtype=np.uint64)
-            w0[a - start : b - start] = torch.from_numpy(
-                initial_values(self.seed, meta.name, meta.init, idx, backend=self.backend)
-            )
-        w = w0.clone()
+    def _weights(self, meta: TensorSlot, start: int, stop: int) -> tuple[Tensor, Tensor, slice]:
+        """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller,
+        and where those entries lie in the tracked set."""
+        w0 = np.empty(stop - start, np.float32)
+        initial_range(self.seed, meta.name, meta.init, start, w0, backend=self.backend)
+        w = w0.copy()
         where = self._tracked_slice(meta, start, stop)
-        w[self._index[where].to(torch.int64) - (meta.offset + start)] = self._value[where]
-        return w0, w
+        w[self._index_np[where] - (meta.offset + start)] = self._value_np[where]
+        return torch.from_numpy(w0), torch.from_numpy(w), where
 
     def _row_blocks(self, meta: TensorSlot) -> list[tuple[int, int]]:
         """Row ranges of a weight matrix holding at most `block_weights` weights each."""
@@ -283,7 +245,7 @@ class StreamingDropBack:
         """Open a step (the freeze decision is made here: backward must know it)."""
         if not self._frozen and self.freeze_after is not None and self._steps >= self.freeze_after:
             self.freeze()
-        self._pending = _Candidates.empty()
+        self._pending = running_topk.make(self.k, self.backend)
         self._pending_values = self._value.clone() if self._frozen else None
 
     def step(self) -> None:
@@ -291,35 +253,23 @@ class StreamingDropBack:
         if self._pending is None:
             raise ConfigError("step() without zero_grad() and backward() first")
         if self._frozen:
-            self._value = self._pending_values
+            self._set_tracked(self._index, self._pending_values)
         else:
-            order = torch.argsort(self._pending.index)
-            self._index, self._value = self._pending.index[order], self._pending.value[order]
+            index, value = self._pending.result()
+            self._set_tracked(torch.from_numpy(index.astype(np.int32)), torch.from_numpy(value))
         self._pending, self._pending_values = None, None
         self._steps += 1
 
-    def _absorb(self, meta: TensorSlot, start: int, grad: Tensor, w0: Tensor) -> None:
-        """Score weights [start, start + len) of a tensor after the SGD step; fold the best into the top-k."""
-        # In place where possible: a block's temporaries are what peak memory is made of.
-        step = grad.reshape(-1).mul_(-self.lr)
-        where = self._tracked_slice(meta, start, start + step.numel())
-        local = self._index[where].to(torch.int64) - (meta.offset + start)
-        moved = self._value[where] + step[local]
+    def _absorb(self, meta: TensorSlot, start: int, grad: Tensor, w0: Tensor, where: slice) -> None:
+        """Score weights [start, start + len) of a tensor (tracked at `where`) after the SGD step;
+        offer them to the top-k."""
+        step = grad.reshape(-1).mul_(-self.lr).numpy()  # in place: a block's temporaries make the peak
+        local = self._index_np[where].astype(np.int64) - (meta.offset + start)
+        moved = self._value_np[where] + step[local]
         if self._frozen:
-            self._pending_values[where] = moved
+            self._pending_values[where] = torch.from_numpy(moved)
             return
-        score = step.abs()  # |w - w0| of an untracked weight after the step
-        score[local] = (moved - w0[local]).abs()
-        new = w0.add_(step)
-        new[local] = moved
-        del step
-        if self._pending.full(self.k):  # only what beats the k-th best so far can enter
-            best = torch.nonzero(score > self._pending.floor()).view(-1)
-            if best.numel() > self.k:
-                best = best[torch.topk(score[best], self.k, sorted=False).indices]
-        else:
-            best = torch.topk(score, min(self.k, score.numel()), sorted=False).indices
-        self._pending.merge(best + (meta.offset + start), new[best], score[best], self.k)
+        self._pending.offer(meta.offset + start, step, w0.numpy(), local, moved)
 
 
 class _StreamedLinear(torch.autograd.Function):
@@ -335,10 +285,10 @@ class _StreamedLinear(torch.autograd.Function):
         bias: TensorSlot,
     ) -> Tensor:
         cols = x.shape[1]
-        _, b = owner._weights(bias, 0, bias.shape[0])
+        _, b, _ = owner._weights(bias, 0, bias.shape[0])
         y = torch.empty(x.shape[0], weight.shape[0])
         for r0, r1 in owner._row_blocks(weight):
-            _, w = owner._weights(weight, r0 * cols, r1 * cols)
+            _, w, _ = owner._weights(weight, r0 * cols, r1 * cols)
             y[:, r0:r1] = torch.addmm(b[r0:r1], x, w.view(r1 - r0, cols).t())
         ctx.save_for_backward(x)
         ctx.owner, ctx.weight, ctx.bias = owner, weight, bias
@@ -350,14 +300,14 @@ class _StreamedLinear(torch.autograd.Function):
         owner, cols = ctx.owner, x.shape[1]
         grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
         for r0, r1 in owner._row_blocks(ctx.weight):
-            w0, w = owner._weights(ctx.weight, r0 * cols, r1 * cols)
+            w0, w, where = owner._weights(ctx.weight, r0 * cols, r1 * cols)
             g = grad_out[:, r0:r1]
             if grad_x is not None:
                 grad_x += g @ w.view(r1 - r0, cols)
-            owner._absorb(ctx.weight, r0 * cols, g.t() @ x, w0)
+            owner._absorb(ctx.weight, r0 * cols, g.t() @ x, w0, where)
             del w0, w
-        b0, _ = owner._weights(ctx.bias, 0, ctx.bias.shape[0])
-        owner._absorb(ctx.bias, 0, grad_out.sum(0), b0)
+        b0, _, where = owner._weights(ctx.bias, 0, ctx.bias.shape[0])
+        owner._absorb(ctx.bias, 0, grad_out.sum(0), b0, where)
         return grad_x, None, None, None, None
 
 
@@ -391,7 +341,7 @@ class _StreamedModule(torch.autograd.Function):
         regenerated = [owner._weights(slot, 0, slot.numel) for _, slot in own]
         params = {
             name: w.view(slot.shape).requires_grad_()
-            for (name, slot), (_, w) in zip(own, regenerated, strict=True)
+            for (name, slot), (_, w, _) in zip(own, regenerated, strict=True)
         }
         buffers = {name: b.clone() for name, b in module.named_buffers()}
         with torch.enable_grad():
@@ -400,6 +350,6 @@ class _StreamedModule(torch.autograd.Function):
             inputs = [x, *params.values()] if ctx.needs_input_grad[0] else list(params.values())
             grads = torch.autograd.grad(y, inputs, grad_out)
         grad_x = grads[0] if ctx.needs_input_grad[0] else None
-        for (_, slot), (w0, _), grad in zip(own, regenerated, grads[-len(own) :], strict=True):
-            owner._absorb(slot, 0, grad, w0)
+        for (_, slot), (w0, _, where), grad in zip(own, regenerated, grads[-len(own) :], strict=True):
+            owner._absorb(slot, 0, grad, w0, where)
         return grad_x, None, None, None, None

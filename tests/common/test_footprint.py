@@ -19,7 +19,7 @@ from dropfleet.common.footprint import (
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.layout import model_layout
 from dropfleet.common.sparse import SparseModel, SparseTensor, initial_at_tracked, load_deltas_
-from dropfleet.common.streaming import StreamingDropBack
+from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
 
 # A stated footprint may be loose (it must hold for any batch), but not absurdly.
 LOOSENESS = 1.6
@@ -55,7 +55,7 @@ def _measured_and_stated(model_id, trainer, batch, k, batches, backend="auto"):
         holders = (model, opt)
         stated = DropBack.footprint(model_layout(model_id), act)
     else:
-        block = 2048 if trainer == "streaming-blocks" else None
+        block = {"streaming-blocks": DEFAULT_BLOCK_WEIGHTS, "streaming-blocks-2048": 2048}.get(trainer)
         model = opt = StreamingDropBack(model_id, 0, k, 0.1, block_weights=block, backend=backend)
         opt.load(start)
         holders = (opt,)
@@ -83,7 +83,8 @@ def _measured_and_stated(model_id, trainer, batch, k, batches, backend="auto"):
         ("mlp-90k", "streaming", 32, 20, "auto"),
         ("mlp-90k", "streaming", 128, 5, "numpy"),
         ("mlp-90k", "streaming-blocks", 32, 20, "auto"),
-        ("mlp-90k", "streaming-blocks", 8, 100, "numpy"),
+        ("mlp-90k", "streaming-blocks-2048", 8, 100, "numpy"),
+        ("mlp-90k", "streaming-blocks-2048", 32, 20, "auto"),
         ("lenet-300-100", "streaming-blocks", 32, 5, "auto"),
         ("cnn-bn-prelu", "dense", 8, 20, "auto"),
         ("cnn-bn-prelu", "streaming", 8, 5, "auto"),
@@ -110,7 +111,7 @@ def test_streaming_states_less_than_dense_and_blocks_least():
     act = activation_bytes("mlp-90k", 32)
     dense = DropBack.footprint(model_layout("mlp-90k"), act)
     layers = StreamingDropBack("mlp-90k", 0, 1, 0.1).footprint(act)
-    blocks = StreamingDropBack("mlp-90k", 0, 1, 0.1, block_weights=2048).footprint(act)
+    blocks = StreamingDropBack("mlp-90k", 0, 1, 0.1, block_weights=DEFAULT_BLOCK_WEIGHTS).footprint(act)
     assert blocks.fixed_bytes < layers.fixed_bytes < dense.fixed_bytes
 
 
