@@ -33,7 +33,7 @@ TRAINER = "trainer"
 TRAINERS = ("dense", "streaming", "streaming-blocks")
 
 # Error codes of refusal replies (Flower reserves small numbers for its own errors).
-REFUSED_BUDGET = 4001  # the device's budget cannot hold the minimum model
+REFUSED_BUDGET = 4001  # the device's budget cannot hold a training step of the minimum model
 UNAVAILABLE = 4002  # the device sits this round out
 BAD_REQUEST = 4003  # the instruction was unusable (bad global model, data missing)
 OUT_OF_SYNC = 4004  # top-k baseline: the device does not hold the version the update starts from

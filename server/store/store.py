@@ -148,6 +148,8 @@ class Store:
                     if run is None:
                         run = Run(run_id=run_id, resumes=0)
                         s.add(run)
+                    elif run.status == "stopped":  # stopped over REST while its ServerApp was starting
+                        raise ConfigError(f"run {run_id} was stopped before its ServerApp started")
                     run.strategy, run.model_id, run.seed = strategy, model_id, seed
                     run.num_rounds, run.config = num_rounds, config
                     run.status, run.error, run.finished_at = "running", None, None

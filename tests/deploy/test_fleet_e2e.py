@@ -108,6 +108,11 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
             n["node_id"] for n in nodes
         } and {n["profile"] for n in nodes} == {"mcu-512k", "pi-zero-512m", "pi4-4g"}
         assert all(n["rounds_joined"] == 2 for n in nodes)
+        # Each board measured its step peak inside its budget; the mcu's budget only holds row blocks.
+        assert all(0 < n["state_bytes"] < n["peak_bytes"] <= n["budget_bytes"] for n in nodes)
+        trainers = {n["profile"]: n["trainer"] for n in nodes}
+        streamed = {"mcu-512k": "streaming-blocks", "pi-zero-512m": "streaming", "pi4-4g": "streaming"}
+        assert trainers == streamed
         # A second, long run is stopped over REST through the SuperLink.
         auth = {"Authorization": f"Bearer {token}"}
         long_run = httpx.post(

@@ -54,7 +54,7 @@ def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
     for r in rounds[1:]:
         # the two dust-1k nodes (partitions 4 and 9) refuse; the rest may drop out by chance
         assert r["failed"] >= 2 and r["replied"] + r["failed"] == r["sampled"] == 10
-        assert sum("cannot hold the minimum model" in f for f in r["failures"]) == 2
+        assert sum("cannot hold a training step" in f for f in r["failures"]) == 2
         assert r["global_tracked"] == 6000 and r["rejected"] == 0
     # Every array in every message, both directions, is an encoded sparse model.
     arrays = [a for line in audit for a in line["arrays"]]

@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
+from dropfleet.common.errors import ConfigError
 from dropfleet.server.store import Store
 from dropfleet.server.store.schema import Base
 from dropfleet.server.store.store import NodeEvent
@@ -161,3 +162,15 @@ def test_a_registered_run_is_taken_by_its_serverapp_whichever_comes_first(store_
     store.finish_run("2", "finished")
     assert not store.fail_if_unfinished("2", "2", "gone") and store.get_run("2")["status"] == "finished"
     assert store.fail_if_unfinished("1", "1", "gone") and store.get_run("1")["error"] == "gone"
+
+
+def test_a_run_stopped_while_starting_stays_stopped(store_url):
+    """A stop over REST before the ServerApp took the run: the ServerApp must not revive it."""
+    store = Store(store_url)
+    store.migrate()
+    store.register_run("3", "dropback", "mlp-90k", 0, 3, {})
+    store.finish_run("3", "stopped")
+    with pytest.raises(ConfigError, match="stopped before its ServerApp started"):
+        store.start_run("3", "dropback", "mlp-90k", 0, 3, {})
+    store.finish_run("3", "failed", "terminated", attempt="3")  # the ServerApp's own way out
+    assert store.get_run("3")["status"] == "stopped"
