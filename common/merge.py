@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from dropfleet.common.errors import ConfigError, WireFormatError
-from dropfleet.common.server_opt import ServerMomentum
+from dropfleet.common.server_opt import ServerOptimizer
 from dropfleet.common.sparse import SparseModel, SparseTensor
 
 RULES = ("mean", "tracked-mean", "median", "trimmed-mean")
@@ -55,7 +55,7 @@ def next_global(
     rule: str = "mean",
     trim: float = 0.1,
     clip_norm: float | None = None,
-    server_opt: ServerMomentum | None = None,
+    server_opt: ServerOptimizer | None = None,
 ) -> SparseModel:
     """A round's new global tracked set: merge, optional server momentum, then the top `global_k`."""
     merged = combine(updates, rule, trim, clip_norm)

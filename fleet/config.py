@@ -14,6 +14,7 @@ from dropfleet.common.data import PARTITIONERS
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
+from dropfleet.common.server_opt import OPTIMIZERS
 from dropfleet.common.sparse import num_weights
 
 STRATEGIES = ("dropback", "dropback-momentum", "fedavg", "topk-ef")
@@ -69,8 +70,12 @@ class RunConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float = 0.0
+    server_optimizer: str = "momentum"
     server_momentum: float = 0.0
     server_learning_rate: float = 1.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     train_subset: int = 0
     # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
     # do not pass on the environment of whoever started them): "" falls back to the environment.
@@ -95,6 +100,8 @@ class RunConfig:
             values[f.name] = value
         defaults = cls()
         for name, value in PRESETS.get(values.get("strategy", defaults.strategy), {}).items():
+            if name == "server_momentum" and values.get("server_optimizer", "momentum") != "momentum":
+                continue  # the preset's momentum belongs to the momentum optimizer the run replaced
             if values.get(name, getattr(defaults, name)) == getattr(defaults, name):
                 values[name] = value
         config = cls(**values)
@@ -146,8 +153,12 @@ class RunConfig:
             ("aggregation", self.aggregation in RULES),
             ("trim-fraction", 0 <= self.trim_fraction < 0.5),
             ("clip-norm", self.clip_norm >= 0),
+            ("server-optimizer", self.server_optimizer in OPTIMIZERS),
             ("server-momentum", 0 <= self.server_momentum < 1),
             ("server-learning-rate", 0 < self.server_learning_rate < float("inf")),
+            ("server-beta1", 0 <= self.server_beta1 < 1),
+            ("server-beta2", 0 <= self.server_beta2 < 1),
+            ("server-tau", 0 < self.server_tau < float("inf")),
             (
                 "resume-run",
                 self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
@@ -162,6 +173,7 @@ class RunConfig:
             "learning-rate-schedule": LR_SCHEDULES,
             "uplink-coding": UPLINK_CODINGS,
             "uplink-precision": PRECISIONS,
+            "server-optimizer": OPTIMIZERS,
         }
         for key, ok in checks:
             if not ok:
@@ -169,8 +181,11 @@ class RunConfig:
                 known = f"; known: {', '.join(choices[key])}" if key in choices else ""
                 raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}{known}")
         if self.uses_server_optimizer and self.strategy not in SPARSE_DROPBACK:
+            raise ConfigError("run-config 'server-*' keys need strategy 'dropback'")
+        if self.server_optimizer != "momentum" and self.server_momentum:
             raise ConfigError(
-                "run-config 'server-momentum' and 'server-learning-rate' need strategy 'dropback'"
+                f"run-config 'server-momentum' belongs to server-optimizer 'momentum'; "
+                f"{self.server_optimizer!r} keeps its first moment with 'server-beta1'"
             )
         if self.uplink_coding != "delta" and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
@@ -193,7 +208,9 @@ class RunConfig:
 
     @property
     def uses_server_optimizer(self) -> bool:
-        return self.server_momentum != 0 or self.server_learning_rate != 1
+        return (
+            self.server_optimizer != "momentum" or self.server_momentum != 0 or self.server_learning_rate != 1
+        )
 
     def learning_rate_at(self, server_round: int) -> float:
         """The devices' learning rate in a round (1-based): constant, or cosine-decayed over the run

@@ -4,7 +4,9 @@ Each round is published atomically with its global model, so the last
 published round *is* the checkpoint: the seed and init scheme travel inside the
 encoded model, the global tracked set is its indices and values, and the
 strategy's only state (how many rounds in a row left the model unchanged) is
-read back from the round history. Nothing else has to be saved.
+read back from the round history. A server optimizer's dense state
+(momentum, Adam's moments) is published with each round in the same
+transaction, so it resumes exactly where the model does.
 """
 
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ class Checkpoint:
     payload: bytes  # the encoded global model published at that round
     model: SparseModel
     short_rounds: int  # trailing rounds that left the global model unchanged
+    server_state: bytes | None = None  # the server optimizer's state after that round, if it has one
 
 
 def resume(store: Store, config: RunConfig, attempt: str) -> Checkpoint:
@@ -56,4 +59,6 @@ def resume(store: Store, config: RunConfig, attempt: str) -> Checkpoint:
             break
         short += 1
     payload = bytes(published["data"])
-    return Checkpoint(run_id, last, payload, decode(payload, config.max_payload_bytes), short)
+    saved = store.server_state(run_id)
+    state = saved[1] if saved is not None and saved[0] == last else None
+    return Checkpoint(run_id, last, payload, decode(payload, config.max_payload_bytes), short, state)

@@ -120,9 +120,15 @@ class RoundRecorder:
         return self._current
 
     def finish_round(
-        self, server_round: int, accuracy: float, loss: float, model: bytes | None = None
+        self,
+        server_round: int,
+        accuracy: float,
+        loss: float,
+        model: bytes | None = None,
+        server_state: bytes | None = None,
     ) -> RoundStats:
-        """Close the round: report it, and publish it with its global model to the store."""
+        """Close the round: report it, and publish it with its global model (and the strategy's
+        server optimizer state) to the store."""
         stats = self.current(server_round)
         stats.accuracy, stats.loss = accuracy, loss
         stats.seconds = round(time.monotonic() - self._started, 3)
@@ -136,6 +142,7 @@ class RoundRecorder:
                 stats.global_tracked,
                 stats.fleet_events(),
                 attempt=self.attempt,
+                server_state=server_state,
             )
         self._write({"type": "round", "run_id": self.run_id, **stats.report()})
         self._print(stats)

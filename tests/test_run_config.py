@@ -74,6 +74,11 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
         ({"server-momentum": 1.0}, "'server-momentum'"),
         ({"server-learning-rate": 0.0}, "'server-learning-rate'"),
         ({"server-momentum": 0.5, "strategy": "fedavg"}, "need strategy 'dropback'"),
+        ({"server-optimizer": "sgd"}, "'server-optimizer'.*known: momentum, adam, yogi"),
+        ({"server-optimizer": "adam", "server-momentum": 0.5}, "'server-beta1'"),
+        ({"server-optimizer": "adam", "strategy": "fedavg"}, "need strategy 'dropback'"),
+        ({"server-beta1": 1.0}, "'server-beta1'"),
+        ({"server-tau": 0.0}, "'server-tau'"),
     ],
 )
 def test_new_knobs_are_checked(raw, needle):
@@ -97,3 +102,15 @@ def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed()
         0.0,
         "constant",
     )
+
+
+def test_dropback_momentum_with_adam_keeps_the_other_levers():
+    config = RunConfig.from_mapping(
+        {"strategy": "dropback-momentum", "server-optimizer": "adam", "server-learning-rate": 0.1}
+    )
+    assert (config.server_optimizer, config.server_momentum, config.aggregation) == (
+        "adam",
+        0.0,
+        "tracked-mean",
+    )
+    assert config.uses_server_optimizer

@@ -70,6 +70,16 @@ class PublishedModel(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ServerState(Base):
+    """The strategy's server optimizer state after a run's latest round: what a resumed run continues."""
+
+    __tablename__ = "server_state"
+
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id", ondelete="CASCADE"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Node(Base):
     __tablename__ = "nodes"
 

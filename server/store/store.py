@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dropfleet.common.errors import ConfigError, StaleWriterError
-from dropfleet.server.store.schema import Node, PublishedModel, Round, Run
+from dropfleet.server.store.schema import Node, PublishedModel, Round, Run, ServerState
 
 DATABASE_URL_ENV = "DROPFLEET_DATABASE_URL"
 STATE_DIR_ENV = "DROPFLEET_STATE_DIR"
@@ -201,8 +201,9 @@ class Store:
         tracked: int,
         nodes: list[NodeEvent] = (),
         attempt: str | None = None,
+        server_state: bytes | None = None,
     ) -> None:
-        """Round metrics, its global model and node counters, all or nothing.
+        """Round metrics, its global model, the server optimizer's state and node counters, all or nothing.
 
         With `attempt`, only the run's current owner may publish: a ServerApp
         that was replaced by a resumed one gets `StaleWriterError` and writes nothing.
@@ -236,6 +237,8 @@ class Store:
                         checksum=hashlib.sha256(model).hexdigest(),
                     )
                 )
+            if server_state is not None:  # only the latest is kept: a resume continues from the last round
+                s.merge(ServerState(run_id=run_id, round=server_round, data=server_state))
             for ev in nodes:
                 node = s.get(Node, str(ev.node_id)) or Node(
                     node_id=str(ev.node_id), rounds_joined=0, failures=0, rejected=0, bytes_up=0, bytes_down=0
@@ -290,6 +293,12 @@ class Store:
         with self._sessions() as s:
             q = select(Round).where(Round.run_id == run_id, Round.round > after).order_by(Round.round)
             return [_row(r) for r in s.scalars(q)]
+
+    def server_state(self, run_id: str) -> tuple[int, bytes] | None:
+        """The round and bytes of the server optimizer state published last, if any."""
+        with self._sessions() as s:
+            row = s.get(ServerState, run_id)
+            return (row.round, bytes(row.data)) if row else None
 
     def model(self, run_id: str, server_round: int | None = None) -> dict[str, Any] | None:
         """A published model (latest when round is None), with its bytes."""

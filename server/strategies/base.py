@@ -90,6 +90,10 @@ class FleetStrategy(FedAvg):
         """The bytes the store keeps for this round's model (None: nothing to resume from)."""
         return None
 
+    def published_state(self) -> bytes | None:
+        """The server optimizer state the store keeps with the round (None: the strategy has none)."""
+        return None
+
     # ----- the run ------------------------------------------------------------------------
     def run(self, grid: Grid) -> None:
         """Flower's round loop over the rounds left, publishing every round (round 0 too)."""
@@ -112,7 +116,11 @@ class FleetStrategy(FedAvg):
         assert self.evaluation is not None
         result = evaluate(self.model_for_evaluation(arrays), self.evaluation.test)
         self.recorder.finish_round(
-            self.round_offset + flower_round, result.accuracy, result.loss, self.published_payload(arrays)
+            self.round_offset + flower_round,
+            result.accuracy,
+            result.loss,
+            self.published_payload(arrays),
+            self.published_state(),
         )
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 

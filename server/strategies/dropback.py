@@ -8,7 +8,7 @@ from torch import nn
 
 from dropfleet.common.codec import decode
 from dropfleet.common.merge import churn, next_global
-from dropfleet.common.server_opt import ServerMomentum
+from dropfleet.common.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
 from dropfleet.common.sparse import SparseModel, materialize, num_weights
 from dropfleet.common.train import recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
@@ -22,8 +22,9 @@ from dropfleet.server.strategies.sparse_replies import SparseReplies
 class SparseDropBack(SparseReplies):
     """Merges sparse DropBack replies and publishes the global top-K tracked set.
 
-    Between the merge and the top K, optional server momentum
-    (`server-momentum`, `server-learning-rate`; `common/server_opt.py`).
+    Between the merge and the top K, an optional server optimizer
+    (`server-optimizer`: FedAvgM momentum, FedAdam or FedYogi; `common/server_opt.py`),
+    whose state is published with every round and continued by a resumed run.
 
     It holds the published model decoded (`global_model`, values as devices
     see them) and encoded (`payload`), so evaluation and the store take it
@@ -41,18 +42,21 @@ class SparseDropBack(SparseReplies):
             config, recorder, evaluation, checkpoint.round if checkpoint else 0, arrayrecord_key=SPARSE_RECORD
         )
         self.checkpoint = checkpoint
-        self.server_opt = (
-            ServerMomentum(num_weights(config.model_id), config.server_momentum, config.server_learning_rate)
-            if config.uses_server_optimizer
-            else None
-        )
+        self.server_opt = server_optimizer(config) if config.uses_server_optimizer else None
         if checkpoint is not None and self.server_opt is not None:
-            log(WARNING, "Resumed with server momentum: the velocity is not published and restarts at zero")
+            if checkpoint.server_state is not None:
+                self.server_opt.load(checkpoint.server_state)
+                log(INFO, "Resumed the server optimizer's state from round %s", checkpoint.round)
+            else:  # a checkpoint published before its optimizer state was kept
+                log(WARNING, "Round %s has no server optimizer state: it restarts at zero", checkpoint.round)
         if checkpoint is not None:  # the published bytes exactly, not re-encoded
             self.global_model, self.payload = checkpoint.model, checkpoint.payload
             self.short_rounds = checkpoint.short_rounds
         else:
             self._publish_model(SparseModel.empty(config.model_id, config.seed))
+
+    def published_state(self) -> bytes | None:
+        return self.server_opt.state() if self.server_opt is not None else None
 
     def initial_arrays(self) -> ArrayRecord:
         """The first global model: the bare seed, or the checkpoint's bytes exactly as published."""
@@ -104,3 +108,18 @@ class SparseDropBack(SparseReplies):
 
     def published_payload(self, arrays: ArrayRecord) -> bytes:
         return self.payload
+
+
+def server_optimizer(config: RunConfig) -> ServerOptimizer:
+    """The run's server optimizer over the model's N coordinates."""
+    n = num_weights(config.model_id)
+    if config.server_optimizer == "momentum":
+        return ServerMomentum(n, config.server_momentum, config.server_learning_rate)
+    return ServerAdam(
+        n,
+        config.server_learning_rate,
+        config.server_beta1,
+        config.server_beta2,
+        config.server_tau,
+        yogi=config.server_optimizer == "yogi",
+    )

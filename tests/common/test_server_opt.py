@@ -1,11 +1,11 @@
-"""Server momentum on the sparse global delta against a dense FedAvgM reference."""
+"""Server optimizers on the sparse global delta against dense FedAvgM / FedAdam / FedYogi references."""
 
 import numpy as np
 import pytest
 
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import combine, top_k
-from dropfleet.common.server_opt import ServerMomentum
+from dropfleet.common.server_opt import ServerAdam, ServerMomentum
 from tests.factories import random_sparse_model
 
 N = 89_610
@@ -58,11 +58,84 @@ def test_refuses_bad_settings(momentum, lr):
         ServerMomentum(N, momentum, lr)
 
 
-def test_load_refuses_a_wrong_or_non_finite_velocity():
+def _flower_adam_step(state, current, aggregated, server_round, eta, beta1, beta2, tau, yogi):
+    """Flower 1.42's FedAdam / FedYogi aggregate_train on one flat array (flwr/serverapp/strategy)."""
+    delta = aggregated - current
+    state["m"] = beta1 * state["m"] + (1 - beta1) * delta
+    if yogi:
+        state["v"] = state["v"] - (1.0 - beta2) * (delta**2) * np.sign(state["v"] - delta**2)
+        return current + eta * state["m"] / (np.sqrt(state["v"]) + tau)
+    state["v"] = beta2 * state["v"] + (1 - beta2) * (delta**2)
+    eta_norm = (
+        eta * np.sqrt(1 - np.power(beta2, server_round + 1.0)) / (1 - np.power(beta1, server_round + 1.0))
+    )
+    return current + eta_norm * state["m"] / (np.sqrt(state["v"]) + tau)
+
+
+@pytest.mark.parametrize("yogi", [False, True])
+def test_matches_flowers_fedadam_and_fedyogi_over_rounds(yogi):
+    eta, beta1, beta2, tau, big_k = 0.1, 0.9, 0.99, 1e-3, 4000
+    opt = ServerAdam(N, eta, beta1, beta2, tau, yogi=yogi)
+    published = (np.zeros(0, np.int64), np.zeros(0))
+    ref = {"m": np.zeros(N), "v": np.zeros(N)}
+    ref_published = np.zeros(N)
+    for server_round in (1, 2, 3, 4):
+        updates = [(random_sparse_model(2000, 10 * server_round + i, 3, scale=1.0), 1.0) for i in range(3)]
+        merged = combine(updates, rule="tracked-mean")
+        ref_new = _flower_adam_step(
+            ref, ref_published, dense(*merged), server_round, eta, beta1, beta2, tau, yogi
+        )
+        positions, values = top_k(*opt.step(published, merged), big_k)
+        nonzero = np.flatnonzero(ref_new)
+        ref_positions, ref_values = top_k(nonzero, ref_new[nonzero], big_k)
+        assert np.array_equal(positions, ref_positions)
+        np.testing.assert_allclose(values, ref_values, rtol=1e-12)
+        published, ref_published = (positions, values), dense(ref_positions, ref_values)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ServerMomentum(N, 0.7, 1.0), lambda: ServerAdam(N, 0.1, 0.9, 0.99, 1e-3)]
+)
+def test_a_restored_optimizer_continues_exactly(make):
+    """What a resumed run does: state() after round 2, load() into a fresh optimizer, round 3 the same."""
+    rounds = [
+        combine([(random_sparse_model(2000, 7 * r + i, 3, scale=1.0), 1.0) for i in range(2)])
+        for r in range(3)
+    ]
+    straight, published = make(), (np.zeros(0, np.int64), np.zeros(0))
+    history = []
+    for merged in rounds:
+        published = top_k(*straight.step(published, merged), 3000)
+        history.append(published)
+    resumed = make()
+    first = make()
+    p = (np.zeros(0, np.int64), np.zeros(0))
+    for merged in rounds[:2]:
+        p = top_k(*first.step(p, merged), 3000)
+    resumed.load(first.state())
+    positions, values = top_k(*resumed.step(history[1], rounds[2]), 3000)
+    assert np.array_equal(positions, history[2][0]) and np.array_equal(values, history[2][1])
+
+
+def test_load_refuses_state_of_another_shape_kind_or_values():
     opt = ServerMomentum(5, 0.5, 1.0)
+    with pytest.raises(ConfigError, match="unreadable"):
+        opt.load(b"not an npz")
+    with pytest.raises(ConfigError, match="5 finite floats"):
+        opt.load(ServerMomentum(4, 0.5, 1.0).state())
+    with pytest.raises(ConfigError, match="expected"):
+        opt.load(ServerAdam(5, 0.1, 0.9, 0.99, 1e-3).state())  # another optimizer's moments
+    poisoned = ServerMomentum(5, 0.5, 1.0)
+    poisoned.velocity[2] = np.nan
+    with pytest.raises(ConfigError, match="finite"):
+        opt.load(poisoned.state())
+    source = ServerMomentum(5, 0.5, 1.0)
+    source.velocity[:] = np.arange(5.0)
+    opt.load(source.state())
+    assert np.array_equal(opt.velocity, np.arange(5.0))
+
+
+@pytest.mark.parametrize(("beta1", "beta2", "tau"), [(1.0, 0.99, 1e-3), (0.9, -0.1, 1e-3), (0.9, 0.99, 0.0)])
+def test_adam_refuses_bad_settings(beta1, beta2, tau):
     with pytest.raises(ConfigError):
-        opt.load(np.zeros(4))
-    with pytest.raises(ConfigError):
-        opt.load(np.array([0, 0, np.nan, 0, 0]))
-    opt.load(np.arange(5.0))
-    assert np.array_equal(opt.state(), np.arange(5.0))
+        ServerAdam(N, 0.1, beta1, beta2, tau)

@@ -94,3 +94,50 @@ def test_the_strategy_starts_from_the_checkpoint_bytes_and_round(store_url, tmp_
         assert strategy.round_offset == 1 and strategy.global_model == ckpt.model
     finally:
         recorder.close()
+
+
+@pytest.mark.parametrize(
+    "optimizer", [{"server_momentum": 0.7}, {"server_optimizer": "adam", "server_learning_rate": 0.1}]
+)
+def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_identity, optimizer):
+    """Rounds 1-3 straight through, or 1-2 then a restart from the store: round 3 publishes the same bytes."""
+    from tests.server.messages import content, model, reply
+
+    settings = {"global_k": 3000, "value_precision": "fp32", "aggregation": "tracked-mean", **optimizer}
+
+    def replies(r):
+        return [
+            reply(n, content(model(2000, 10 * r + n), examples=100 * n), server_round=r) for n in (11, 12)
+        ]
+
+    def run_rounds(strategy, rounds):
+        out = []
+        for r in rounds:
+            arrays, _ = strategy.aggregate_train(r - strategy.round_offset, replies(r))  # Flower's round
+            strategy.recorder.finish_round(
+                r, 0.5, 1.0, strategy.published_payload(arrays), strategy.published_state()
+            )
+            out.append(record_payload(arrays))
+        return out
+
+    straight = Store(store_url)
+    straight.migrate()
+    straight.start_run("5", "dropback", "mlp-90k", 0, ROUNDS, {}, attempt="5")
+    recorder = RoundRecorder("dropback", ROUNDS, None, store=straight, run_id="5", attempt="5")
+    want = run_rounds(SparseDropBack(RunConfig(num_server_rounds=ROUNDS, **settings), recorder), (1, 2, 3))
+    recorder.close()
+
+    store = Store(store_url)
+    store.start_run("6", "dropback", "mlp-90k", 0, ROUNDS, {}, attempt="6")
+    first = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="6", attempt="6")
+    first.finish_round(0, 0.1, 2.3)  # round 0, as the ServerApp publishes it
+    assert (
+        run_rounds(SparseDropBack(RunConfig(num_server_rounds=ROUNDS, **settings), first), (1, 2)) == want[:2]
+    )
+    first.close()
+    resumed_config = RunConfig(num_server_rounds=ROUNDS, resume_run="6", **settings)
+    ckpt = resume(store, resumed_config, attempt="9")
+    assert ckpt.round == 2 and ckpt.server_state is not None
+    second = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="6", attempt="9", resumed_after=2)
+    assert run_rounds(SparseDropBack(resumed_config, second, checkpoint=ckpt), (3,)) == want[2:]
+    second.close()
