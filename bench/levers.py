@@ -5,7 +5,7 @@
 Flower-free on purpose, so that variants x seeds x participation run in
 parallel (one process per run): the devices run the product's own code
 (`client/local.py`: data partition, budget -> k, DropBack or SGD), the server
-the product's own merge and server momentum (`common/merge.next_global`), and
+the product's own merge and server optimizer (`common/merge.next_global`), and
 bytes are the product's wire format (`common/codec.encode`) at fp16 — what the
 `dropback` strategy meters. `bench/race.py` runs the same comparison on Flower
 itself (fewer variants).
@@ -59,6 +59,17 @@ EXTRA: dict[str, dict[str, object]] = {
         "global-k": 0.2,
     },
     "momentum 0.5 + global-k 0.2": {"aggregation": "tracked-mean", "server-momentum": 0.5, "global-k": 0.2},
+    # FedAdam / FedYogi on the global delta instead of momentum (eta = server-learning-rate).
+    **{
+        f"{opt} eta {eta:g} + cosine lr": {
+            "aggregation": "tracked-mean",
+            "server-optimizer": opt,
+            "server-learning-rate": eta,
+            "learning-rate-schedule": "cosine",
+        }
+        for opt in ("adam", "yogi")
+        for eta in (0.01, 0.003)
+    },
     "momentum 0.5 + cosine lr to 0.05": {
         "aggregation": "tracked-mean",
         "server-momentum": 0.5,
@@ -81,11 +92,11 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     from dropfleet.common.data import load_fashion_mnist
     from dropfleet.common.layer_init import seeded_model
     from dropfleet.common.merge import next_global
-    from dropfleet.common.server_opt import ServerMomentum
     from dropfleet.common.sparse import SparseModel, materialize, num_weights
     from dropfleet.common.train import evaluate
     from dropfleet.common.uplink import NO_RESIDUAL, Residual, resolve
     from dropfleet.fleet.config import RunConfig
+    from dropfleet.server.strategies.dropback import server_optimizer
 
     torch.set_num_threads(1)
     raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **ALL[variant]}
@@ -98,7 +109,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     per_round = max(1, round(nodes * PARTICIPATION[participation]))
     global_sparse = SparseModel.empty(config.model_id, seed)
     state = seeded_model(config.model_id, seed).state_dict()
-    opt = ServerMomentum(n, config.server_momentum, config.server_learning_rate)
+    opt = server_optimizer(config)
     curve, up, down = [], 0, 0
     residuals: dict[int, Residual] = {}  # change-coded uplink: each device's unsent error
     started = time.monotonic()
@@ -238,7 +249,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--nodes", type=int, default=20)
     parser.add_argument("--subset", type=int, default=0, help="cap each device's examples (0: all)")
-    parser.add_argument("--variants", default="", help="comma-separated subset of the variants")
+    parser.add_argument(
+        "--variants", default="", help="';'-separated subset of the variants (their names hold commas)"
+    )
     parser.add_argument("--participation", default="full,half")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("results/bench-levers.json"))
@@ -247,7 +260,7 @@ def main() -> None:
     nodes, rounds, subset = args.nodes, args.rounds, args.subset
     if args.quick:
         seeds, nodes, rounds, subset = [0], 6, 4, 300
-    variants = [v for v in args.variants.split(",") if v] or list(VARIANTS)
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()] or list(VARIANTS)
     if unknown := set(variants) - set(ALL):
         parser.error(f"unknown variants {sorted(unknown)}; known: {list(ALL)}")
     if "dense fedavg" not in variants:

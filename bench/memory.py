@@ -72,7 +72,8 @@ class Mode:
 
     def weights(self) -> int:
         """Weights and the optimizer's weight state (what its `state_bytes` accounts for)."""
-        dense = held_bytes(*self.model.parameters()) if isinstance(self.model, nn.Module) else 0
+        params = [p.detach() for p in self.model.parameters()] if isinstance(self.model, nn.Module) else []
+        dense = held_bytes(*params)  # the weights only: detached, their gradients are not counted here
         return dense + (self.opt.state_bytes() if self.name != "sgd" else 0)
 
     def held(self) -> int:

@@ -110,6 +110,13 @@ def _uniform_pair(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
     return (bits.astype(np.float64) + 0.5) * _TWO_POW_M52
 
 
+def _check_scheme(scheme: int) -> None:
+    if scheme not in SUPPORTED_INIT_SCHEMES:
+        raise InitSchemeError(
+            f"init scheme version {scheme} is not supported (supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
+        )
+
+
 def _check_seed(seed: int) -> None:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise InitSchemeError(f"seed must be an integer, got {type(seed).__name__}")
@@ -130,10 +137,7 @@ def initial_values(
     `backend`: "auto" uses the compiled kernel (`init_compiled`) when numba is
     there and the NumPy reference otherwise; both give the same bits.
     """
-    if scheme not in SUPPORTED_INIT_SCHEMES:
-        raise InitSchemeError(
-            f"init scheme version {scheme} is not supported (supported: {sorted(SUPPORTED_INIT_SCHEMES)})"
-        )
+    _check_scheme(scheme)
     _check_seed(seed)
     idx = np.asarray(indices)
     if idx.size and (idx.dtype.kind not in "iu" or int(idx.min()) < 0):
@@ -204,8 +208,7 @@ def initial_range(
         out.fill(spec.param)
         return
     if backend != "numpy" and init_compiled.kernel() is not None:  # checked once, not per chunk
-        if scheme not in SUPPORTED_INIT_SCHEMES:
-            raise InitSchemeError(f"init scheme version {scheme} is not supported")
+        _check_scheme(scheme)
         _check_seed(seed)
         if start < 0:
             raise InitSchemeError("indices must be non-negative integers")

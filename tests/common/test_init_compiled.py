@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dropfleet.common import init_compiled
-from dropfleet.common.init_scheme import InitSpec, initial_values
+from dropfleet.common.init_scheme import InitSpec, initial_range, initial_values
 from dropfleet.common.layout import model_layout
 from dropfleet.common.models import MODELS
 
@@ -134,3 +134,16 @@ def test_without_a_writable_cache_directory_it_compiles_per_process(tmp_path):
     done = _run(code, env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "no writable cache directory" in done.stderr
+
+
+@pytest.mark.parametrize("backend", ["numpy", "auto"])
+@pytest.mark.parametrize(
+    "spec", [InitSpec("normal", 0.05), InitSpec("uniform", 0.1), InitSpec("constant", 0.25)]
+)
+def test_ranges_written_in_place_are_the_same_bits(backend, spec):
+    """What streaming regenerates a block with: chunk boundaries and offsets past 2**32 included."""
+    for start, n in ((0, 1), (5, 4097), (2**32 - 3, 20_000), (123_456, 16_385)):
+        out = np.full(n, np.nan, np.float32)
+        initial_range(2**64 - 1, "0.weight", spec, start, out, backend=backend)
+        want = initial_values(2**64 - 1, "0.weight", spec, np.arange(start, start + n, dtype=np.uint64))
+        assert same_bits(out, want), (backend, spec, start, n)
