@@ -68,7 +68,7 @@ EXTRA: dict[str, dict[str, object]] = {
             "learning-rate-schedule": "cosine",
         }
         for opt in ("adam", "yogi")
-        for eta in (0.01, 0.003)
+        for eta in (0.1, 0.03, 0.01, 0.003)
     },
     "momentum 0.5 + cosine lr to 0.05": {
         "aggregation": "tracked-mean",
