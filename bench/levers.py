@@ -4,7 +4,7 @@
 
 Flower-free on purpose, so that variants x seeds x participation run in
 parallel (one process per run): the devices run the product's own code
-(`client/local.py`: data partition, budget -> k, DropBack or SGD), the server
+(`client/local.py`: data partition, budget -> trainer and k, DropBack or SGD), the server
 the product's own merge and server optimizer (`common/merge.next_global`), and
 bytes are the product's wire format (`common/codec.encode`) at fp16 — what the
 `dropback` strategy meters. `bench/race.py` runs the same comparison on Flower
