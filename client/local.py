@@ -19,7 +19,7 @@ from dropfleet.common.data import (
     partition_indices,
 )
 from dropfleet.common.dropback import DropBack
-from dropfleet.common.errors import BudgetError
+from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.common.footprint import held_bytes
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import (
@@ -105,9 +105,11 @@ def train_sparse(
     `StreamingDropBack` on ties). The first step's peak is measured and must
     fit the budget.
     """
-    plan = plan_training(
-        profile.state_budget_bytes, global_model.model_id, config.batch_size, config.min_k, streaming_only
-    )
+    if global_model.model_id != config.model_id:
+        raise ConfigError(
+            f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
+        )
+    plan = client_plan(profile, config, streaming_only)
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
     seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)

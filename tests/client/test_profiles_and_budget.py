@@ -111,3 +111,10 @@ def test_a_device_streams_by_choice_within_the_same_budget():
     assert (ordinary.trainer, streamed.trainer) == ("dense", "streaming")
     assert streamed.k > ordinary.k and streamed.peak_bytes <= profile.state_budget_bytes
     assert streamed.state_bytes == 8 * streamed.model.num_tracked
+
+
+def test_a_global_model_of_another_architecture_is_refused():
+    config = RunConfig(train_subset=100, partitioner="iid")
+    train, _ = local_data(config, 0, 10)
+    with pytest.raises(ConfigError, match="the run trains 'mlp-90k'"):
+        train_sparse(SparseModel.empty("lenet-300-100", 0), train, get_profile("pi4-4g"), config, 1)
