@@ -4,17 +4,12 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
 
 from dropfleet.common.dropback import DropBack
 from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.common.footprint import Footprint, activation_bytes
+from dropfleet.common.footprint import Footprint, TrainingMode, activation_bytes
 from dropfleet.common.layout import model_layout
 from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
-
-# Fastest first: DropBack on dense weights, then streaming one layer at a time
-# (about 5x an SGD step), then streaming in row blocks (about 20x; bench/memory.py).
-TrainingMode = Literal["dense", "streaming", "streaming-blocks"]
 
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 

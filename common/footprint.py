@@ -13,6 +13,7 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -20,6 +21,11 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from dropfleet.common.models import build_model
+
+# How a device trains, fastest first: DropBack on dense weights, streaming one layer at
+# a time, streaming in row blocks (client/profiles.plan_training chooses by budget).
+TrainingMode = Literal["dense", "streaming", "streaming-blocks"]
+TRAINERS: tuple[str, ...] = get_args(TrainingMode)
 
 # Activations of one step, per byte of module outputs in a forward pass: saved
 # for backward, their gradients, and pooling indices (measured: 1.25x on the CNN).

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from dropfleet.common.errors import ReplyRejectedError
+from dropfleet.common.footprint import TRAINERS
 
 METRICS_RECORD = "metrics"
 DEVICE_RECORD = "device"
@@ -30,7 +31,6 @@ EVAL_ACCURACY = "eval-accuracy"
 PROFILE = "profile"
 PARTITION_ID = "partition-id"
 TRAINER = "trainer"
-TRAINERS = ("dense", "streaming", "streaming-blocks")
 
 # Error codes of refusal replies (Flower reserves small numbers for its own errors).
 REFUSED_BUDGET = 4001  # the device's budget cannot hold a training step of the minimum model
