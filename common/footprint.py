@@ -131,7 +131,8 @@ def measure_step_peak(step: Callable[[], object]) -> int:
     The torch allocator's peak comes from the profiler's memory events (every
     CPU tensor allocation and free, in time order); NumPy and Python memory
     from tracemalloc. The two peaks are added, an upper bound: they need not
-    coincide. Needs `can_measure()`.
+    coincide, and tracemalloc also counts what other threads of the process
+    allocate meanwhile. Needs `can_measure()`.
     """
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         tracemalloc.start()

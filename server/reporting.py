@@ -109,6 +109,7 @@ class RoundRecorder:
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
+            auto_refresh=False,  # redrawn when a round ends: no refresh thread in the ServerApp
         )
         self._task = self._progress.add_task("rounds", total=num_rounds, completed=resumed_after or 0)
         self._progress.start()
@@ -148,6 +149,7 @@ class RoundRecorder:
         self._print(stats)
         if server_round:
             self._progress.advance(self._task)
+            self._progress.refresh()
         self._current = RoundStats(round=-1, strategy=self.strategy)
         return stats
 
