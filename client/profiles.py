@@ -103,17 +103,17 @@ def plan_training(
     Raises `BudgetError` when no trainer fits `min_k`.
     """
     n = model_layout(model_id).numel
-    modes: list[tuple[TrainingMode, int | None]] = [("streaming", None)]
-    if not streaming_only:
-        modes.insert(0, ("dense", None))
-    try:
-        StreamingDropBack(model_id, 0, 1, 1.0, block_weights=DEFAULT_BLOCK_WEIGHTS)
-        modes.append(("streaming-blocks", DEFAULT_BLOCK_WEIGHTS))
-    except ConfigError:  # row blocks need a Linear/ReLU model
-        pass
+    modes: list[tuple[TrainingMode, int | None]] = [
+        ("dense", None),
+        ("streaming", None),
+        ("streaming-blocks", DEFAULT_BLOCK_WEIGHTS),
+    ]
     smallest = None
-    for mode, block in modes:
-        footprint = trainer_footprint(mode, model_id, batch_size, block)
+    for mode, block in modes[1:] if streaming_only else modes:
+        try:
+            footprint = trainer_footprint(mode, model_id, batch_size, block)
+        except ConfigError:  # row blocks need a Linear/ReLU model
+            continue
         k = min(footprint.max_k(budget_bytes), n)
         if k >= min_k:
             return TrainingPlan(mode, k, footprint, block)
