@@ -212,10 +212,10 @@ def kernel() -> Callable[..., None] | None:
     return namespace["_offer"]
 
 
-def make(k: int, backend: str = "auto", largest_block: int = 0) -> "RunningTopK | CompiledTopK":
+def make(k: int, backend: str = "auto") -> "RunningTopK | CompiledTopK":
     """A running top-k of k entries: compiled where numba is there (unless `backend` is "numpy")."""
     compiled = kernel() if backend != "numpy" else None
-    return CompiledTopK(k, compiled, largest_block) if compiled is not None else RunningTopK(k)
+    return CompiledTopK(k, compiled) if compiled is not None else RunningTopK(k)
 
 
 class CompiledTopK:
@@ -224,7 +224,7 @@ class CompiledTopK:
     16 bytes per candidate (int32 index and sequence number: models below 2**31 weights).
     """
 
-    def __init__(self, k: int, offer: Callable[..., None], scratch: int = 0) -> None:
+    def __init__(self, k: int, offer: Callable[..., None]) -> None:
         self.k = k
         self._offer = offer
         capacity = k + max(1, k // 2)  # room for k // 2 joiners between compactions
@@ -234,7 +234,7 @@ class CompiledTopK:
         self.c_seq = np.empty(capacity, np.int32)
         self.state = np.array([0, k], np.int64)  # entries in use, k
         self.floor = np.full(1, -1.0, np.float32)  # scores are >= 0: everything joins until a compaction
-        self.scratch = np.empty(scratch, np.float32)  # grows to the largest block offered
+        self.scratch = np.empty(0, np.float32)  # grows to the largest block larger than k
         self.seen = 0
 
     def offer(self, base: int, step: Array, w0: Array, local: Array, moved: Array) -> None:
