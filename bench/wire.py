@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dropfleet.common.codec import _encode_positions, encode, position_floor_bits
+from dropfleet.common.codec import encode, encode_positions, position_floor_bits
 from dropfleet.common.sparse import SparseModel, SparseTensor
 
 
@@ -33,7 +33,7 @@ def main() -> None:
         for div in (5, 20, 45, 200):
             k = n // div
             idx = np.sort(rng.choice(n, k, replace=False))
-            _, quot, rem = _encode_positions(idx)
+            _, quot, rem = encode_positions(idx)
             floor = position_floor_bits(n, k) / 8
             pos = len(quot) + len(rem)
             row = {"n": n, "k": k, "floor_bytes": floor, "position_bytes": pos, "ratio": pos / floor}

@@ -7,6 +7,7 @@ is an error reply with a clear reason, which the server logs and counts.
 
 from dataclasses import replace
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
@@ -22,19 +23,22 @@ from dropfleet.client.local import (
 )
 from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.common.data import Split
+from dropfleet.common.downlink import GlobalSet, apply_delta
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.layout import model_layout
-from dropfleet.common.sparse import dense_deltas
+from dropfleet.common.sparse import SparseModel, dense_deltas
 from dropfleet.common.topk import zeros
 from dropfleet.common.train import evaluate
 from dropfleet.common.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     DENSE_RECORD,
+    GLOBAL_DELTA_RECORD,
     SPARSE_RECORD,
     TOPK_MODEL_RECORD,
     TOPK_RECORD,
+    global_delta_payload,
     payload_record,
     unpack_sparse,
     unpack_topk_model,
@@ -54,6 +58,9 @@ TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
 
 # Node state of the change-coded uplink: the quantization error not yet sent.
 UPLINK_RESIDUAL = "uplink-residual"
+
+# Node state of the delta downlink: the last global set this node trained from, O(K).
+GLOBAL_HELD, GLOBAL_HELD_META = "global-held", "global-held-meta"
 
 app = ClientApp(mods=[audit_mod])
 
@@ -81,6 +88,45 @@ def _node(context: Context, config: RunConfig) -> tuple[int, int, DeviceProfile]
     if "state-budget-bytes" in node:  # a real board states its own budget
         profile = replace(profile, state_budget_bytes=int(node["state-budget-bytes"]))
     return partition_id, num_partitions, profile
+
+
+def _held_global(context: Context, config: RunConfig) -> GlobalSet | None:
+    arrays = context.state.array_records.get(GLOBAL_HELD)
+    meta = context.state.config_records.get(GLOBAL_HELD_META)
+    if arrays is None or meta is None:
+        return None
+    return GlobalSet(
+        model_id=config.model_id,
+        seed=config.seed,
+        version=int(meta["version"]),
+        grid_exponent=int(meta["grid-exponent"]),
+        positions=arrays["positions"].numpy(),
+        units=arrays["units"].numpy().astype(np.int64),
+        init_scheme=int(meta["init-scheme"]),
+    )
+
+
+def _keep_global(context: Context, held: GlobalSet) -> None:
+    context.state[GLOBAL_HELD] = ArrayRecord(
+        {"positions": Array(held.positions), "units": Array(held.units.astype(np.int32))}
+    )
+    context.state[GLOBAL_HELD_META] = ConfigRecord(
+        {"version": held.version, "grid-exponent": held.grid_exponent, "init-scheme": held.init_scheme}
+    )
+
+
+def _global_model(
+    msg: Message, context: Context, config: RunConfig, server_round: int
+) -> tuple[SparseModel, GlobalSet | None]:
+    """The global model an instruction carries: whole, or a delta from the set this node holds."""
+    records = msg.content.array_records
+    if GLOBAL_DELTA_RECORD not in records:
+        return unpack_sparse(msg.content, config.max_payload_bytes), None
+    payload = global_delta_payload(records[GLOBAL_DELTA_RECORD])
+    new = apply_delta(_held_global(context, config), payload, config.max_payload_bytes)
+    if server_round and new.version != server_round:
+        raise ConfigError(f"round {server_round} sent global version {new.version}")
+    return new.to_sparse(), new
 
 
 def _data_dir(context: Context) -> str | None:
@@ -117,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
         except DropfleetError as exc:
             return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
     try:
-        global_model = unpack_sparse(msg.content, config.max_payload_bytes)
+        global_model, held = _global_model(msg, context, config, server_round)
         streaming = context.node_config.get("streaming", False)  # stream even when the dense step fits
         if not isinstance(streaming, bool):
             raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
@@ -130,6 +176,8 @@ def train(msg: Message, context: Context) -> Message:
         context.state[UPLINK_RESIDUAL] = ArrayRecord(
             {"positions": Array(residual[0]), "values": Array(residual[1])}
         )
+    if held is not None:  # kept with a reply only: the server counts this node at this version then
+        _keep_global(context, held)
     reply = TrainReply(
         arrays=payload_record(payload),
         num_examples=update.num_examples,
@@ -212,9 +260,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         result = evaluate(model, val_data)
     else:
         try:
-            result = evaluate_sparse(
-                unpack_sparse(msg.content, config.max_payload_bytes), val_data, train_data
-            )
+            global_model, _ = _global_model(msg, context, config, 0)  # evaluated, not kept
+            result = evaluate_sparse(global_model, val_data, train_data)
         except DropfleetError as exc:
             return _refuse(msg, BAD_REQUEST, str(exc))
     reply = EvaluateReply(num_examples=result.examples, eval_loss=result.loss, eval_accuracy=result.accuracy)

@@ -1,9 +1,10 @@
 """Encode and decode `SparseModel` to the proto wire format (proto/sparse_model.proto).
 
 Positions are Golomb-Rice coded gaps (split into a quotient and a remainder
-bit stream so both directions are vectorized); values are fp32, fp16, or int8 or
-int4 with a per-tensor scale. `decode` treats its input as hostile: every failure
-is a `WireFormatError` with a clear message, never a crash or a corrupt model.
+bit stream so both directions are vectorized); values are fp32, fp16, int8 or
+int4 with a per-tensor scale, or STC's ternary (signs at the mean magnitude).
+`decode` treats its input as hostile: every failure is a `WireFormatError`
+with a clear message, never a crash or a corrupt model.
 """
 
 import math
@@ -20,14 +21,15 @@ from dropfleet.proto import sparse_model_pb2 as pb
 FORMAT_VERSION = 1
 CHANGE_FORMAT_VERSION = 2  # values are changes against the global set of `base_version`
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-Precision = Literal["fp32", "fp16", "int8", "int4"]
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4")
+Precision = Literal["fp32", "fp16", "int8", "int4", "ternary"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "int4", "ternary")
 
 _ENCODING = {
     "fp32": pb.VALUE_ENCODING_FP32,
     "fp16": pb.VALUE_ENCODING_FP16,
     "int8": pb.VALUE_ENCODING_INT8,
     "int4": pb.VALUE_ENCODING_INT4,
+    "ternary": pb.VALUE_ENCODING_TERNARY,
 }
 _WIDTH = {pb.VALUE_ENCODING_FP32: 4, pb.VALUE_ENCODING_FP16: 2, pb.VALUE_ENCODING_INT8: 1}
 # Integer encodings: the largest |q|; value = q * scale (per tensor).
@@ -39,6 +41,7 @@ MAX_VALUE = {
     "fp16": _FP16_MAX,
     "int8": float(np.finfo(np.float32).max),
     "int4": float(np.finfo(np.float32).max),
+    "ternary": float(np.finfo(np.float32).max),
 }
 
 
@@ -60,7 +63,7 @@ def _rice_parameter(gaps: np.ndarray) -> int:
     return best
 
 
-def _encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
+def encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
     idx = indices.astype(np.int64)
     gaps = np.diff(idx, prepend=-1) - 1
     b = _rice_parameter(gaps)
@@ -81,7 +84,7 @@ def _encode_positions(indices: np.ndarray) -> tuple[int, bytes, bytes]:
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes) -> np.ndarray:
+def decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, rem: bytes) -> np.ndarray:
     """Rice-coded gaps back to indices; every length is checked before anything is unpacked.
 
     Indices are strictly increasing below `numel`, so the quotients sum to at most
@@ -120,7 +123,7 @@ def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, re
     del unary
     gaps = (np.diff(terminators[:count], prepend=-1) - 1) << b
     if b:
-        gaps |= _read_bits(name, rem, count, b)
+        gaps |= read_bits(name, rem, count, b)
     if int(gaps.max()) >= numel:  # also keeps the cumulative sum far from int64 overflow
         raise WireFormatError(f"{name}: index out of range [0, {numel})")
     indices = np.cumsum(gaps + 1) - 1
@@ -129,7 +132,7 @@ def _decode_positions(name: str, count: int, numel: int, b: int, quot: bytes, re
     return indices
 
 
-def _read_bits(name: str, data: bytes, count: int, b: int) -> np.ndarray:
+def read_bits(name: str, data: bytes, count: int, b: int) -> np.ndarray:
     """`count` big-endian fields of `b` <= 31 bits packed back to back, as int64."""
     starts = np.arange(count, dtype=np.int64) * b
     padded = np.zeros(len(data) + 5, dtype=np.uint8)
@@ -155,6 +158,9 @@ def quantize_values(values: np.ndarray, precision: str) -> tuple[np.ndarray, flo
     if precision in _LEVELS:
         q, scale = _quantize_int(v, _LEVELS[precision])
         return q.astype(np.float32) * scale, float(scale)
+    if precision == "ternary":
+        negative, scale = _quantize_ternary(v)
+        return np.where(negative, -scale, scale).astype(np.float32), float(scale)
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
@@ -162,6 +168,12 @@ def _quantize_int(v: np.ndarray, levels: int) -> tuple[np.ndarray, np.float32]:
     peak = float(np.abs(v).max()) if v.size else 0.0
     scale = np.float32(peak / levels) if peak > 0 else np.float32(1.0)
     return np.clip(np.rint(v / scale), -levels, levels).astype(np.int8), scale
+
+
+def _quantize_ternary(v: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """STC's ternary code of sparse values: each one's sign, at their mean magnitude."""
+    mean = float(np.abs(v).mean(dtype=np.float64)) if v.size else 0.0  # re-encodes to the same scale
+    return v < 0, np.float32(mean) if mean > 0 else np.float32(1.0)
 
 
 def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, float]:
@@ -179,6 +191,9 @@ def _encode_values(values: np.ndarray, precision: str) -> tuple[int, bytes, floa
         nibbles = np.zeros(q.size + q.size % 2, np.uint8)
         nibbles[: q.size] = q.astype(np.uint8) & 0x0F
         return pb.VALUE_ENCODING_INT4, (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes(), float(scale)
+    if precision == "ternary":
+        negative, scale = _quantize_ternary(v)
+        return pb.VALUE_ENCODING_TERNARY, np.packbits(negative).tobytes(), float(scale)
     raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
@@ -186,6 +201,9 @@ def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: flo
     if encoding == pb.VALUE_ENCODING_INT4:
         if len(data) != (count + 1) // 2:
             raise WireFormatError(f"{name}: {len(data)} value bytes for {count} int4 values")
+    elif encoding == pb.VALUE_ENCODING_TERNARY:
+        if len(data) != (count + 7) // 8:
+            raise WireFormatError(f"{name}: {len(data)} value bytes for {count} ternary values")
     elif encoding not in _WIDTH:
         raise WireFormatError(f"{name}: unknown value encoding {encoding}")
     elif len(data) != count * _WIDTH[encoding]:
@@ -201,6 +219,8 @@ def _decode_values(name: str, count: int, encoding: int, data: bytes, scale: flo
             raise WireFormatError(f"{name}: integer value scale must be finite and > 0, got {scale}")
         if encoding == pb.VALUE_ENCODING_INT8:
             q = np.frombuffer(data, dtype=np.int8)
+        elif encoding == pb.VALUE_ENCODING_TERNARY:
+            q = _unpack_signs(name, count, data)
         else:
             q = _unpack_int4(name, count, data)
         values = q.astype(np.float32) * np.float32(scale)
@@ -222,6 +242,13 @@ def _unpack_int4(name: str, count: int, data: bytes) -> np.ndarray:
     return q
 
 
+def _unpack_signs(name: str, count: int, data: bytes) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+    if bits[count:].any():
+        raise WireFormatError(f"{name}: the ternary padding bits must be 0")
+    return 1 - 2 * bits[:count].astype(np.int8)
+
+
 def encode(model: SparseModel, precision: str = "fp32") -> bytes:
     """Serialize a valid sparse model; deterministic bytes for equal input."""
     if precision not in _ENCODING:
@@ -235,7 +262,7 @@ def encode(model: SparseModel, precision: str = "fp32") -> bytes:
         base_version=model.base_version,
     )
     for t in model.tensors:
-        b, quot, rem = _encode_positions(t.indices) if t.count else (0, b"", b"")
+        b, quot, rem = encode_positions(t.indices) if t.count else (0, b"", b"")
         encoding, data, scale = _encode_values(t.values, precision)
         msg.tensors.append(
             pb.SparseTensor(
@@ -297,7 +324,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
             raise WireFormatError(f"{name}: unknown position coding {t.position_coding}")
         # Values first: their length bounds `count` by the payload size before positions unpack.
         values = _decode_values(name, t.count, t.value_encoding, t.values, t.int8_scale)
-        indices = _decode_positions(
+        indices = decode_positions(
             name, t.count, numel, t.rice_parameter, t.rice_quotients, t.rice_remainders
         )
         tensors.append(SparseTensor(name, shape, indices, values))

@@ -11,6 +11,7 @@ from typing import Any
 
 from dropfleet.common.codec import MAX_VALUE, PRECISIONS
 from dropfleet.common.data import PARTITIONERS
+from dropfleet.common.downlink import DELTA_LEVELS, GRID_EXPONENTS
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import RULES
 from dropfleet.common.models import MODELS
@@ -33,6 +34,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 LR_SCHEDULES = ("constant", "cosine")
 UPLINK_CODINGS = ("delta", "change")
+DOWNLINK_CODINGS = ("whole", "delta")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class RunConfig:
     value_precision: str = "fp16"
     uplink_coding: str = "delta"
     uplink_precision: str = ""
+    downlink_coding: str = "whole"
+    downlink_grid_exponent: int = -10
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.5
     min_available_nodes: int = 2
@@ -134,6 +138,8 @@ class RunConfig:
             ("value-precision", self.value_precision in PRECISIONS),
             ("uplink-coding", self.uplink_coding in UPLINK_CODINGS),
             ("uplink-precision", self.uplink_precision in ("", *PRECISIONS)),
+            ("downlink-coding", self.downlink_coding in DOWNLINK_CODINGS),
+            ("downlink-grid-exponent", self.downlink_grid_exponent in GRID_EXPONENTS),
             ("fraction-train", 0 < self.fraction_train <= 1),
             ("fraction-evaluate", 0 <= self.fraction_evaluate <= 1),
             ("min-available-nodes", self.min_available_nodes >= 1),
@@ -173,6 +179,7 @@ class RunConfig:
             "learning-rate-schedule": LR_SCHEDULES,
             "uplink-coding": UPLINK_CODINGS,
             "uplink-precision": PRECISIONS,
+            "downlink-coding": DOWNLINK_CODINGS,
             "server-optimizer": OPTIMIZERS,
         }
         for key, ok in checks:
@@ -189,6 +196,22 @@ class RunConfig:
             )
         if self.uplink_coding != "delta" and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
+        if self.downlink_coding == "delta":
+            if self.strategy not in SPARSE_DROPBACK:
+                raise ConfigError("run-config 'downlink-coding' 'delta' needs strategy 'dropback'")
+            if self.value_precision not in DELTA_LEVELS:
+                raise ConfigError(
+                    f"run-config 'downlink-coding' 'delta' codes each version's change at "
+                    f"{' or '.join(DELTA_LEVELS)} ('value-precision'), not {self.value_precision!r}"
+                )
+        if "ternary" in (self.value_precision, self.uplink_values) and not (
+            self.strategy == "topk-ef"
+            or (self.uplink_coding == "change" and self.value_precision != "ternary")
+        ):
+            raise ConfigError(
+                "ternary values (STC's signs at the mean magnitude) are for strategy 'topk-ef' or a "
+                "DropBack uplink with 'uplink-coding' 'change'; a global tracked set holds whole deltas"
+            )
         if self.resume_run and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"

@@ -17,6 +17,8 @@ from dropfleet.common.sparse import SparseModel
 SPARSE_RECORD = "sparse-model"
 SPARSE_ARRAY = "model"
 SPARSE_STYPE = "dropfleet.v1.SparseModel"
+GLOBAL_DELTA_RECORD = "global-delta"
+GLOBAL_DELTA_STYPE = "dropfleet.v1.GlobalDelta"
 DENSE_RECORD = "arrays"
 TOPK_RECORD = "topk-update"
 TOPK_MODEL_RECORD = "topk-full-model"
@@ -51,6 +53,23 @@ def record_payload(record: ArrayRecord) -> bytes:
         raise WireFormatError(f"expected one Array {SPARSE_ARRAY!r}, got {list(record)}")
     array = record[SPARSE_ARRAY]
     if array.stype != SPARSE_STYPE:
+        raise WireFormatError(f"unexpected serialization type {array.stype!r}")
+    return bytes(array.data)
+
+
+def global_delta_record(data: bytes) -> ArrayRecord:
+    """An ArrayRecord carrying an encoded `GlobalDelta` (common/downlink.py), unchanged."""
+    return ArrayRecord(
+        {SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=GLOBAL_DELTA_STYPE, data=data)}
+    )
+
+
+def global_delta_payload(record: ArrayRecord) -> bytes:
+    """The encoded `GlobalDelta` bytes in an ArrayRecord made by `global_delta_record`."""
+    if list(record) != [SPARSE_ARRAY]:
+        raise WireFormatError(f"expected one Array {SPARSE_ARRAY!r}, got {list(record)}")
+    array = record[SPARSE_ARRAY]
+    if array.stype != GLOBAL_DELTA_STYPE:
         raise WireFormatError(f"unexpected serialization type {array.stype!r}")
     return bytes(array.data)
 

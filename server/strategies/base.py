@@ -139,11 +139,21 @@ class FleetStrategy(FedAvg):
         """Per-node instructions where a node needs other content than the rest (default: none)."""
         return messages
 
+    @staticmethod
+    def instruction(template: Message, key: str, record: ArrayRecord) -> Message:
+        """`template`'s instruction to the same node, carrying `record` under `key` instead of the model."""
+        content = RecordDict({key: record, "config": template.content.config_records["config"]})
+        return Message(
+            content=content,
+            dst_node_id=template.metadata.dst_node_id,
+            message_type=template.metadata.message_type,
+        )
+
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.round_offset
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        messages = self.tailor(list(super().configure_evaluate(server_round, arrays, config, grid)))
         _meter_down(self.recorder.current(server_round), messages)
         return _tagged(messages, server_round)
 

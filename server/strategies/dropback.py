@@ -7,12 +7,21 @@ from flwr.common.logger import log
 from torch import nn
 
 from dropfleet.common.codec import decode
+from dropfleet.common.downlink import DownlinkPublisher, GlobalSet
 from dropfleet.common.merge import churn, next_global
 from dropfleet.common.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
 from dropfleet.common.sparse import SparseModel, materialize, num_weights
 from dropfleet.common.train import recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, payload_record, record_payload
+from dropfleet.fleet.records import (
+    GLOBAL_DELTA_RECORD,
+    SPARSE_RECORD,
+    global_delta_record,
+    pack_sparse,
+    payload_record,
+    record_payload,
+)
+from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies.base import Evaluation, train_metrics
@@ -29,6 +38,12 @@ class SparseDropBack(SparseReplies):
     It holds the published model decoded (`global_model`, values as devices
     see them) and encoded (`payload`), so evaluation and the store take it
     from here, never decoding the message again.
+
+    With `downlink-coding = "delta"` each version is made by a
+    `DownlinkPublisher` (common/downlink.py) and every device is sent the
+    change since the version it holds: the version of its last accepted reply
+    (a rejected reply, or a device reporting itself out of sync, gets the
+    whole set next time). The global sent in round r is version r.
     """
 
     def __init__(
@@ -49,11 +64,21 @@ class SparseDropBack(SparseReplies):
                 log(INFO, "Resumed the server optimizer's state from round %s", checkpoint.round)
             else:  # a checkpoint published before its optimizer state was kept
                 log(WARNING, "Round %s has no server optimizer state: it restarts at zero", checkpoint.round)
+        self.downlink: DownlinkPublisher | None = None
+        self.held: dict[int, int] = {}  # delta downlink: node id -> the global version it holds
+        start = checkpoint.model if checkpoint else SparseModel.empty(config.model_id, config.seed)
+        if config.downlink_coding == "delta":
+            first = GlobalSet.on_grid(start, self.round_offset + 1, config.downlink_grid_exponent)
+            self.downlink = DownlinkPublisher(first, config.value_precision)
         if checkpoint is not None:  # the published bytes exactly, not re-encoded
             self.global_model, self.payload = checkpoint.model, checkpoint.payload
             self.short_rounds = checkpoint.short_rounds
+            if (
+                self.downlink is not None
+            ):  # what devices rebuild (the same values for a delta run's checkpoint)
+                self.global_model = self.downlink.current.to_sparse()
         else:
-            self._publish_model(SparseModel.empty(config.model_id, config.seed))
+            self._publish_model(start)
 
     def published_state(self) -> bytes | None:
         return self.server_opt.state() if self.server_opt is not None else None
@@ -63,11 +88,39 @@ class SparseDropBack(SparseReplies):
         return payload_record(self.payload)
 
     def _publish_model(self, model: SparseModel) -> ArrayRecord:
+        if self.downlink is not None:  # the version devices rebuild, exact in fp32 for the store and REST
+            self.global_model = self.downlink.current.to_sparse()
+            record = pack_sparse(self.global_model, "fp32")
+            self.payload = record_payload(record)
+            return record
         record = pack_sparse(model, self.config.value_precision)
         self.payload = record_payload(record)
         # Keep exactly what devices will decode (values quantized to the wire precision).
         self.global_model = decode(self.payload, self.config.max_payload_bytes)
         return record
+
+    def tailor(self, messages: list[Message]) -> list[Message]:
+        """Delta downlink: each node gets the change since the version it holds (or the whole set)."""
+        if self.downlink is None:
+            return messages
+        return [
+            self.instruction(
+                m,
+                GLOBAL_DELTA_RECORD,
+                global_delta_record(self.downlink.message_for(self.held.get(m.metadata.dst_node_id))),
+            )
+            for m in messages
+        ]
+
+    def _track_held(self, server_round: int, replies: list[Message]) -> None:
+        """Which version each node holds: this round's for an accepted reply (the device kept it then)."""
+        accepted = set(self.accepted_nodes)
+        for m in replies:
+            node = m.metadata.src_node_id
+            if node in accepted:
+                self.held[node] = server_round
+            elif not m.has_error() or m.error.code == OUT_OF_SYNC:  # rejected, or it says it is lost
+                self.held.pop(node, None)
 
     def merge(
         self, server_round: int, replies: list[Message]
@@ -75,8 +128,12 @@ class SparseDropBack(SparseReplies):
         # The global sent in round r is version r: change-coded replies are against it.
         updates = self.accept(server_round, replies, self.global_model, version=server_round)
         stats = self.recorder.current(server_round)
+        if self.downlink is not None:
+            self._track_held(server_round, replies)
         if updates is None:
             stats.global_tracked = self.global_model.num_tracked
+            if self.downlink is not None:  # the same set, as the version the next round sends
+                self.downlink.republish(server_round + 1)
             return None, None
         previous = self.global_model
         merged = next_global(
@@ -88,6 +145,8 @@ class SparseDropBack(SparseReplies):
             clip_norm=self.config.clip_norm or None,
             server_opt=self.server_opt,
         )
+        if self.downlink is not None:
+            self.downlink.publish(merged, server_round + 1)
         arrays = self._publish_model(merged)
         stats.churn = churn(previous, self.global_model)
         stats.global_tracked = self.global_model.num_tracked

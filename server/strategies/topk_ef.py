@@ -1,7 +1,7 @@
 """The sparsified-FedAvg baseline: dense models, top-k updates with error feedback both ways."""
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -65,22 +65,11 @@ class TopKFedAvg(SparseReplies):
                 earlier = [self.history[v] for v in missed]
                 if sum(map(len, earlier)) + len(self.update) <= self.dense_bytes:
                     out.append(
-                        self._instruction(
-                            m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier)
-                        )
+                        self.instruction(m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier))
                     )
                     continue
-            out.append(self._instruction(m, TOPK_MODEL_RECORD, pack_topk_model(self.weights, self.version)))
+            out.append(self.instruction(m, TOPK_MODEL_RECORD, pack_topk_model(self.weights, self.version)))
         return out
-
-    @staticmethod
-    def _instruction(template: Message, key: str, record: ArrayRecord) -> Message:
-        content = RecordDict({key: record, "config": template.content.config_records["config"]})
-        return Message(
-            content=content,
-            dst_node_id=template.metadata.dst_node_id,
-            message_type=template.metadata.message_type,
-        )
 
     def merge(
         self, server_round: int, replies: list[Message]

@@ -35,7 +35,7 @@ def random_sparse(k: int, seed: int = 0, model_seed: int = 7, scale: float = 0.0
     return SparseModel(seed=model_seed, model_id="mlp-90k", tensors=tuple(tensors))
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int4", "ternary"])
 @pytest.mark.parametrize("k", [0, 1, 2000, 4480, N])
 def test_round_trip_bit_for_bit(precision, k):
     model = random_sparse(k)
@@ -68,8 +68,8 @@ def test_positions_near_the_information_floor():
 
 def test_int8_fp16_are_smaller():
     m = random_sparse(4480)
-    sizes = [len(encode(m, p)) for p in ("fp32", "fp16", "int8", "int4")]
-    assert sizes[0] > sizes[1] > sizes[2] > sizes[3]
+    sizes = [len(encode(m, p)) for p in ("fp32", "fp16", "int8", "int4", "ternary")]
+    assert sizes[0] > sizes[1] > sizes[2] > sizes[3] > sizes[4]
 
 
 def test_int4_packs_two_values_a_byte_and_keeps_them_within_half_a_step():
@@ -82,6 +82,36 @@ def test_int4_packs_two_values_a_byte_and_keeps_them_within_half_a_step():
     msg = pb.SparseModel()
     msg.ParseFromString(encode(m, "int4"))
     assert all(len(t.values) == (t.count + 1) // 2 for t in msg.tensors)
+
+
+def test_ternary_is_one_bit_a_value_at_the_mean_magnitude_with_each_sign():
+    m = random_sparse(4483)
+    back = decode(encode(m, "ternary"))
+    msg = pb.SparseModel()
+    msg.ParseFromString(encode(m, "ternary"))
+    assert all(len(t.values) == (t.count + 7) // 8 for t in msg.tensors)
+    for a, b in zip(m.tensors, back.tensors, strict=True):
+        if a.count:
+            mean = np.float32(np.abs(a.values).mean(dtype=np.float64))
+            assert np.array_equal(np.abs(b.values), np.full(a.count, mean, np.float32))
+            assert np.array_equal(b.values < 0, a.values < 0)
+
+
+def test_rejects_bad_ternary_payloads():
+    m = random_sparse(51)
+    for corrupt, needle in (
+        (lambda v: v[:-1], "ternary values"),  # one byte short
+        (lambda v: v[:-1] + bytes([v[-1] | 0x01]), "padding bits"),  # a count that is not a multiple of 8
+    ):
+        msg = pb.SparseModel()
+        msg.ParseFromString(encode(m, "ternary"))
+        t = next(t for t in msg.tensors if t.count % 8)
+        t.values = corrupt(bytes(t.values))
+        _fails(msg, needle)
+    msg = pb.SparseModel()
+    msg.ParseFromString(encode(m, "ternary"))
+    next(t for t in msg.tensors if t.count).int8_scale = float("nan")
+    _fails(msg, "scale must be finite")
 
 
 def test_rejects_bad_int4_payloads():
@@ -222,7 +252,7 @@ def test_fuzz_random_bytes_never_crash(data):
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
-    precision = data.draw(st.sampled_from(["fp32", "fp16", "int8", "int4"]))
+    precision = data.draw(st.sampled_from(["fp32", "fp16", "int8", "int4", "ternary"]))
     payload = bytearray(encode(random_sparse(60, seed=3), precision))
     for _ in range(data.draw(st.integers(1, 4))):
         pos = data.draw(st.integers(0, len(payload) - 1))
@@ -241,7 +271,7 @@ def test_fuzz_mutated_payloads_fail_cleanly_or_stay_valid(data):
     k=st.integers(0, 3000),
     seed=st.integers(0, 2**32),
     model_seed=st.integers(0, 2**64 - 1),
-    precision=st.sampled_from(["fp32", "fp16", "int8", "int4"]),
+    precision=st.sampled_from(["fp32", "fp16", "int8", "int4", "ternary"]),
 )
 def test_property_round_trip(k, seed, model_seed, precision):
     m = random_sparse(k, seed=seed, model_seed=model_seed)

@@ -69,7 +69,11 @@ def test_change_coding_at_int4_beats_delta_coding_at_int4():
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), rounds=st.integers(1, 6), precision=st.sampled_from(["int8", "int4"]))
+@given(
+    seed=st.integers(0, 2**16),
+    rounds=st.integers(1, 6),
+    precision=st.sampled_from(["int8", "int4", "ternary"]),
+)
 def test_feedback_telescopes_what_arrived_plus_the_residual_is_what_was_meant(seed, rounds, precision):
     rng = np.random.default_rng(seed)
     base = random_sparse_model(500, seed, scale=0.05)
