@@ -161,7 +161,9 @@ def test_digest_and_bytes_are_pinned():
     assert g.digest().hex() == "0ae4b57d563bf6e7bc89dddd1b7895dd"
     data = encode_delta(GlobalSet.empty("mlp-90k", 42, GRID), g)
     assert len(data) == 223
-    assert hashlib.sha256(data).hexdigest() == "43aff34090f993901b9238af04c1913a8619cca096cf0077a14d2b75147ab153"
+    assert (
+        hashlib.sha256(data).hexdigest() == "43aff34090f993901b9238af04c1913a8619cca096cf0077a14d2b75147ab153"
+    )
     assert g.values()[2] == np.float32(300 / 1024)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dropfleet.fleet.records import SPARSE_STYPE
+from dropfleet.fleet.records import GLOBAL_DELTA_STYPE, SPARSE_STYPE
 from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import run_simulation
 from tests.integration.procs import free_port_pair, processes_mentioning, read_jsonl
@@ -47,6 +47,7 @@ def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
             "strategy": "dropback-momentum",
             "uplink-coding": "change",  # devices keep their feedback residual in Flower's node state
             "uplink-precision": "int8",
+            "downlink-coding": "delta",  # ... and the global version they hold
         },
     )
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -56,9 +57,10 @@ def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
         assert r["failed"] >= 2 and r["replied"] + r["failed"] == r["sampled"] == 10
         assert sum("cannot hold a training step" in f for f in r["failures"]) == 2
         assert r["global_tracked"] == 6000 and r["rejected"] == 0
-    # Every array in every message, both directions, is an encoded sparse model.
-    arrays = [a for line in audit for a in line["arrays"]]
-    assert arrays and all(a["stype"] == SPARSE_STYPE for a in arrays)
+    # Every array in every message is an encoded sparse model up, a global delta down.
+    for direction, stype in (("up", SPARSE_STYPE), ("down", GLOBAL_DELTA_STYPE)):
+        arrays = [a for line in audit if line["direction"] == direction for a in line["arrays"]]
+        assert arrays and all(a["stype"] == stype for a in arrays)
     # The byte counts reported per round are the exact payload sizes that travelled.
     up = sum(
         a["bytes"]
