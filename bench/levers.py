@@ -42,6 +42,13 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     "dropback-momentum": {"strategy": "dropback-momentum"},  # int4 change uplink, int8 down
     "momentum 0.7 + cosine lr, fp16 both ways": _LEVERS,
+    # The versioned delta downlink: each device gets the change since the version it holds.
+    "dropback-momentum, delta downlink int8": {"strategy": "dropback-momentum", "downlink-coding": "delta"},
+    "dropback-momentum, delta downlink int4": {
+        "strategy": "dropback-momentum",
+        "downlink-coding": "delta",
+        "value-precision": "int4",
+    },
 }
 # Further candidates, run by name (--variants): not part of the default sweep.
 EXTRA: dict[str, dict[str, object]] = {
@@ -70,6 +77,10 @@ EXTRA: dict[str, dict[str, object]] = {
         for opt in ("adam", "yogi")
         for eta in (0.1, 0.03, 0.01, 0.003)
     },
+    "dropback-momentum, ternary change uplink": {
+        "strategy": "dropback-momentum",
+        "uplink-precision": "ternary",
+    },
     "momentum 0.5 + cosine lr to 0.05": {
         "aggregation": "tracked-mean",
         "server-momentum": 0.5,
@@ -90,6 +101,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     from dropfleet.client.profiles import get_profile
     from dropfleet.common.codec import decode, encode
     from dropfleet.common.data import load_fashion_mnist
+    from dropfleet.common.downlink import DownlinkPublisher, GlobalSet, apply_delta
     from dropfleet.common.layer_init import seeded_model
     from dropfleet.common.merge import next_global
     from dropfleet.common.sparse import SparseModel, materialize, num_weights
@@ -112,6 +124,11 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     opt = server_optimizer(config)
     curve, up, down = [], 0, 0
     residuals: dict[int, Residual] = {}  # change-coded uplink: each device's unsent error
+    delta_down = config.downlink_coding == "delta"
+    if delta_down:  # the global sent in round r is version r; each device holds the last it trained from
+        empty = GlobalSet.empty(config.model_id, seed, config.downlink_grid_exponent, version=1)
+        publisher = DownlinkPublisher(empty, config.value_precision)
+        held: dict[int, GlobalSet] = {}
     started = time.monotonic()
     for r in range(1, rounds + 1):
         sampled = sorted(rng.choice(nodes, per_round, replace=False).tolist())
@@ -125,13 +142,17 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                 up += 4 * n
                 down += 4 * n
             else:
+                if delta_down:
+                    mine = held.get(pid)
+                    message = publisher.message_for(mine.version if mine else None)
+                    held[pid] = apply_delta(mine, message)  # digest-checked: the server's set exactly
                 update = train_sparse(global_sparse, train, profile, config, r)
                 payload, residuals[pid] = uplink_payload(
                     update.model, global_sparse, config, r, residuals.get(pid, NO_RESIDUAL)
                 )
                 updates.append((resolve(decode(payload), global_sparse, r), float(update.num_examples)))
                 up += len(payload)
-                down += down_payload
+                down += len(message) if delta_down else down_payload
         if dense:
             total = sum(w for _, w in dense_updates)
             state = {k: sum(s[k] * (w / total) for s, w in dense_updates) for k in state}
@@ -145,7 +166,10 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                 rule=config.aggregation,
                 server_opt=opt if config.uses_server_optimizer else None,
             )
-            global_sparse = decode(encode(merged, config.value_precision))  # as devices receive it
+            if delta_down:
+                global_sparse = publisher.publish(merged, r + 1).to_sparse()  # exactly what devices rebuild
+            else:
+                global_sparse = decode(encode(merged, config.value_precision))  # as devices receive it
             model = materialize(global_sparse)
         acc = evaluate(model, test).accuracy
         curve.append({"round": r, "accuracy": acc, "bytes_up": up, "bytes_down": down})
@@ -156,6 +180,8 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
         "curve": curve,
         "seconds": time.monotonic() - started,
         "tracked_state_bytes": 0 if dense else 8 * global_sparse.num_tracked,
+        # the delta downlink's held set: positions and units, int32 each
+        "held_global_bytes": 8 * global_sparse.num_tracked if not dense and delta_down else 0,
     }
 
 

@@ -79,6 +79,12 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
         ({"server-optimizer": "adam", "strategy": "fedavg"}, "need strategy 'dropback'"),
         ({"server-beta1": 1.0}, "'server-beta1'"),
         ({"server-tau": 0.0}, "'server-tau'"),
+        ({"downlink-coding": "diff"}, "'downlink-coding'.*known: whole, delta"),
+        ({"downlink-coding": "delta"}, "int8 or int4 .'value-precision'., not 'fp16'"),
+        ({"downlink-coding": "delta", "strategy": "topk-ef", "value-precision": "int8"}, "needs strategy"),
+        ({"downlink-grid-exponent": 1}, "'downlink-grid-exponent'"),
+        ({"value-precision": "ternary"}, "ternary values"),
+        ({"uplink-precision": "ternary"}, "ternary values"),  # whole deltas at one magnitude
     ],
 )
 def test_new_knobs_are_checked(raw, needle):
@@ -102,6 +108,15 @@ def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed()
         0.0,
         "constant",
     )
+
+
+def test_ternary_values_are_for_top_k_and_change_coded_uplinks():
+    assert (
+        RunConfig.from_mapping({"strategy": "topk-ef", "value-precision": "ternary"}).uplink_values
+        == "ternary"
+    )
+    mine = RunConfig.from_mapping({"strategy": "dropback-momentum", "uplink-precision": "ternary"})
+    assert (mine.uplink_coding, mine.uplink_values) == ("change", "ternary")
 
 
 def test_dropback_momentum_with_adam_keeps_the_other_levers():
