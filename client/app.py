@@ -35,11 +35,12 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     DENSE_RECORD,
     GLOBAL_DELTA_RECORD,
+    GLOBAL_DELTA_STYPE,
     SPARSE_RECORD,
     TOPK_MODEL_RECORD,
     TOPK_RECORD,
-    global_delta_payload,
     payload_record,
+    record_payload,
     unpack_sparse,
     unpack_topk_model,
     unpack_topk_update,
@@ -122,7 +123,7 @@ def _global_model(
     records = msg.content.array_records
     if GLOBAL_DELTA_RECORD not in records:
         return unpack_sparse(msg.content, config.max_payload_bytes), None
-    payload = global_delta_payload(records[GLOBAL_DELTA_RECORD])
+    payload = record_payload(records[GLOBAL_DELTA_RECORD], GLOBAL_DELTA_STYPE)
     new = apply_delta(_held_global(context, config), payload, config.max_payload_bytes)
     if server_round and new.version != server_round:
         raise ConfigError(f"round {server_round} sent global version {new.version}")

@@ -8,16 +8,17 @@ with a clear message, never a crash or a corrupt model.
 """
 
 import math
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from dropfleet.common.errors import ConfigError, PayloadTooLargeError, WireFormatError
 from dropfleet.common.layout import model_layout
 from dropfleet.common.sparse import SparseModel, SparseTensor
 from dropfleet.proto import sparse_model_pb2 as pb
 
+M = TypeVar("M", bound=Message)
 FORMAT_VERSION = 1
 CHANGE_FORMAT_VERSION = 2  # values are changes against the global set of `base_version`
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -281,17 +282,22 @@ def encode(model: SparseModel, precision: str = "fp32") -> bytes:
     return msg.SerializeToString(deterministic=True)
 
 
-def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
-    """Parse and fully validate untrusted bytes into a `SparseModel`."""
+def parse(data: bytes, message: M, max_bytes: int, what: str) -> M:
+    """Untrusted bytes into `message`, refused before parsing when too large; `what` names it in errors."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
         raise PayloadTooLargeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
-    msg = pb.SparseModel()
     try:
-        msg.ParseFromString(bytes(data))
+        message.ParseFromString(bytes(data))
     except DecodeError as exc:
-        raise WireFormatError(f"malformed or truncated sparse model: {exc}") from None
+        raise WireFormatError(f"malformed or truncated {what}: {exc}") from None
+    return message
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> SparseModel:
+    """Parse and fully validate untrusted bytes into a `SparseModel`."""
+    msg = parse(data, pb.SparseModel(), max_bytes, "sparse model")
     if msg.format_version not in (FORMAT_VERSION, CHANGE_FORMAT_VERSION):
         raise WireFormatError(
             f"unsupported format version {msg.format_version} "

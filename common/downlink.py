@@ -23,10 +23,9 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
-from dropfleet.common.codec import DEFAULT_MAX_BYTES, decode_positions, encode_positions, read_bits
-from dropfleet.common.errors import ConfigError, OutOfSyncError, PayloadTooLargeError, WireFormatError
+from dropfleet.common.codec import DEFAULT_MAX_BYTES, decode_positions, encode_positions, parse, read_bits
+from dropfleet.common.errors import ConfigError, OutOfSyncError, WireFormatError
 from dropfleet.common.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES
 from dropfleet.common.layout import Layout, model_layout
 from dropfleet.common.merge import from_positions
@@ -201,15 +200,7 @@ def apply_delta(held: GlobalSet | None, data: bytes, max_bytes: int = DEFAULT_MA
     does not hold, or whose rebuilt set fails its digest, `OutOfSyncError`:
     the device then holds what it held, and needs the whole set.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise WireFormatError(f"expected bytes, got {type(data).__name__}")
-    if len(data) > max_bytes:
-        raise PayloadTooLargeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
-    msg = pb.GlobalDelta()
-    try:
-        msg.ParseFromString(bytes(data))
-    except DecodeError as exc:
-        raise WireFormatError(f"malformed or truncated global delta: {exc}") from None
+    msg = parse(data, pb.GlobalDelta(), max_bytes, "global delta")
     if msg.format_version != DELTA_FORMAT_VERSION:
         raise WireFormatError(
             f"unsupported global delta format version {msg.format_version} "

@@ -31,11 +31,9 @@ def pack_sparse(model: SparseModel, precision: str) -> ArrayRecord:
     return payload_record(encode(model, precision))
 
 
-def payload_record(data: bytes) -> ArrayRecord:
-    """An ArrayRecord carrying already-encoded sparse model bytes, unchanged."""
-    return ArrayRecord(
-        {SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=SPARSE_STYPE, data=data)}
-    )
+def payload_record(data: bytes, stype: str = SPARSE_STYPE) -> ArrayRecord:
+    """An ArrayRecord carrying already-encoded bytes (a sparse model, or a `GlobalDelta`), unchanged."""
+    return ArrayRecord({SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=stype, data=data)})
 
 
 def sparse_payload(content: RecordDict) -> bytes:
@@ -47,29 +45,12 @@ def sparse_payload(content: RecordDict) -> bytes:
     return record_payload(content.array_records[SPARSE_RECORD])
 
 
-def record_payload(record: ArrayRecord) -> bytes:
-    """The encoded sparse model bytes in an ArrayRecord made by `pack_sparse`."""
+def record_payload(record: ArrayRecord, stype: str = SPARSE_STYPE) -> bytes:
+    """The encoded bytes of type `stype` in an ArrayRecord made by `payload_record`."""
     if list(record) != [SPARSE_ARRAY]:
         raise WireFormatError(f"expected one Array {SPARSE_ARRAY!r}, got {list(record)}")
     array = record[SPARSE_ARRAY]
-    if array.stype != SPARSE_STYPE:
-        raise WireFormatError(f"unexpected serialization type {array.stype!r}")
-    return bytes(array.data)
-
-
-def global_delta_record(data: bytes) -> ArrayRecord:
-    """An ArrayRecord carrying an encoded `GlobalDelta` (common/downlink.py), unchanged."""
-    return ArrayRecord(
-        {SPARSE_ARRAY: Array(dtype="bytes", shape=(len(data),), stype=GLOBAL_DELTA_STYPE, data=data)}
-    )
-
-
-def global_delta_payload(record: ArrayRecord) -> bytes:
-    """The encoded `GlobalDelta` bytes in an ArrayRecord made by `global_delta_record`."""
-    if list(record) != [SPARSE_ARRAY]:
-        raise WireFormatError(f"expected one Array {SPARSE_ARRAY!r}, got {list(record)}")
-    array = record[SPARSE_ARRAY]
-    if array.stype != GLOBAL_DELTA_STYPE:
+    if array.stype != stype:
         raise WireFormatError(f"unexpected serialization type {array.stype!r}")
     return bytes(array.data)
 

@@ -15,8 +15,8 @@ from dropfleet.common.train import recalibrate_batch_norm
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     GLOBAL_DELTA_RECORD,
+    GLOBAL_DELTA_STYPE,
     SPARSE_RECORD,
-    global_delta_record,
     pack_sparse,
     payload_record,
     record_payload,
@@ -107,7 +107,9 @@ class SparseDropBack(SparseReplies):
             self.instruction(
                 m,
                 GLOBAL_DELTA_RECORD,
-                global_delta_record(self.downlink.message_for(self.held.get(m.metadata.dst_node_id))),
+                payload_record(
+                    self.downlink.message_for(self.held.get(m.metadata.dst_node_id)), GLOBAL_DELTA_STYPE
+                ),
             )
             for m in messages
         ]

@@ -1,11 +1,25 @@
 """Real Flower reply messages for strategy tests (what a SuperNode would hand the ServerApp)."""
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from dropfleet.fleet.records import SPARSE_ARRAY, SPARSE_RECORD, SPARSE_STYPE, pack_sparse
 from tests.factories import random_sparse_model
+
+
+def node_contexts(nodes, run_config):
+    """Fresh node contexts of pi4-4g devices 0..9 of a 10-way partition, as a SuperNode keeps them."""
+    return {
+        n: Context(
+            run_id=1,
+            node_id=n,
+            node_config={"partition-id": n, "num-partitions": 10, "profile": "pi4-4g"},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
+        for n in nodes
+    }
 
 
 def model(k, seed, model_seed=0, scale=0.01):

@@ -9,7 +9,7 @@ bytes metered are the messages each node was really sent.
 import io
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from rich.console import Console
 
 from dropfleet.client.app import GLOBAL_HELD, GLOBAL_HELD_META, evaluate_global, train
@@ -26,6 +26,7 @@ from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies import SparseDropBack
+from tests.server.messages import node_contexts
 
 RUN = {
     "strategy": "dropback-momentum",
@@ -39,16 +40,7 @@ RUN = {
 
 
 def contexts(nodes):
-    return {
-        n: Context(
-            run_id=1,
-            node_id=n,
-            node_config={"partition-id": n, "num-partitions": 10, "profile": "pi4-4g"},
-            state=RecordDict(),
-            run_config=dict(RUN),
-        )
-        for n in nodes
-    }
+    return node_contexts(nodes, RUN)
 
 
 def play(strategy, server_round, ctxs, nodes, identity):

@@ -8,7 +8,7 @@ is bit for bit the server's model.
 import io
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from rich.console import Console
 
 from dropfleet.client.app import TOPK_META, TOPK_STATE, train
@@ -17,21 +17,13 @@ from dropfleet.fleet.records import TOPK_MODEL_RECORD, TOPK_RECORD, pack_topk_up
 from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies import TopKFedAvg
+from tests.server.messages import node_contexts
 
 RUN = {"strategy": "topk-ef", "train-subset": 120, "partitioner": "iid", "min-train-nodes": 1}
 
 
 def contexts(nodes):
-    return {
-        n: Context(
-            run_id=1,
-            node_id=n,
-            node_config={"partition-id": n, "num-partitions": 10, "profile": "pi4-4g"},
-            state=RecordDict(),
-            run_config=dict(RUN),
-        )
-        for n in nodes
-    }
+    return node_contexts(nodes, RUN)
 
 
 def play(strategy, server_round, ctxs, nodes, identity):
