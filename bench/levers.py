@@ -77,19 +77,6 @@ EXTRA: dict[str, dict[str, object]] = {
         for opt in ("adam", "yogi")
         for eta in (0.1, 0.03, 0.01, 0.003)
     },
-    "delta downlink int4, hold untracked": {
-        "strategy": "dropback-momentum",
-        "downlink-coding": "delta",
-        "value-precision": "int4",
-        "hold-untracked": True,
-    },
-    "delta downlink int4, hold untracked, momentum 0.5": {
-        "strategy": "dropback-momentum",
-        "downlink-coding": "delta",
-        "value-precision": "int4",
-        "hold-untracked": True,
-        "server-momentum": 0.5,
-    },
     "dropback-momentum, ternary change uplink": {
         "strategy": "dropback-momentum",
         "uplink-precision": "ternary",
@@ -178,7 +165,6 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                 config.global_k_count,
                 rule=config.aggregation,
                 server_opt=opt if config.uses_server_optimizer else None,
-                hold_untracked=config.hold_untracked,
             )
             if delta_down:
                 global_sparse = publisher.publish(merged, r + 1).to_sparse()  # exactly what devices rebuild

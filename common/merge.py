@@ -56,17 +56,9 @@ def next_global(
     trim: float = 0.1,
     clip_norm: float | None = None,
     server_opt: ServerOptimizer | None = None,
-    hold_untracked: bool = False,
 ) -> SparseModel:
-    """A round's new global tracked set: merge, optional server momentum, then the top `global_k`.
-
-    `hold_untracked`: a published coordinate that no update tracks keeps its
-    published value (no device spoke for it: the pseudo-gradient there is 0)
-    instead of counting as a unanimous vote for w0.
-    """
+    """A round's new global tracked set: merge, optional server momentum, then the top `global_k`."""
     merged = combine(updates, rule, trim, clip_norm)
-    if hold_untracked:
-        merged = _with_held(merged, previous)
     if server_opt is not None:
         published = previous.flat_positions(), previous.flat_values()
         merged = server_opt.step(published, merged)
@@ -120,14 +112,6 @@ def combine(
         merged = _robust(inverse, raw, positions.size, 0.0 if rule == "median" else trim, rule == "median")
     nonzero = merged != 0.0
     return positions[nonzero], merged[nonzero]
-
-
-def _with_held(merged: tuple[np.ndarray, np.ndarray], previous: SparseModel) -> tuple[np.ndarray, np.ndarray]:
-    p_pos, p_val = previous.flat_positions(), previous.flat_values().astype(np.float64)
-    missing = ~np.isin(p_pos, merged[0], assume_unique=True)
-    positions = np.concatenate([merged[0], p_pos[missing]])
-    order = np.argsort(positions, kind="stable")
-    return positions[order], np.concatenate([merged[1], p_val[missing]])[order]
 
 
 def top_k(positions: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

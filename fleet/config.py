@@ -74,7 +74,6 @@ class RunConfig:
     aggregation: str = "mean"
     trim_fraction: float = 0.1
     clip_norm: float = 0.0
-    hold_untracked: bool = False
     server_optimizer: str = "momentum"
     server_momentum: float = 0.0
     server_learning_rate: float = 1.0
@@ -100,7 +99,7 @@ class RunConfig:
             want = type(getattr(cls(), f.name))
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
-            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
+            if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"run-config {key!r} must be {want.__name__}, got {value!r}")
             values[f.name] = value
         defaults = cls()

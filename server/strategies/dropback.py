@@ -146,7 +146,6 @@ class SparseDropBack(SparseReplies):
             trim=self.config.trim_fraction,
             clip_norm=self.config.clip_norm or None,
             server_opt=self.server_opt,
-            hold_untracked=self.config.hold_untracked,
         )
         if self.downlink is not None:
             self.downlink.publish(merged, server_round + 1)

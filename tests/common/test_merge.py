@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.layout import model_layout
-from dropfleet.common.merge import churn, merge_sparse, next_global
+from dropfleet.common.merge import churn, merge_sparse
 from dropfleet.common.sparse import SparseModel, dense_deltas, sparse_from_dense_delta
 from tests.factories import random_sparse_model
 
@@ -185,23 +185,6 @@ def test_tracked_mean_does_not_shrink_a_weight_one_device_tracks():
     a = client(50, 7)
     lone = merge_sparse([(a, 1.0), (SparseModel.empty("mlp-90k", 3), 3.0)], 50, rule="tracked-mean")
     np.testing.assert_allclose(flat(lone), flat(a), rtol=1e-6)
-
-
-@pytest.mark.parametrize("big_k", [800, 3000])
-def test_holding_untracked_weights_keeps_the_published_value_where_no_update_speaks(big_k):
-    previous = client(2000, 11)
-    updates = [(client(1000, 1), 10.0), (client(900, 2), 30.0)]
-    held = next_global(previous, updates, big_k, rule="tracked-mean", hold_untracked=True)
-    # Dense reference: the tracked mean where an update tracks, the published value elsewhere.
-    sums, weights = np.zeros(N), np.zeros(N)
-    for m, w in updates:
-        d = flat(m).astype(np.float64)
-        sums += d * w
-        weights += (d != 0) * w
-    want = np.where(weights > 0, np.divide(sums, weights, out=np.zeros(N), where=weights > 0), flat(previous))
-    np.testing.assert_allclose(flat(held), keep_top(want, big_k).astype(np.float32), rtol=1e-6)
-    plain = next_global(previous, updates, big_k, rule="tracked-mean")
-    assert not np.isin(previous.flat_positions(), plain.flat_positions()).all()  # dropped without it
 
 
 def test_models_outside_the_registry_merge_by_their_own_shapes():
