@@ -29,7 +29,8 @@ PRESETS: dict[str, dict[str, object]] = {
         "learning_rate_schedule": "cosine",
         "uplink_coding": "change",
         "uplink_precision": "int4",
-        "value_precision": "int8",
+        "downlink_coding": "delta",
+        "value_precision": "int4",
     }
 }
 LR_SCHEDULES = ("constant", "cosine")

@@ -99,7 +99,8 @@ def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed()
         0.7,
         "cosine",
     )
-    assert (config.uplink_coding, config.uplink_values, config.value_precision) == ("change", "int4", "int8")
+    assert (config.uplink_coding, config.uplink_values, config.value_precision) == ("change", "int4", "int4")
+    assert config.downlink_coding == "delta"
     mine = RunConfig.from_mapping({"strategy": "dropback-momentum", "server-momentum": 0.5})
     assert mine.server_momentum == 0.5 and mine.aggregation == "tracked-mean"
     paper = RunConfig.from_mapping({"strategy": "dropback"})
