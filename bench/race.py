@@ -28,6 +28,7 @@ bytes, the median over seeds with the seeds' range as a band.
 
 import argparse
 import json
+import math
 import socket
 import statistics
 import tempfile
@@ -201,6 +202,12 @@ def _reach(curve: list[dict], target: float, scale: float) -> tuple[float | None
     return None, None, 0.0
 
 
+def _median_reach(hit: list[float], seeds: int) -> float | None:
+    """The median over seeds of the bytes to reach the target, a seed that never does counting as infinite."""
+    median = statistics.median(hit + [math.inf] * (seeds - len(hit)))
+    return None if math.isinf(median) else median
+
+
 def summarize(runs: list[dict], framing: dict[str, float], n: int, mix: str) -> list[dict]:
     rows = []
     for participation in PARTICIPATION:
@@ -219,7 +226,7 @@ def summarize(runs: list[dict], framing: dict[str, float], n: int, mix: str) -> 
             up = sum(row["bytes_up"] for row in trained) * scale
             down = sum(row["bytes_down"] for row in trained) * scale
             rounds = len(trained) / len(mine)
-            median_hit = statistics.median(hit) if len(hit) * 2 > len(mine) else None
+            median_hit = _median_reach(hit, len(mine))
             peaks = [p for r in mine for p in r["peak_bytes"]]
             rows.append(
                 {
