@@ -28,13 +28,25 @@ BIN = Path(sys.executable).parent
 DROPFLEET = str(BIN / "dropfleet")
 
 
-def _ports(n: int) -> list[int]:
-    return [free_port() for _ in range(n)]
+_TAKEN: set[int] = set()  # every port handed out here: the OS may offer a just-released one again
+
+
+def _ports(n: int, span: int = 1) -> list[int]:
+    """`n` free ports, none handed out before, each with the `span` - 1 ports after it free of those too."""
+    out: list[int] = []
+    while len(out) < n:
+        port = free_port()
+        block = set(range(port, port + span))
+        if block & _TAKEN:
+            continue
+        _TAKEN.update(block)
+        out.append(port)
+    return out
 
 
 def _node_args(head_port: int | None) -> list[str]:
     node_manager, object_manager, metrics, env_agent, agent_grpc, agent_http = _ports(6)
-    workers = free_port()
+    [workers] = _ports(1, span=31)
     args = [
         "--num-cpus=1",
         "--object-store-memory=80000000",
@@ -55,7 +67,7 @@ def _node_args(head_port: int | None) -> list[str]:
         "--head",
         f"--port={head_port}",
         "--include-dashboard=false",
-        f"--ray-client-server-port={free_port()}",
+        f"--ray-client-server-port={_ports(1)[0]}",
         *args,
     ]
 
@@ -93,7 +105,7 @@ def netns():
 def ray_cluster(netns):
     # Short paths: Ray's unix sockets live under its temp dir (108-byte limit).
     root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    head_port = free_port()
+    [head_port] = _ports(1)
     address = f"127.0.0.1:{head_port}"
     procs = []
     try:
