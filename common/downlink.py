@@ -17,6 +17,7 @@ tensor: at most `levels` (int4: 7, int8: 127) multiples of the smallest power
 of two, at least one grid unit, that covers the tensor's largest change.
 """
 
+import dataclasses
 import hashlib
 import math
 import struct
@@ -357,7 +358,7 @@ class DownlinkPublisher:
 
     def republish(self, version: int) -> GlobalSet:
         """The same set under the next version number (a round that kept the global model)."""
-        return self._advance(GlobalSet(**{**self.current.__dict__, "version": version}))
+        return self._advance(dataclasses.replace(self.current, version=version))
 
     def message_for(self, held: int | None) -> bytes:
         key = held if held in self.history and held != self.current.version else None
