@@ -102,7 +102,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
 
     from dropfleet.client.local import local_data, train_dense, train_sparse, uplink_payload
     from dropfleet.client.profiles import get_profile
-    from dropfleet.common.codec import decode, encode
+    from dropfleet.common.codec import HeldSet, decode, encode
     from dropfleet.common.data import load_fashion_mnist
     from dropfleet.common.downlink import DownlinkPublisher, GlobalSet, apply_delta
     from dropfleet.common.layer_init import seeded_model
@@ -153,7 +153,8 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                 payload, residuals[pid] = uplink_payload(
                     update.model, global_sparse, config, r, residuals.get(pid, NO_RESIDUAL)
                 )
-                updates.append((resolve(decode(payload), global_sparse, r), float(update.num_examples)))
+                reply = decode(payload, held=HeldSet(r, global_sparse))
+                updates.append((resolve(reply, global_sparse, r), float(update.num_examples)))
                 up += len(payload)
                 down += len(message) if delta_down else down_payload
         if dense:

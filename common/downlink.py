@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dropfleet.common.codec import DEFAULT_MAX_BYTES, decode_positions, encode_positions, parse, read_bits
+from dropfleet.common.codec import (
+    DEFAULT_MAX_BYTES,
+    decode_rice,
+    encode_rice,
+    parse,
+    read_bits,
+    read_rice_set,
+    rice_set,
+    unzigzag,
+    zigzag,
+)
 from dropfleet.common.errors import ConfigError, OutOfSyncError, WireFormatError
 from dropfleet.common.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES
 from dropfleet.common.layout import Layout, model_layout
@@ -185,8 +195,8 @@ def encode_delta(base: GlobalSet, new: GlobalSet) -> bytes:
             pb.TensorDelta(
                 name=slot.name,
                 shape=list(slot.shape),
-                removed=_rice_set(np.flatnonzero(~np.isin(old, now, assume_unique=True))),
-                added=_rice_set(now[fresh] - slot.offset),
+                removed=rice_set(np.flatnonzero(~np.isin(old, now, assume_unique=True))),
+                added=rice_set(now[fresh] - slot.offset),
                 changes=_pack_integers(units[~fresh] - base.units_at(now[~fresh])),
                 values=_pack_integers(units[fresh]),
             )
@@ -234,8 +244,8 @@ def apply_delta(held: GlobalSet | None, data: bytes, max_bytes: int = DEFAULT_MA
             )
         old = base.positions[old_b[i] : old_b[i + 1]] - slot.offset
         old_units = base.units[old_b[i] : old_b[i + 1]]
-        removed = _read_rice_set(f"{slot.name} removed", t.removed, old.size)
-        added = _read_rice_set(f"{slot.name} added", t.added, slot.numel)
+        removed = read_rice_set(f"{slot.name} removed", t.removed, old.size)
+        added = read_rice_set(f"{slot.name} added", t.added, slot.numel)
         keep = np.ones(old.size, bool)
         keep[removed] = False
         if np.isin(added, old, assume_unique=True).any():
@@ -285,21 +295,9 @@ def _base(held: GlobalSet | None, msg: pb.GlobalDelta) -> GlobalSet:
     return held
 
 
-def _rice_set(values: np.ndarray) -> pb.RiceSet:
-    if values.size == 0:
-        return pb.RiceSet()
-    b, quot, rem = encode_positions(values)
-    return pb.RiceSet(count=int(values.size), rice_parameter=b, quotients=quot, remainders=rem)
-
-
-def _read_rice_set(name: str, s: pb.RiceSet, bound: int) -> np.ndarray:
-    if s.count > bound:
-        raise WireFormatError(f"{name}: {s.count} entries, at most {bound} fit")
-    return decode_positions(name, s.count, bound, s.rice_parameter, s.quotients, s.remainders)
-
-
 def _pack_integers(x: np.ndarray) -> pb.GridIntegers:
-    """The fewest two's-complement bits per integer after their common power of two."""
+    """Integers after their common power of two: the fewest fixed two's-complement bits, or a
+    Rice code of their zigzag where that is smaller (most changes are a step or two)."""
     nonzero = x[x != 0]
     if nonzero.size == 0:
         return pb.GridIntegers()
@@ -308,6 +306,9 @@ def _pack_integers(x: np.ndarray) -> pb.GridIntegers:
     width = max(int(q.max()).bit_length(), int(-q.min() - 1).bit_length()) + 1
     if shift > MAX_SHIFT or width > MAX_WIDTH:
         raise ConfigError(f"a change of {int(np.abs(x).max())} units does not fit the wire")
+    b, quot, rem = encode_rice(zigzag(q))
+    if len(quot) + len(rem) < (q.size * width + 7) // 8:
+        return pb.GridIntegers(shift=shift, rice=True, rice_parameter=b, data=quot, remainders=rem)
     bits = ((q[:, None] >> np.arange(width - 1, -1, -1)) & 1).astype(np.uint8)
     return pb.GridIntegers(shift=shift, width=width, data=np.packbits(bits.reshape(-1)).tobytes())
 
@@ -319,6 +320,16 @@ def _trailing_zeros(x: np.ndarray) -> np.ndarray:
 def _read_integers(name: str, count: int, g: pb.GridIntegers) -> np.ndarray:
     if g.shift > MAX_SHIFT or g.width > MAX_WIDTH:
         raise WireFormatError(f"{name}: shift {g.shift} / width {g.width} out of range")
+    if g.rice:
+        if g.width:
+            raise WireFormatError(f"{name}: a Rice code with a fixed width of {g.width}")
+        bound = 1 << (MAX_WIDTH + 1)  # zigzag of a MAX_WIDTH-bit integer
+        z = decode_rice(name, count, g.rice_parameter, g.data, g.remainders, count * bound)
+        if z.size and int(z.max()) >= bound:
+            raise WireFormatError(f"{name}: an integer beyond {MAX_WIDTH} bits")
+        return unzigzag(z) << g.shift
+    if g.rice_parameter or g.remainders:
+        raise WireFormatError(f"{name}: Rice fields in a fixed-width code")
     if len(g.data) != (count * g.width + 7) // 8:
         raise WireFormatError(f"{name}: {len(g.data)} bytes for {count} integers of {g.width} bits")
     if g.width == 0:

@@ -7,9 +7,11 @@ own tracked set T with deltas d = w - w0 can send, instead of d, the change
 
 quantized at the uplink precision (changes are small next to the deltas, so
 few bits lose little), with `base_version = v` so the server knows what c is
-against (`resolve`). r is what earlier rounds' quantization left unsent; the
-new r is c minus what the server will decode, kept only at T's positions:
-O(k) on the device, never a dense residual. Telescoping, everything a device
+against (`resolve`), and T's positions coded against G's (a device that
+trained from G tracks most of it: what it dropped and added is short). r is
+what earlier rounds' quantization left unsent; the new r is c minus what
+the server will decode, kept only at T's positions: O(k) on the device,
+never a dense residual. Telescoping, everything a device
 meant to send either arrived or is still in r.
 """
 
@@ -17,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from dropfleet.common.codec import decode, encode
+from dropfleet.common.codec import HeldSet, decode, encode
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.merge import from_positions
 from dropfleet.common.sparse import SparseModel
@@ -51,8 +53,9 @@ def encode_change(
     positions, deltas = update.flat_positions(), update.flat_values()
     change = deltas - _at(sent, positions) + values_at(*residual, positions)
     model = dataclasses.replace(from_positions(update, positions, change), base_version=version)
-    payload = encode(model, precision)
-    arrived = decode(payload).flat_values()
+    held = HeldSet(version, sent)
+    payload = encode(model, precision, held)
+    arrived = decode(payload, held=held).flat_values()
     return payload, (positions, (change - arrived).astype(np.float32))
 
 

@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12sparse_model.proto\x12\x0c\x64ropfleet.v1\"\x93\x02\n\x0cSparseTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x35\n\x0fposition_coding\x18\x04 \x01(\x0e\x32\x1c.dropfleet.v1.PositionCoding\x12\x16\n\x0erice_parameter\x18\x05 \x01(\r\x12\x16\n\x0erice_quotients\x18\x06 \x01(\x0c\x12\x17\n\x0frice_remainders\x18\x07 \x01(\x0c\x12\x33\n\x0evalue_encoding\x18\x08 \x01(\x0e\x32\x1b.dropfleet.v1.ValueEncoding\x12\x0e\n\x06values\x18\t \x01(\x0c\x12\x12\n\nint8_scale\x18\n \x01(\x02\"\x9d\x01\n\x0bSparseModel\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0binit_scheme\x18\x03 \x01(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.dropfleet.v1.SparseTensor\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\r\"W\n\x07RiceSet\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x16\n\x0erice_parameter\x18\x02 \x01(\r\x12\x11\n\tquotients\x18\x03 \x01(\x0c\x12\x12\n\nremainders\x18\x04 \x01(\x0c\"\xd1\x01\n\x0bTensorDelta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12&\n\x07removed\x18\x03 \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\x12$\n\x05\x61\x64\x64\x65\x64\x18\x04 \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\x12+\n\x07\x63hanges\x18\x05 \x01(\x0b\x32\x1a.dropfleet.v1.GridIntegers\x12*\n\x06values\x18\x06 \x01(\x0b\x32\x1a.dropfleet.v1.GridIntegers\":\n\x0cGridIntegers\x12\r\n\x05shift\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xd4\x01\n\x0bGlobalDelta\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0binit_scheme\x18\x03 \x01(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\r\x12\x0f\n\x07version\x18\x06 \x01(\r\x12\x15\n\rgrid_exponent\x18\x07 \x01(\x11\x12*\n\x07tensors\x18\x08 \x03(\x0b\x32\x19.dropfleet.v1.TensorDelta\x12\x0e\n\x06\x64igest\x18\t \x01(\x0c*Q\n\x0ePositionCoding\x12\x1f\n\x1bPOSITION_CODING_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPOSITION_CODING_RICE_SPLIT\x10\x01*\xaf\x01\n\rValueEncoding\x12\x1e\n\x1aVALUE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_ENCODING_FP32\x10\x01\x12\x17\n\x13VALUE_ENCODING_FP16\x10\x02\x12\x17\n\x13VALUE_ENCODING_INT8\x10\x03\x12\x17\n\x13VALUE_ENCODING_INT4\x10\x04\x12\x1a\n\x16VALUE_ENCODING_TERNARY\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12sparse_model.proto\x12\x0c\x64ropfleet.v1\"\xa3\x03\n\x0cSparseTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x35\n\x0fposition_coding\x18\x04 \x01(\x0e\x32\x1c.dropfleet.v1.PositionCoding\x12\x16\n\x0erice_parameter\x18\x05 \x01(\r\x12\x16\n\x0erice_quotients\x18\x06 \x01(\x0c\x12\x17\n\x0frice_remainders\x18\x07 \x01(\x0c\x12\x33\n\x0evalue_encoding\x18\x08 \x01(\x0e\x32\x1b.dropfleet.v1.ValueEncoding\x12\x0e\n\x06values\x18\t \x01(\x0c\x12\x12\n\nint8_scale\x18\n \x01(\x02\x12\x1c\n\x14value_rice_parameter\x18\x0b \x01(\r\x12\x18\n\x10value_remainders\x18\x0c \x01(\x0c\x12+\n\x0c\x62\x61se_removed\x18\r \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\x12)\n\nbase_added\x18\x0e \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\"\x9d\x01\n\x0bSparseModel\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0binit_scheme\x18\x03 \x01(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12+\n\x07tensors\x18\x05 \x03(\x0b\x32\x1a.dropfleet.v1.SparseTensor\x12\x14\n\x0c\x62\x61se_version\x18\x06 \x01(\r\"W\n\x07RiceSet\x12\r\n\x05\x63ount\x18\x01 \x01(\r\x12\x16\n\x0erice_parameter\x18\x02 \x01(\r\x12\x11\n\tquotients\x18\x03 \x01(\x0c\x12\x12\n\nremainders\x18\x04 \x01(\x0c\"\xd1\x01\n\x0bTensorDelta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\r\x12&\n\x07removed\x18\x03 \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\x12$\n\x05\x61\x64\x64\x65\x64\x18\x04 \x01(\x0b\x32\x15.dropfleet.v1.RiceSet\x12+\n\x07\x63hanges\x18\x05 \x01(\x0b\x32\x1a.dropfleet.v1.GridIntegers\x12*\n\x06values\x18\x06 \x01(\x0b\x32\x1a.dropfleet.v1.GridIntegers\"t\n\x0cGridIntegers\x12\r\n\x05shift\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04rice\x18\x04 \x01(\x08\x12\x16\n\x0erice_parameter\x18\x05 \x01(\r\x12\x12\n\nremainders\x18\x06 \x01(\x0c\"\xd4\x01\n\x0bGlobalDelta\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04seed\x18\x02 \x01(\x04\x12\x13\n\x0binit_scheme\x18\x03 \x01(\r\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x05 \x01(\r\x12\x0f\n\x07version\x18\x06 \x01(\r\x12\x15\n\rgrid_exponent\x18\x07 \x01(\x11\x12*\n\x07tensors\x18\x08 \x03(\x0b\x32\x19.dropfleet.v1.TensorDelta\x12\x0e\n\x06\x64igest\x18\t \x01(\x0c*o\n\x0ePositionCoding\x12\x1f\n\x1bPOSITION_CODING_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPOSITION_CODING_RICE_SPLIT\x10\x01\x12\x1c\n\x18POSITION_CODING_BASE_SET\x10\x02*\xcc\x01\n\rValueEncoding\x12\x1e\n\x1aVALUE_ENCODING_UNSPECIFIED\x10\x00\x12\x17\n\x13VALUE_ENCODING_FP32\x10\x01\x12\x17\n\x13VALUE_ENCODING_FP16\x10\x02\x12\x17\n\x13VALUE_ENCODING_INT8\x10\x03\x12\x17\n\x13VALUE_ENCODING_INT4\x10\x04\x12\x1a\n\x16VALUE_ENCODING_TERNARY\x10\x05\x12\x1b\n\x17VALUE_ENCODING_INT_RICE\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sparse_model_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POSITIONCODING']._serialized_start=1050
-  _globals['_POSITIONCODING']._serialized_end=1131
-  _globals['_VALUEENCODING']._serialized_start=1134
-  _globals['_VALUEENCODING']._serialized_end=1309
+  _globals['_POSITIONCODING']._serialized_start=1252
+  _globals['_POSITIONCODING']._serialized_end=1363
+  _globals['_VALUEENCODING']._serialized_start=1366
+  _globals['_VALUEENCODING']._serialized_end=1570
   _globals['_SPARSETENSOR']._serialized_start=37
-  _globals['_SPARSETENSOR']._serialized_end=312
-  _globals['_SPARSEMODEL']._serialized_start=315
-  _globals['_SPARSEMODEL']._serialized_end=472
-  _globals['_RICESET']._serialized_start=474
-  _globals['_RICESET']._serialized_end=561
-  _globals['_TENSORDELTA']._serialized_start=564
-  _globals['_TENSORDELTA']._serialized_end=773
-  _globals['_GRIDINTEGERS']._serialized_start=775
-  _globals['_GRIDINTEGERS']._serialized_end=833
-  _globals['_GLOBALDELTA']._serialized_start=836
-  _globals['_GLOBALDELTA']._serialized_end=1048
+  _globals['_SPARSETENSOR']._serialized_end=456
+  _globals['_SPARSEMODEL']._serialized_start=459
+  _globals['_SPARSEMODEL']._serialized_end=616
+  _globals['_RICESET']._serialized_start=618
+  _globals['_RICESET']._serialized_end=705
+  _globals['_TENSORDELTA']._serialized_start=708
+  _globals['_TENSORDELTA']._serialized_end=917
+  _globals['_GRIDINTEGERS']._serialized_start=919
+  _globals['_GRIDINTEGERS']._serialized_end=1035
+  _globals['_GLOBALDELTA']._serialized_start=1038
+  _globals['_GLOBALDELTA']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ class PositionCoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     POSITION_CODING_UNSPECIFIED: _ClassVar[PositionCoding]
     POSITION_CODING_RICE_SPLIT: _ClassVar[PositionCoding]
+    POSITION_CODING_BASE_SET: _ClassVar[PositionCoding]
 
 class ValueEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -20,17 +21,20 @@ class ValueEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     VALUE_ENCODING_INT8: _ClassVar[ValueEncoding]
     VALUE_ENCODING_INT4: _ClassVar[ValueEncoding]
     VALUE_ENCODING_TERNARY: _ClassVar[ValueEncoding]
+    VALUE_ENCODING_INT_RICE: _ClassVar[ValueEncoding]
 POSITION_CODING_UNSPECIFIED: PositionCoding
 POSITION_CODING_RICE_SPLIT: PositionCoding
+POSITION_CODING_BASE_SET: PositionCoding
 VALUE_ENCODING_UNSPECIFIED: ValueEncoding
 VALUE_ENCODING_FP32: ValueEncoding
 VALUE_ENCODING_FP16: ValueEncoding
 VALUE_ENCODING_INT8: ValueEncoding
 VALUE_ENCODING_INT4: ValueEncoding
 VALUE_ENCODING_TERNARY: ValueEncoding
+VALUE_ENCODING_INT_RICE: ValueEncoding
 
 class SparseTensor(_message.Message):
-    __slots__ = ("name", "shape", "count", "position_coding", "rice_parameter", "rice_quotients", "rice_remainders", "value_encoding", "values", "int8_scale")
+    __slots__ = ("name", "shape", "count", "position_coding", "rice_parameter", "rice_quotients", "rice_remainders", "value_encoding", "values", "int8_scale", "value_rice_parameter", "value_remainders", "base_removed", "base_added")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +45,10 @@ class SparseTensor(_message.Message):
     VALUE_ENCODING_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INT8_SCALE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_RICE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_REMAINDERS_FIELD_NUMBER: _ClassVar[int]
+    BASE_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BASE_ADDED_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     count: int
@@ -51,7 +59,11 @@ class SparseTensor(_message.Message):
     value_encoding: ValueEncoding
     values: bytes
     int8_scale: float
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., position_coding: _Optional[_Union[PositionCoding, str]] = ..., rice_parameter: _Optional[int] = ..., rice_quotients: _Optional[bytes] = ..., rice_remainders: _Optional[bytes] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., values: _Optional[bytes] = ..., int8_scale: _Optional[float] = ...) -> None: ...
+    value_rice_parameter: int
+    value_remainders: bytes
+    base_removed: RiceSet
+    base_added: RiceSet
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., count: _Optional[int] = ..., position_coding: _Optional[_Union[PositionCoding, str]] = ..., rice_parameter: _Optional[int] = ..., rice_quotients: _Optional[bytes] = ..., rice_remainders: _Optional[bytes] = ..., value_encoding: _Optional[_Union[ValueEncoding, str]] = ..., values: _Optional[bytes] = ..., int8_scale: _Optional[float] = ..., value_rice_parameter: _Optional[int] = ..., value_remainders: _Optional[bytes] = ..., base_removed: _Optional[_Union[RiceSet, _Mapping]] = ..., base_added: _Optional[_Union[RiceSet, _Mapping]] = ...) -> None: ...
 
 class SparseModel(_message.Message):
     __slots__ = ("format_version", "seed", "init_scheme", "model_id", "tensors", "base_version")
@@ -98,14 +110,20 @@ class TensorDelta(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., removed: _Optional[_Union[RiceSet, _Mapping]] = ..., added: _Optional[_Union[RiceSet, _Mapping]] = ..., changes: _Optional[_Union[GridIntegers, _Mapping]] = ..., values: _Optional[_Union[GridIntegers, _Mapping]] = ...) -> None: ...
 
 class GridIntegers(_message.Message):
-    __slots__ = ("shift", "width", "data")
+    __slots__ = ("shift", "width", "data", "rice", "rice_parameter", "remainders")
     SHIFT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    RICE_FIELD_NUMBER: _ClassVar[int]
+    RICE_PARAMETER_FIELD_NUMBER: _ClassVar[int]
+    REMAINDERS_FIELD_NUMBER: _ClassVar[int]
     shift: int
     width: int
     data: bytes
-    def __init__(self, shift: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    rice: bool
+    rice_parameter: int
+    remainders: bytes
+    def __init__(self, shift: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ..., rice: _Optional[bool] = ..., rice_parameter: _Optional[int] = ..., remainders: _Optional[bytes] = ...) -> None: ...
 
 class GlobalDelta(_message.Message):
     __slots__ = ("format_version", "seed", "init_scheme", "model_id", "base_version", "version", "grid_exponent", "tensors", "digest")

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from dropfleet.client.profiles import load_profiles, plan_training
-from dropfleet.common.codec import decode
+from dropfleet.common.codec import HeldSet, decode
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
 from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.sparse import SparseModel
@@ -98,7 +98,8 @@ def validate_sparse_reply(
     reply = TrainReply.from_record(content, SPARSE_RECORD, config.max_examples)
     try:
         payload = record_payload(reply.arrays)
-        model = decode(payload, max_bytes=config.max_payload_bytes)
+        held = HeldSet(version, expected) if version is not None else None
+        model = decode(payload, max_bytes=config.max_payload_bytes, held=held)
     except WireFormatError as exc:
         raise ReplyRejectedError(f"undecodable model: {exc}") from None
     if model.model_id != expected.model_id:

@@ -79,9 +79,57 @@ def test_int4_packs_two_values_a_byte_and_keeps_them_within_half_a_step():
         if a.count:
             step = float(np.abs(a.values).max()) / 7
             assert np.all(np.abs(a.values - b.values) <= step / 2 + 1e-6 * step)
+    uniform = SparseModel(  # levels spread evenly: the fixed width is the smaller code
+        m.seed,
+        m.model_id,
+        tuple(
+            SparseTensor(t.name, t.shape, t.indices, np.linspace(-1, 1, t.count, dtype=np.float32))
+            for t in m.tensors
+        ),
+    )
     msg = pb.SparseModel()
-    msg.ParseFromString(encode(m, "int4"))
-    assert all(len(t.values) == (t.count + 1) // 2 for t in msg.tensors)
+    msg.ParseFromString(encode(uniform, "int4"))
+    assert all(len(t.values) == (t.count + 1) // 2 for t in msg.tensors if t.count)
+    assert {t.value_encoding for t in msg.tensors if t.count} == {pb.VALUE_ENCODING_INT4}
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_peaked_integer_levels_go_rice_coded_with_the_same_values(precision):
+    """Normal values put most levels near 0: the Rice code is smaller and decodes to the very values
+    the fixed width would have carried."""
+    m = random_sparse(4481)
+    msg = pb.SparseModel()
+    msg.ParseFromString(encode(m, precision))
+    width = {"int8": 8, "int4": 4}[precision]
+    for t in msg.tensors:
+        if t.count > 100:
+            assert t.value_encoding == pb.VALUE_ENCODING_INT_RICE
+            assert len(t.values) + len(t.value_remainders) < t.count * width / 8
+    for a, b in zip(m.tensors, decode(encode(m, precision)).tensors, strict=True):
+        assert np.array_equal(b.values, quantize_values(a.values, precision)[0])
+
+
+def test_rejects_bad_rice_coded_values():
+    m = random_sparse(4481)
+    for corrupt, needle in (
+        (lambda t: setattr(t, "values", bytes(t.values)[:-1]), "values"),  # truncated quotients
+        (lambda t: setattr(t, "value_remainders", bytes(t.value_remainders) + b"\0"), "remainder stream"),
+        (lambda t: setattr(t, "value_rice_parameter", 32), "rice parameter"),
+        # every level 255 (> 2 * 127): an integer outside [-127, 127]
+        (
+            lambda t: (
+                setattr(t, "value_rice_parameter", 8),
+                setattr(t, "values", bytes((t.count + 7) // 8)),
+                setattr(t, "value_remainders", b"\xff" * t.count),
+            ),
+            r"\[-127, 127\]",
+        ),
+        (lambda t: setattr(t, "value_encoding", pb.VALUE_ENCODING_INT8), "Rice fields set"),
+    ):
+        msg = pb.SparseModel()
+        msg.ParseFromString(encode(m, "int8"))
+        corrupt(next(t for t in msg.tensors if t.value_encoding == pb.VALUE_ENCODING_INT_RICE))
+        _fails(msg, needle)
 
 
 def test_ternary_is_one_bit_a_value_at_the_mean_magnitude_with_each_sign():
@@ -307,18 +355,19 @@ FIRST = math.prod(next(iter(SHAPES.values())))  # 78,400 weights
             _crafted(50_000, bytes(50_000 // 8), b"\xff" * (50_000 * 31 // 8 + 1), 31), id="big gaps"
         ),
         pytest.param(encode(random_sparse(N), "int8"), id="largest valid"),
+        pytest.param(encode(random_sparse(N, scale=0.0), "int4"), id="one bit per value"),
     ],
 )
 def test_decode_memory_is_bounded_by_the_payload(payload):
     """Crafted streams are refused from their lengths before anything unpacks; a decode allocates
     at most ~2x its input plus ~32 bytes per declared entry (the decoded model itself is 12),
-    and every entry carries at least one value byte."""
+    and every entry carries at least one bit."""
     import tracemalloc
 
     msg = pb.SparseModel()
     msg.ParseFromString(payload)
     entries = sum(t.count for t in msg.tensors)
-    assert entries <= len(payload)
+    assert entries <= 8 * len(payload)
     tracemalloc.start()
     try:
         decode(payload, max_bytes=LIMIT)

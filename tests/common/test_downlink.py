@@ -165,6 +165,16 @@ def test_digest_and_bytes_are_pinned():
         hashlib.sha256(data).hexdigest() == "43aff34090f993901b9238af04c1913a8619cca096cf0077a14d2b75147ab153"
     )
     assert g.values()[2] == np.float32(300 / 1024)
+    # A set whose values cluster near 0 travels Rice coded (GridIntegers.rice).
+    i = np.arange(200)
+    units = np.where(i % 4 == 0, np.where(i % 8 == 0, 1, -1), 0)
+    steady = GlobalSet("mlp-90k", 42, 4, GRID, i * 20, units)
+    data = encode_delta(GlobalSet.empty("mlp-90k", 42, GRID), steady)
+    assert _msg(data).tensors[0].values.rice
+    assert (len(data), hashlib.sha256(data).hexdigest()) == (
+        373,
+        "b19ed7deb4732562337d978ed74104d526965c231ae74df51476b71978b5e419",
+    )
 
 
 def _msg(data: bytes) -> pb.GlobalDelta:
@@ -188,6 +198,17 @@ def _first(msg: pb.GlobalDelta, field: str) -> pb.TensorDelta:
     return next(t for t in msg.tensors if getattr(t, field).count)
 
 
+def _rice(msg: pb.GlobalDelta) -> pb.TensorDelta:
+    return next(t for t in msg.tensors if t.changes.rice and t.changes.rice_parameter)
+
+
+def test_small_changes_go_rice_coded(chain):
+    """A version's changes are a step or two of a power of two: their Rice code beats a fixed width."""
+    _, good, _ = chain
+    coded = [t.changes for t in _msg(good).tensors if t.changes.data]
+    assert coded and coded[0].rice and len(coded[0].data) + len(coded[0].remainders) > 0
+
+
 @pytest.mark.parametrize(
     "corrupt, error, needle",
     [
@@ -202,7 +223,11 @@ def _first(msg: pb.GlobalDelta, field: str) -> pb.TensorDelta:
         (lambda m: setattr(m, "model_id", "nope"), WireFormatError, "nope"),
         (lambda m: m.tensors.pop(), WireFormatError, "tensors"),
         (lambda m: setattr(m.tensors[0], "name", "fc9.weight"), WireFormatError, "does not match"),
-        (lambda m: setattr(_first(m, "added").values, "data", b""), WireFormatError, "bytes for"),
+        (lambda m: setattr(_first(m, "added").values, "data", b""), WireFormatError, "bytes (for|cannot)"),
+        (lambda m: _rice(m).changes.MergeFrom(pb.GridIntegers(width=3)), WireFormatError, "fixed width"),
+        (lambda m: setattr(_rice(m).changes, "rice", False), WireFormatError, "Rice fields"),
+        (lambda m: setattr(_rice(m).changes, "rice_parameter", 33), WireFormatError, "rice parameter"),
+        (lambda m: setattr(_rice(m).changes, "remainders", b""), WireFormatError, "remainder stream"),
         (lambda m: setattr(_first(m, "removed").changes, "width", 40), WireFormatError, "out of range"),
         # out-of-range positions: more removals than the base holds, additions past the tensor
         (lambda m: setattr(_first(m, "removed").removed, "count", 10**6), WireFormatError, "at most"),
