@@ -84,6 +84,18 @@ EXTRA: dict[str, dict[str, object]] = {
         "strategy": "dropback-momentum",
         "uplink-precision": "ternary",
     },
+    **{
+        f"dropback-momentum, {name}": {"strategy": "dropback-momentum", **levers}
+        for name, levers in (
+            ("momentum 0.5", {"server-momentum": 0.5}),
+            ("momentum 0.6", {"server-momentum": 0.6}),
+            ("server lr 0.7", {"server-learning-rate": 0.7}),
+            ("lr to 0.01", {"final-learning-rate": 0.01}),
+            ("momentum 0.4", {"server-momentum": 0.4}),
+            ("momentum 0.5, lr to 0.01", {"server-momentum": 0.5, "final-learning-rate": 0.01}),
+            ("momentum 0.5, server lr 0.85", {"server-momentum": 0.5, "server-learning-rate": 0.85}),
+        )
+    },
     "momentum 0.5 + cosine lr to 0.05": {
         "aggregation": "tracked-mean",
         "server-momentum": 0.5,
@@ -239,6 +251,9 @@ def summarize(results: list[dict]) -> list[dict]:
                     if hit
                     else None,
                     "worst_drop_after": max((d for b, _, d in reached if b is not None), default=0.0),
+                    "median_drop_after": statistics.median(
+                        [d for b, _, d in reached if b is not None] or [0.0]
+                    ),
                     "acc_at": {
                         str(k): statistics.median(r["curve"][k - 1]["accuracy"] for r in mine)
                         for k in (10, 20, 30)
@@ -265,7 +280,9 @@ def summarize(results: list[dict]) -> list[dict]:
 def _print(rows: list[dict], nodes: int) -> None:
     print(f"Accuracy per byte, {nodes} pi4-4g devices (median over seeds; target: dense final - 1 pt)")
     head = f"  {'participation / variant':<48} {'reached':>7} {'MB to target':>12} {'round':>5} "
-    head += f"{'dense/this':>10} {'drop after':>10} {'kB up/rd':>9} {'kB down/rd':>10}  accuracy at rounds"
+    head += (
+        f"{'dense/this':>10} {'drop worst/med':>14} {'kB up/rd':>9} {'kB down/rd':>10}  accuracy at rounds"
+    )
     print(head)
     for r in rows:
         mb = f"{r['median_mb_to_target']:.2f}" if r["median_mb_to_target"] else "never"
@@ -274,7 +291,8 @@ def _print(rows: list[dict], nodes: int) -> None:
         accs = " ".join(f"r{k} {100 * a:.2f}" for k, a in r["acc_at"].items())
         print(
             f"  {r['participation'] + ' / ' + r['variant']:<48} {r['reached']}/{r['seeds']:<5} {mb:>12} "
-            f"{rnd:>5} {ratio:>10} {100 * r['worst_drop_after']:>9.2f}p {r['kb_up_per_round']:>9.1f} "
+            f"{rnd:>5} {ratio:>10} {100 * r['worst_drop_after']:>6.2f}/{100 * r['median_drop_after']:<6.2f}p "
+            f"{r['kb_up_per_round']:>9.1f} "
             f"{r['kb_down_per_round']:>10.1f}  {accs}"
         )
 

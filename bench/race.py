@@ -239,6 +239,9 @@ def summarize(runs: list[dict], framing: dict[str, float], n: int, mix: str) -> 
                     if median_hit
                     else None,
                     "worst_drop_after": max((d for b, _, d in reached if b is not None), default=0.0),
+                    "median_drop_after": statistics.median(
+                        [d for b, _, d in reached if b is not None] or [0.0]
+                    ),
                     "acc_at": {
                         str(k): statistics.median(r["curve"][k]["accuracy"] for r in mine)
                         for k in (10, 20, 30)
@@ -303,7 +306,7 @@ def _print(rows: list[dict], framing: dict[str, float]) -> None:
     print("Accuracy per byte on Flower (median over seeds; target: that seed's dense final - 1 pt)")
     print(
         f"  {'participation / variant':<42} {'reached':>7} {'MB to target':>12} {'framed':>8} "
-        f"{'dense/this':>10} {'drop after':>10} {'kB up/rd':>9} {'kB dn/rd':>9} {'bits/param up/dn':>16} "
+        f"{'dense/this':>10} {'drop worst/med':>14} {'kB up/rd':>9} {'kB dn/rd':>9} {'bits/param up/dn':>16} "
         f"{'kept B':>9} {'step peak B':>11}  accuracy at rounds"
     )
     for r in rows:
@@ -316,7 +319,8 @@ def _print(rows: list[dict], framing: dict[str, float]) -> None:
         accs = " ".join(f"r{k} {100 * a:.2f}" for k, a in r["acc_at"].items())
         print(
             f"  {r['participation'] + ' / ' + r['variant']:<42} {r['reached']}/{r['seeds']:<5} {mb:>12} "
-            f"{framed:>8} {ratio:>10} {100 * r['worst_drop_after']:>9.2f}p {r['kb_up_per_round']:>9.1f} "
+            f"{framed:>8} {ratio:>10} {100 * r['worst_drop_after']:>6.2f}/"
+            f"{100 * r['median_drop_after']:<6.2f}p {r['kb_up_per_round']:>9.1f} "
             f"{r['kb_down_per_round']:>9.1f} {r['bits_per_param_up']:>7.3f}/{r['bits_per_param_down']:<8.3f} "
             f"{r['kept_between_rounds']:>9,} {peak:>11}  {accs}"
         )
