@@ -19,6 +19,7 @@ run's final accuracy minus 1 point.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,8 @@ from pathlib import Path
 
 # The accuracy levers of `dropback-momentum`, spelled out so that its byte levers can vary.
 _LEVERS = {"aggregation": "tracked-mean", "server-momentum": 0.7, "learning-rate-schedule": "cosine"}
+# dropback-momentum before the update memory (momentum 0.7, server step 1)
+_BEFORE_MEMORY = {"server-momentum": 0.7, "server-learning-rate": 1.0, "update-memory-rounds": 0}
 VARIANTS: dict[str, dict[str, object]] = {
     "dense fedavg": {"strategy": "fedavg"},
     "dropback (paper)": {},
@@ -44,14 +47,18 @@ VARIANTS: dict[str, dict[str, object]] = {
     # int4 change uplink; the global set whole at int8, or as changes since each device's version
     "momentum 0.7 + cosine lr, int4 change uplink, int8 down": {
         "strategy": "dropback-momentum",
+        **_BEFORE_MEMORY,
         "downlink-coding": "whole",
         "value-precision": "int8",
     },
     "momentum 0.7 + cosine lr, int4 change uplink, delta downlink int8": {
         "strategy": "dropback-momentum",
+        **_BEFORE_MEMORY,
         "value-precision": "int8",
     },
-    "dropback-momentum": {"strategy": "dropback-momentum"},  # int4 change uplink, delta downlink int4
+    # momentum 0.7 + cosine lr, int4 change uplink, delta downlink int4
+    "dropback-momentum before the update memory": {"strategy": "dropback-momentum", **_BEFORE_MEMORY},
+    "dropback-momentum": {"strategy": "dropback-momentum"},  # and the update memory, momentum 0.4, step 1.5
 }
 # Further candidates, run by name (--variants): not part of the default sweep.
 EXTRA: dict[str, dict[str, object]] = {
@@ -84,8 +91,9 @@ EXTRA: dict[str, dict[str, object]] = {
         "strategy": "dropback-momentum",
         "uplink-precision": "ternary",
     },
+    # The stabilizers tried on the preset before the update memory (momentum 0.7, server step 1).
     **{
-        f"dropback-momentum, {name}": {"strategy": "dropback-momentum", **levers}
+        f"dropback-momentum, {name}": {"strategy": "dropback-momentum", **_BEFORE_MEMORY, **levers}
         for name, levers in (
             ("momentum 0.5", {"server-momentum": 0.5}),
             ("momentum 0.6", {"server-momentum": 0.6}),
@@ -94,6 +102,11 @@ EXTRA: dict[str, dict[str, object]] = {
             ("momentum 0.4", {"server-momentum": 0.4}),
             ("momentum 0.5, lr to 0.01", {"server-momentum": 0.5, "final-learning-rate": 0.01}),
             ("momentum 0.5, server lr 0.85", {"server-momentum": 0.5, "server-learning-rate": 0.85}),
+            # MIFA: each device's latest update replayed in the rounds it sits out (common/update_memory)
+            ("memory 30", {"update-memory-rounds": 30}),
+            ("memory 3", {"update-memory-rounds": 3}),
+            ("memory 30, momentum 0.5", {"update-memory-rounds": 30, "server-momentum": 0.5}),
+            ("memory 30, momentum 0.3", {"update-memory-rounds": 30, "server-momentum": 0.3}),
         )
     },
     "momentum 0.5 + cosine lr to 0.05": {
@@ -107,8 +120,16 @@ ALL = {**VARIANTS, **EXTRA}
 PARTICIPATION = {"full": 1.0, "half": 0.5}
 
 
-def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int, subset: int) -> dict:
-    """One federated run in this process; the accuracy and bytes of every round."""
+def run_one(
+    variant: str,
+    levers: dict[str, object],
+    seed: int,
+    participation: str,
+    nodes: int,
+    rounds: int,
+    subset: int,
+) -> dict:
+    """One federated run of `levers` (run-config keys) in this process; accuracy and bytes per round."""
     import numpy as np
     import torch
 
@@ -121,12 +142,13 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     from dropfleet.common.merge import next_global
     from dropfleet.common.sparse import SparseModel, materialize, num_weights
     from dropfleet.common.train import evaluate
+    from dropfleet.common.update_memory import UpdateMemory
     from dropfleet.common.uplink import NO_RESIDUAL, Residual, resolve
     from dropfleet.fleet.config import RunConfig
     from dropfleet.server.strategies.dropback import server_optimizer
 
     torch.set_num_threads(1)
-    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **ALL[variant]}
+    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **levers}
     config = RunConfig.from_mapping(raw)
     profile = get_profile("pi4-4g")
     test = load_fashion_mnist("test")
@@ -137,6 +159,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     global_sparse = SparseModel.empty(config.model_id, seed)
     state = seeded_model(config.model_id, seed).state_dict()
     opt = server_optimizer(config)
+    memory = UpdateMemory(config.update_memory_rounds) if config.update_memory_rounds else None
     curve, up, down = [], 0, 0
     residuals: dict[int, Residual] = {}  # change-coded uplink: each device's unsent error
     delta_down = config.downlink_coding == "delta"
@@ -166,7 +189,7 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
                     update.model, global_sparse, config, r, residuals.get(pid, NO_RESIDUAL)
                 )
                 reply = decode(payload, held=HeldSet(r, global_sparse))
-                updates.append((resolve(reply, global_sparse, r), float(update.num_examples)))
+                updates.append((pid, resolve(reply, global_sparse, r), float(update.num_examples)))
                 up += len(payload)
                 down += len(message) if delta_down else down_payload
         if dense:
@@ -175,9 +198,13 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
             model = seeded_model(config.model_id, seed)
             model.load_state_dict(state)
         else:
+            if memory is not None:
+                merging = memory.augment(r, global_sparse, updates)
+            else:
+                merging = [(model, weight) for _, model, weight in updates]
             merged = next_global(
                 global_sparse,
-                updates,
+                merging,
                 config.global_k_count,
                 rule=config.aggregation,
                 server_opt=opt if config.uses_server_optimizer else None,
@@ -201,6 +228,34 @@ def run_one(variant: str, seed: int, participation: str, nodes: int, rounds: int
     }
 
 
+def grid(spec: str) -> dict[str, dict[str, object]]:
+    """`key=v1,v2;key2=...` -> one dropback-momentum variant per combination, named by its settings."""
+    axes = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise ValueError(f"grid axis {part!r} is not key=v1,v2")
+        axes.append([(key.strip(), _value(v.strip())) for v in values.split(",")])
+    if not axes:
+        return {}
+    return {
+        "dropback-momentum, " + ", ".join(f"{k} {v}" for k, v in combo): {
+            "strategy": "dropback-momentum",
+            **dict(combo),
+        }
+        for combo in itertools.product(*axes)
+    }
+
+
+def _value(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _reach(
     curve: list[dict], target: float, byte_scale: float = 1.0
 ) -> tuple[float | None, int | None, float]:
@@ -222,14 +277,14 @@ def _median_reach(hit: list[float], seeds: int) -> float | None:
     return None if math.isinf(median) else median
 
 
-def summarize(results: list[dict]) -> list[dict]:
+def summarize(results: list[dict], variants: list[str]) -> list[dict]:
     rows = []
     for participation in PARTICIPATION:
         runs = [r for r in results if r["participation"] == participation]
         targets = {
             r["seed"]: r["curve"][-1]["accuracy"] - 0.01 for r in runs if r["variant"] == "dense fedavg"
         }
-        names = [*ALL, "dense fedavg (fp16)"]
+        names = [*variants, "dense fedavg (fp16)"]
         for name in names:
             variant, scale = ("dense fedavg", 0.5) if name.endswith("(fp16)") else (name, 1.0)
             mine = [r for r in runs if r["variant"] == variant]
@@ -307,6 +362,11 @@ def main() -> None:
     parser.add_argument(
         "--variants", default="", help="';'-separated subset of the variants (their names hold commas)"
     )
+    parser.add_argument(
+        "--grid",
+        default="",
+        help="'key=v1,v2;key=...': dropback-momentum with every combination of these run-config values",
+    )
     parser.add_argument("--participation", default="full,half")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("results/bench-levers.json"))
@@ -315,16 +375,21 @@ def main() -> None:
     nodes, rounds, subset = args.nodes, args.rounds, args.subset
     if args.quick:
         seeds, nodes, rounds, subset = [0], 6, 4, 300
-    variants = [v.strip() for v in args.variants.split(";") if v.strip()] or list(VARIANTS)
+    variants = [v.strip() for v in args.variants.split(";") if v.strip()]
     if unknown := set(variants) - set(ALL):
         parser.error(f"unknown variants {sorted(unknown)}; known: {list(ALL)}")
-    if "dense fedavg" not in variants:
-        variants.insert(0, "dense fedavg")  # the target comes from it
+    chosen = {v: ALL[v] for v in variants}
+    try:
+        chosen.update(grid(args.grid))
+    except ValueError as exc:
+        parser.error(str(exc))
+    chosen = chosen or dict(VARIANTS)
+    chosen = {"dense fedavg": ALL["dense fedavg"], **chosen}  # the target comes from it
     jobs = [
-        (v, s, p, nodes, rounds, subset)
+        (v, chosen[v], s, p, nodes, rounds, subset)
         for p in args.participation.split(",")
         for s in seeds
-        for v in variants
+        for v in chosen
     ]
     started = time.monotonic()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +399,7 @@ def main() -> None:
             results.append(done.result())
             # Written as runs finish, so a sweep cut short still leaves what it measured.
             args.out.write_text(json.dumps({"runs": results}, indent=1))
-    rows = summarize(results)
+    rows = summarize(results, list(chosen))
     _print(rows, nodes)
     print(f"  {len(jobs)} runs in {time.monotonic() - started:.0f} s on {args.jobs} processes")
     args.out.write_text(json.dumps({"rows": rows, "runs": results}, indent=1))

@@ -25,7 +25,9 @@ SPARSE_DROPBACK = ("dropback", "dropback-momentum")
 PRESETS: dict[str, dict[str, object]] = {
     "dropback-momentum": {
         "aggregation": "tracked-mean",
-        "server_momentum": 0.7,
+        "server_momentum": 0.4,
+        "server_learning_rate": 1.5,
+        "update_memory_rounds": 10,
         "learning_rate_schedule": "cosine",
         "uplink_coding": "change",
         "uplink_precision": "int4",
@@ -81,6 +83,7 @@ class RunConfig:
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 0.001
+    update_memory_rounds: int = 0  # 0: off; else replay a device's latest update for that many rounds
     train_subset: int = 0
     # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
     # do not pass on the environment of whoever started them): "" falls back to the environment.
@@ -105,8 +108,9 @@ class RunConfig:
             values[f.name] = value
         defaults = cls()
         for name, value in PRESETS.get(values.get("strategy", defaults.strategy), {}).items():
-            if name == "server_momentum" and values.get("server_optimizer", "momentum") != "momentum":
-                continue  # the preset's momentum belongs to the momentum optimizer the run replaced
+            momentum_only = name in ("server_momentum", "server_learning_rate")
+            if momentum_only and values.get("server_optimizer", "momentum") != "momentum":
+                continue  # the preset's step belongs to the momentum optimizer the run replaced
             if values.get(name, getattr(defaults, name)) == getattr(defaults, name):
                 values[name] = value
         config = cls(**values)
@@ -166,6 +170,7 @@ class RunConfig:
             ("server-beta1", 0 <= self.server_beta1 < 1),
             ("server-beta2", 0 <= self.server_beta2 < 1),
             ("server-tau", 0 < self.server_tau < float("inf")),
+            ("update-memory-rounds", self.update_memory_rounds >= 0),
             (
                 "resume-run",
                 self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
@@ -195,6 +200,8 @@ class RunConfig:
                 f"run-config 'server-momentum' belongs to server-optimizer 'momentum'; "
                 f"{self.server_optimizer!r} keeps its first moment with 'server-beta1'"
             )
+        if self.update_memory_rounds and self.strategy not in SPARSE_DROPBACK:
+            raise ConfigError("run-config 'update-memory-rounds' needs strategy 'dropback'")
         if self.uplink_coding != "delta" and self.strategy not in SPARSE_DROPBACK:
             raise ConfigError("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
         if self.downlink_coding == "delta":

@@ -74,6 +74,8 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
         ({"server-momentum": 1.0}, "'server-momentum'"),
         ({"server-learning-rate": 0.0}, "'server-learning-rate'"),
         ({"server-momentum": 0.5, "strategy": "fedavg"}, "need strategy 'dropback'"),
+        ({"update-memory-rounds": -1}, "'update-memory-rounds'"),
+        ({"update-memory-rounds": 5, "strategy": "topk-ef"}, "needs strategy 'dropback'"),
         ({"server-optimizer": "sgd"}, "'server-optimizer'.*known: momentum, adam, yogi"),
         ({"server-optimizer": "adam", "server-momentum": 0.5}, "'server-beta1'"),
         ({"server-optimizer": "adam", "strategy": "fedavg"}, "need strategy 'dropback'"),
@@ -94,11 +96,13 @@ def test_new_knobs_are_checked(raw, needle):
 
 def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed():
     config = RunConfig.from_mapping({"strategy": "dropback-momentum"})
-    assert (config.aggregation, config.server_momentum, config.learning_rate_schedule) == (
-        "tracked-mean",
-        0.7,
-        "cosine",
-    )
+    assert (
+        config.aggregation,
+        config.server_momentum,
+        config.server_learning_rate,
+        config.update_memory_rounds,
+        config.learning_rate_schedule,
+    ) == ("tracked-mean", 0.4, 1.5, 10, "cosine")
     assert (config.uplink_coding, config.uplink_values, config.value_precision) == ("change", "int4", "int4")
     assert config.downlink_coding == "delta"
     mine = RunConfig.from_mapping({"strategy": "dropback-momentum", "server-momentum": 0.5})
@@ -130,3 +134,6 @@ def test_dropback_momentum_with_adam_keeps_the_other_levers():
         "tracked-mean",
     )
     assert config.uses_server_optimizer
+    # the preset's server step is FedAvgM's: Yogi keeps its own eta's default
+    yogi = RunConfig.from_mapping({"strategy": "dropback-momentum", "server-optimizer": "yogi"})
+    assert (yogi.server_learning_rate, yogi.update_memory_rounds) == (1.0, 10)

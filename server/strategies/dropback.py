@@ -12,6 +12,7 @@ from dropfleet.common.merge import churn, next_global
 from dropfleet.common.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
 from dropfleet.common.sparse import SparseModel, materialize, num_weights
 from dropfleet.common.train import recalibrate_batch_norm
+from dropfleet.common.update_memory import UpdateMemory
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     GLOBAL_DELTA_RECORD,
@@ -34,6 +35,11 @@ class SparseDropBack(SparseReplies):
     Between the merge and the top K, an optional server optimizer
     (`server-optimizer`: FedAvgM momentum, FedAdam or FedYogi; `common/server_opt.py`),
     whose state is published with every round and continued by a resumed run.
+
+    With `update-memory-rounds` the merge also replays each device's latest
+    accepted update in the rounds it sits out (MIFA; `common/update_memory.py`):
+    server memory only, not checkpointed (a resumed run starts it empty). A
+    refused reply drops its node's kept update.
 
     It holds the published model decoded (`global_model`, values as devices
     see them) and encoded (`payload`), so evaluation and the store take it
@@ -64,6 +70,7 @@ class SparseDropBack(SparseReplies):
                 log(INFO, "Resumed the server optimizer's state from round %s", checkpoint.round)
             else:  # a checkpoint published before its optimizer state was kept
                 log(WARNING, "Round %s has no server optimizer state: it restarts at zero", checkpoint.round)
+        self.memory = UpdateMemory(config.update_memory_rounds) if config.update_memory_rounds else None
         self.downlink: DownlinkPublisher | None = None
         self.held: dict[int, int] = {}  # delta downlink: node id -> the global version it holds
         start = checkpoint.model if checkpoint else SparseModel.empty(config.model_id, config.seed)
@@ -132,15 +139,26 @@ class SparseDropBack(SparseReplies):
         stats = self.recorder.current(server_round)
         if self.downlink is not None:
             self._track_held(server_round, replies)
+        if self.memory is not None:
+            accepted = set(self.accepted_nodes)
+            for m in replies:
+                if not m.has_error() and m.metadata.src_node_id not in accepted:
+                    self.memory.forget(m.metadata.src_node_id)
         if updates is None:
             stats.global_tracked = self.global_model.num_tracked
             if self.downlink is not None:  # the same set, as the version the next round sends
                 self.downlink.republish(server_round + 1)
             return None, None
         previous = self.global_model
+        merging = [(u.model, float(u.num_examples)) for u in updates]
+        if self.memory is not None:
+            fresh = zip(self.accepted_nodes, updates, strict=True)
+            merging = self.memory.augment(
+                server_round, previous, [(node, u.model, float(u.num_examples)) for node, u in fresh]
+            )
         merged = next_global(
             previous,
-            [(u.model, float(u.num_examples)) for u in updates],
+            merging,
             self.config.global_k_count,
             rule=self.config.aggregation,
             trim=self.config.trim_fraction,

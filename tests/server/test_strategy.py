@@ -192,3 +192,44 @@ def test_the_strategy_publishes_each_round_once_with_the_model_it_holds(tmp_path
     assert store.model_rounds("5") == [0, 1]
     assert store.model("5", 1)["data"] == s.payload == record_payload(arrays)  # what devices received
     assert store.rounds("5")[1]["replied"] == 2 and store.rounds("5")[1]["accuracy"] is not None
+
+
+def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
+    from dropfleet.common.merge import from_positions, next_global
+
+    config = RunConfig(
+        global_k=3000, value_precision="fp32", aggregation="tracked-mean", update_memory_rounds=5
+    )
+    s = SparseDropBack(config, RoundRecorder("dropback", 4, None, Console(file=io.StringIO())))
+    first = {n: model(2000, n) for n in (11, 12, 13)}
+    s.aggregate_train(1, [reply(n, content(m, examples=100 * n)) for n, m in first.items()])
+
+    # Round 2: node 13 sits out; its round-1 change (against the bare seed) is replayed on g2.
+    g2 = s.global_model
+    second = {n: model(2000, 20 + n) for n in (11, 12)}
+    s.aggregate_train(2, [reply(n, content(m, examples=100 * n), server_round=2) for n, m in second.items()])
+    now = np.zeros(N)
+    now[g2.flat_positions()] = g2.flat_values()
+    pos = first[13].flat_positions()
+    replayed = from_positions(g2, pos, now[pos] + first[13].flat_values())
+    want = next_global(
+        g2,
+        [(m, 100.0 * n) for n, m in second.items()] + [(replayed, 1300.0)],
+        3000,
+        rule="tracked-mean",
+    )
+    without = next_global(g2, [(m, 100.0 * n) for n, m in second.items()], 3000, rule="tracked-mean")
+    assert np.array_equal(s.global_model.flat_positions(), want.flat_positions())
+    assert np.array_equal(s.global_model.flat_values(), want.flat_values())
+    assert not np.array_equal(want.flat_positions(), without.flat_positions())
+
+    # Round 3: node 13 replies with garbage: refused, and its kept update with it.
+    g3 = s.global_model
+    third = {n: model(2000, 30 + n) for n in (11, 12)}
+    bad = reply(13, content(raw_record(b"\x08\x01" * 40)), server_round=3)
+    s.aggregate_train(
+        3, [reply(n, content(m, examples=100 * n), server_round=3) for n, m in third.items()] + [bad]
+    )
+    fresh_only = next_global(g3, [(m, 100.0 * n) for n, m in third.items()], 3000, rule="tracked-mean")
+    assert np.array_equal(s.global_model.flat_positions(), fresh_only.flat_positions())
+    assert np.array_equal(s.global_model.flat_values(), fresh_only.flat_values())

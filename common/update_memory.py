@@ -1,0 +1,85 @@
+"""The server's memory of each device's latest update, for rounds the device sits out (MIFA).
+
+With partial participation each round's merge sees a different few devices,
+and on non-IID data their labels pull the global model a different way every
+round: accuracy swings by points from one round to the next. MIFA (Gu et al.,
+"Fast Federated Learning in the Presence of Arbitrary Device Unavailability",
+NeurIPS 2021) averages, every round, the latest update of *every* device seen:
+a device that sits a round out still contributes the change it last asked
+for. Only the server holds the memory: devices and the wire are unchanged.
+
+An update is kept as the device's change against the global it trained from,
+y = (its tracked values) - (the published delta at those positions), and is
+replayed as the published delta plus y, so the merge (any rule) averages
+y over the devices tracking each coordinate. An update older than
+`max_age` rounds is dropped: staleness stays bounded, and so does the memory
+(at most one sparse update, O(k), per device that trained recently).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from dropfleet.common.errors import ConfigError
+from dropfleet.common.merge import from_positions
+from dropfleet.common.sparse import SparseModel
+
+
+@dataclass(frozen=True)
+class _Kept:
+    server_round: int
+    positions: np.ndarray  # sorted global positions
+    change: np.ndarray  # float32, against the global the device trained from
+    weight: float
+
+
+class UpdateMemory:
+    """Each device's latest accepted update, replayed in the rounds it misses (up to `max_age`)."""
+
+    def __init__(self, max_age: int) -> None:
+        if max_age < 1:
+            raise ConfigError(f"update memory age must be >= 1 round, got {max_age}")
+        self.max_age = max_age
+        self._kept: dict[int, _Kept] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def augment(
+        self,
+        server_round: int,
+        published: SparseModel,
+        fresh: Sequence[tuple[int, SparseModel, float]],
+    ) -> list[tuple[SparseModel, float]]:
+        """This round's (node, model, weight) updates, then every other kept one re-based on `published`.
+
+        `published` is the global the fresh updates trained from and the
+        replayed ones are added to. Fresh updates replace what a node had kept.
+        """
+        base = _dense(published)
+        for node, model, weight in fresh:
+            positions = model.flat_positions()
+            change = model.flat_values().astype(np.float64) - base[positions]
+            self._kept[node] = _Kept(server_round, positions, change.astype(np.float32), weight)
+        self._kept = {
+            node: kept for node, kept in self._kept.items() if server_round - kept.server_round < self.max_age
+        }
+        fresh_nodes = {node for node, _, _ in fresh}
+        replayed = [
+            (from_positions(published, kept.positions, base[kept.positions] + kept.change), kept.weight)
+            for node, kept in sorted(self._kept.items())
+            if node not in fresh_nodes
+        ]
+        return [(model, weight) for _, model, weight in fresh] + replayed
+
+    def forget(self, node: int) -> None:
+        """Drop a node's kept update (its reply was refused, or it lost the global it trained from)."""
+        self._kept.pop(node, None)
+
+
+def _dense(model: SparseModel) -> np.ndarray:
+    """The model's delta over all N coordinates (float64): the server may hold dense state."""
+    out = np.zeros(model.numel, np.float64)
+    out[model.flat_positions()] = model.flat_values()
+    return out
