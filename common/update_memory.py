@@ -13,7 +13,8 @@ y = (its tracked values) - (the published delta at those positions), and is
 replayed as the published delta plus y, so the merge (any rule) averages
 y over the devices tracking each coordinate. An update older than
 `max_age` rounds is dropped: staleness stays bounded, and so does the memory
-(at most one sparse update, O(k), per device that trained recently).
+(at most one sparse update per device that trained recently: its k
+positions and values, 8 bytes each).
 """
 
 from collections.abc import Sequence
@@ -46,6 +47,11 @@ class UpdateMemory:
     def __len__(self) -> int:
         return len(self._kept)
 
+    @property
+    def nbytes(self) -> int:
+        """The kept updates' positions and values, in bytes."""
+        return sum(k.positions.nbytes + k.change.nbytes for k in self._kept.values())
+
     def augment(
         self,
         server_round: int,
@@ -58,10 +64,11 @@ class UpdateMemory:
         replayed ones are added to. Fresh updates replace what a node had kept.
         """
         base = _dense(published)
+        index = np.int32 if published.numel < 2**31 else np.int64  # 8 bytes a kept weight, not 12
         for node, model, weight in fresh:
             positions = model.flat_positions()
             change = model.flat_values().astype(np.float64) - base[positions]
-            self._kept[node] = _Kept(server_round, positions, change.astype(np.float32), weight)
+            self._kept[node] = _Kept(server_round, positions.astype(index), change.astype(np.float32), weight)
         self._kept = {
             node: kept for node, kept in self._kept.items() if server_round - kept.server_round < self.max_age
         }

@@ -172,9 +172,10 @@ class SparseDropBack(SparseReplies):
         stats.global_tracked = self.global_model.num_tracked
         log(
             INFO,
-            "Round %s: merged %s updates into %s tracked weights",
+            "Round %s: merged %s updates (%s replayed from the update memory) into %s tracked weights",
             server_round,
-            len(updates),
+            len(merging),
+            len(merging) - len(updates),
             stats.global_tracked,
         )
         return arrays, train_metrics(stats, [u.reply for u in updates])

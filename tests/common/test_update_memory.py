@@ -60,6 +60,7 @@ def test_updates_older_than_max_age_are_dropped():
     assert len(memory.augment(2, g, [(1, device(500, 3), 1.0)])) == 2  # node 2's round-1 update, age 1
     merging = memory.augment(3, g, [(1, device(500, 4), 1.0)])  # age 2: gone
     assert len(merging) == 1 and len(memory) == 1
+    assert memory.nbytes == 500 * (4 + 4)  # int32 positions, float32 changes
 
 
 def test_forget_drops_a_node():
