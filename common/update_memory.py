@@ -81,7 +81,7 @@ class UpdateMemory:
         return [(model, weight) for _, model, weight in fresh] + replayed
 
     def forget(self, node: int) -> None:
-        """Drop a node's kept update (its reply was refused, or it lost the global it trained from)."""
+        """Drop a node's kept update (its reply was refused: nothing of it should be replayed)."""
         self._kept.pop(node, None)
 
 
