@@ -1,6 +1,6 @@
 """Accuracy per byte, the research sweep behind #11: which levers make federated DropBack win.
 
-    python bench/levers.py [--quick] [--seeds 0,1,2] [--rounds 30] [--nodes 20] [--jobs N]
+    python bench/levers.py [--quick] [--seeds 0,1,2] [--rounds 30] [--nodes 20] [--mix pi4-4g] [--jobs N]
 
 Flower-free on purpose, so that variants x seeds x participation run in
 parallel (one process per run): the devices run the product's own code
@@ -15,7 +15,10 @@ N = 89,610), Dirichlet alpha 0.5, one local epoch, batch 32, lr 0.1; all devices
 per round ("full") or half of them, drawn per round ("half"). Dense FedAvg sends
 fp32 weights both ways; its fp16 row counts the same run at 2 bytes per weight
 (values not re-quantized). Per seed and participation the target is that dense
-run's final accuracy minus 1 point.
+run's final accuracy minus 1 point. `--mix` takes a mixed fleet as the race
+does (profiles round robin; a device whose profile's availability is below 1
+sits a round out by the ClientApp's own coin flip, after its instruction was
+sent and counted).
 """
 
 import argparse
@@ -128,13 +131,14 @@ def run_one(
     nodes: int,
     rounds: int,
     subset: int,
+    mix: str = "pi4-4g",
 ) -> dict:
     """One federated run of `levers` (run-config keys) in this process; accuracy and bytes per round."""
     import numpy as np
     import torch
 
-    from dropfleet.client.local import local_data, train_dense, train_sparse, uplink_payload
-    from dropfleet.client.profiles import get_profile
+    from dropfleet.client.local import is_available, local_data, train_dense, train_sparse, uplink_payload
+    from dropfleet.client.profiles import profile_for_partition
     from dropfleet.common.codec import HeldSet, decode, encode
     from dropfleet.common.data import load_fashion_mnist
     from dropfleet.common.downlink import DownlinkPublisher, GlobalSet, apply_delta
@@ -148,9 +152,8 @@ def run_one(
     from dropfleet.server.strategies.dropback import server_optimizer
 
     torch.set_num_threads(1)
-    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, **levers}
+    raw = {"seed": seed, "num-server-rounds": rounds, "train-subset": subset, "fleet-mix": mix, **levers}
     config = RunConfig.from_mapping(raw)
-    profile = get_profile("pi4-4g")
     test = load_fashion_mnist("test")
     n = num_weights(config.model_id)
     dense = config.strategy == "fedavg"
@@ -173,16 +176,20 @@ def run_one(
         updates, dense_updates = [], []
         down_payload = len(encode(global_sparse, config.value_precision))
         for pid in sampled:
+            profile = profile_for_partition(pid, config.profiles)
+            if delta_down:
+                mine = held.get(pid)
+                message = publisher.message_for(mine.version if mine else None)
+            down += 4 * n if dense else len(message) if delta_down else down_payload
+            if not is_available(profile, config, r, pid):
+                continue  # it refuses before reading the instruction: it holds the version it held
             train, _ = local_data(config, pid, nodes)
             if dense:
                 new, _ = train_dense(state, train, config, r)
                 dense_updates.append((new, len(train)))
                 up += 4 * n
-                down += 4 * n
             else:
                 if delta_down:
-                    mine = held.get(pid)
-                    message = publisher.message_for(mine.version if mine else None)
                     held[pid] = apply_delta(mine, message)  # digest-checked: the server's set exactly
                 update = train_sparse(global_sparse, train, profile, config, r)
                 payload, residuals[pid] = uplink_payload(
@@ -191,12 +198,12 @@ def run_one(
                 reply = decode(payload, held=HeldSet(r, global_sparse))
                 updates.append((pid, resolve(reply, global_sparse, r), float(update.num_examples)))
                 up += len(payload)
-                down += len(message) if delta_down else down_payload
-        if dense:
+        if not (dense_updates if dense else updates):  # nobody answered: the strategy keeps the global
+            if delta_down:
+                publisher.republish(r + 1)
+        elif dense:
             total = sum(w for _, w in dense_updates)
             state = {k: sum(s[k] * (w / total) for s, w in dense_updates) for k in state}
-            model = seeded_model(config.model_id, seed)
-            model.load_state_dict(state)
         else:
             if memory is not None:
                 merging = memory.augment(r, global_sparse, updates)
@@ -213,6 +220,10 @@ def run_one(
                 global_sparse = publisher.publish(merged, r + 1).to_sparse()  # exactly what devices rebuild
             else:
                 global_sparse = decode(encode(merged, config.value_precision))  # as devices receive it
+        if dense:
+            model = seeded_model(config.model_id, seed)
+            model.load_state_dict(state)
+        else:
             model = materialize(global_sparse)
         acc = evaluate(model, test).accuracy
         curve.append({"round": r, "accuracy": acc, "bytes_up": up, "bytes_down": down})
@@ -332,8 +343,8 @@ def summarize(results: list[dict], variants: list[str]) -> list[dict]:
     return rows
 
 
-def _print(rows: list[dict], nodes: int) -> None:
-    print(f"Accuracy per byte, {nodes} pi4-4g devices (median over seeds; target: dense final - 1 pt)")
+def _print(rows: list[dict], nodes: int, mix: str) -> None:
+    print(f"Accuracy per byte, {nodes} devices of {mix} (median over seeds; target: dense final - 1 pt)")
     head = f"  {'participation / variant':<48} {'reached':>7} {'MB to target':>12} {'round':>5} "
     head += (
         f"{'dense/this':>10} {'drop worst/med':>14} {'kB up/rd':>9} {'kB down/rd':>10}  accuracy at rounds"
@@ -368,6 +379,11 @@ def main() -> None:
         help="'key=v1,v2;key=...': dropback-momentum with every combination of these run-config values",
     )
     parser.add_argument("--participation", default="full,half")
+    parser.add_argument(
+        "--mix",
+        default="pi4-4g",
+        help="device profiles, round robin (the default mixed fleet: mcu-512k,pi-zero-512m,pi4-4g,jetson-8g)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=Path("results/bench-levers.json"))
     args = parser.parse_args()
@@ -386,7 +402,7 @@ def main() -> None:
     chosen = chosen or dict(VARIANTS)
     chosen = {"dense fedavg": ALL["dense fedavg"], **chosen}  # the target comes from it
     jobs = [
-        (v, chosen[v], s, p, nodes, rounds, subset)
+        (v, chosen[v], s, p, nodes, rounds, subset, args.mix)
         for p in args.participation.split(",")
         for s in seeds
         for v in chosen
@@ -400,7 +416,7 @@ def main() -> None:
             # Written as runs finish, so a sweep cut short still leaves what it measured.
             args.out.write_text(json.dumps({"runs": results}, indent=1))
     rows = summarize(results, list(chosen))
-    _print(rows, nodes)
+    _print(rows, nodes, args.mix)
     print(f"  {len(jobs)} runs in {time.monotonic() - started:.0f} s on {args.jobs} processes")
     args.out.write_text(json.dumps({"rows": rows, "runs": results}, indent=1))
     if not math.isfinite(sum(r["curve"][-1]["accuracy"] for r in results)):

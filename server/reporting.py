@@ -25,6 +25,7 @@ class RoundStats:
     bytes_up: int = 0
     global_tracked: int = 0
     churn: float = 0.0
+    replayed: int = 0  # updates the update memory replayed for devices that sat the round out
     train_loss: float | None = None
     fed_accuracy: float | None = None
     fed_loss: float | None = None
@@ -176,5 +177,5 @@ class RoundRecorder:
             f"round {s.round:>3}  acc {100 * s.accuracy:6.2f}%  loss {s.loss:.4f}  fed-acc {fed:>7}  "
             f"replied {s.replied}/{s.sampled} failed {s.failed} rejected {s.rejected}  "
             f"up {s.bytes_up:,} B  down {s.bytes_down:,} B  tracked {s.global_tracked:,}  "
-            f"churn {100 * s.churn:.1f}%  {s.seconds:.1f}s"
+            f"churn {100 * s.churn:.1f}%{f'  replayed {s.replayed}' if s.replayed else ''}  {s.seconds:.1f}s"
         )

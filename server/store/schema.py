@@ -54,6 +54,7 @@ class Round(Base):
     bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
     tracked: Mapped[int] = mapped_column(BigInteger, default=0)
     churn: Mapped[float] = mapped_column(Float, default=0.0)
+    replayed: Mapped[int] = mapped_column(Integer, default=0)
     seconds: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 

@@ -42,6 +42,7 @@ _ROUND_FIELDS = (
     "bytes_up",
     "bytes_down",
     "churn",
+    "replayed",
     "seconds",
 )
 

@@ -121,15 +121,26 @@ class SparseDropBack(SparseReplies):
             for m in messages
         ]
 
-    def _track_held(self, server_round: int, replies: list[Message]) -> None:
-        """Which version each node holds: this round's for an accepted reply (the device kept it then)."""
+    def _settle_nodes(self, server_round: int, replies: list[Message]) -> None:
+        """What each node holds after this round's replies.
+
+        Delta downlink: an accepted reply's node kept this round's version; a
+        rejected one, or one that says it is lost, gets the whole set next
+        time. Update memory: a rejected reply drops its node's kept update
+        (an unavailable device's error reply keeps it, to be replayed).
+        """
         accepted = set(self.accepted_nodes)
         for m in replies:
             node = m.metadata.src_node_id
             if node in accepted:
-                self.held[node] = server_round
-            elif not m.has_error() or m.error.code == OUT_OF_SYNC:  # rejected, or it says it is lost
+                if self.downlink is not None:
+                    self.held[node] = server_round
+                continue
+            rejected = not m.has_error()
+            if rejected or m.error.code == OUT_OF_SYNC:
                 self.held.pop(node, None)
+            if rejected and self.memory is not None:
+                self.memory.forget(node)
 
     def merge(
         self, server_round: int, replies: list[Message]
@@ -137,13 +148,7 @@ class SparseDropBack(SparseReplies):
         # The global sent in round r is version r: change-coded replies are against it.
         updates = self.accept(server_round, replies, self.global_model, version=server_round)
         stats = self.recorder.current(server_round)
-        if self.downlink is not None:
-            self._track_held(server_round, replies)
-        if self.memory is not None:
-            accepted = set(self.accepted_nodes)
-            for m in replies:
-                if not m.has_error() and m.metadata.src_node_id not in accepted:
-                    self.memory.forget(m.metadata.src_node_id)
+        self._settle_nodes(server_round, replies)
         if updates is None:
             stats.global_tracked = self.global_model.num_tracked
             if self.downlink is not None:  # the same set, as the version the next round sends
@@ -170,12 +175,13 @@ class SparseDropBack(SparseReplies):
         arrays = self._publish_model(merged)
         stats.churn = churn(previous, self.global_model)
         stats.global_tracked = self.global_model.num_tracked
+        stats.replayed = len(merging) - len(updates)
         log(
             INFO,
             "Round %s: merged %s updates (%s replayed from the update memory) into %s tracked weights",
             server_round,
             len(merging),
-            len(merging) - len(updates),
+            stats.replayed,
             stats.global_tracked,
         )
         return arrays, train_metrics(stats, [u.reply for u in updates])

@@ -72,6 +72,7 @@ def fill(
                 "failed": 1,
                 "bytes_up": 9000 * scale,
                 "bytes_down": 24000 * scale,
+                "replayed": r - 1,
                 "seconds": 2.0,
             },
             models[-1],

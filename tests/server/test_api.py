@@ -36,6 +36,7 @@ def test_runs_and_rounds(api):
     assert run["status"] == "finished" and run["strategy"] == "dropback"
     rounds = httpx.get(api.url + "/v1/runs/101/rounds").json()
     assert [r["round"] for r in rounds] == [0, 1, 2] and rounds[2]["accuracy"] == pytest.approx(0.7)
+    assert [r["replayed"] for r in rounds] == [0, 0, 1]
     assert [r["round"] for r in httpx.get(api.url + "/v1/runs/101/rounds", params={"after": 1}).json()] == [2]
 
 

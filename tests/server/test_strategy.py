@@ -13,6 +13,7 @@ from dropfleet.common.merge import merge_sparse
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, record_payload
+from dropfleet.fleet.replies import UNAVAILABLE
 from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies import SparseDropBack
 from tests.server.messages import content, model, raw_record, reply
@@ -204,10 +205,14 @@ def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
     first = {n: model(2000, n) for n in (11, 12, 13)}
     s.aggregate_train(1, [reply(n, content(m, examples=100 * n)) for n, m in first.items()])
 
-    # Round 2: node 13 sits out; its round-1 change (against the bare seed) is replayed on g2.
+    # Round 2: node 13 sits out (its error reply says so); its round-1 change (against the bare
+    # seed) is replayed on g2.
     g2 = s.global_model
     second = {n: model(2000, 20 + n) for n in (11, 12)}
-    s.aggregate_train(2, [reply(n, content(m, examples=100 * n), server_round=2) for n, m in second.items()])
+    away = reply(13, error=Error(code=UNAVAILABLE, reason="unavailable this round"), server_round=2)
+    s.aggregate_train(
+        2, [reply(n, content(m, examples=100 * n), server_round=2) for n, m in second.items()] + [away]
+    )
     now = np.zeros(N)
     now[g2.flat_positions()] = g2.flat_values()
     pos = first[13].flat_positions()
@@ -222,6 +227,7 @@ def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
     assert np.array_equal(s.global_model.flat_positions(), want.flat_positions())
     assert np.array_equal(s.global_model.flat_values(), want.flat_values())
     assert not np.array_equal(want.flat_positions(), without.flat_positions())
+    assert s.recorder.current(2).replayed == 1  # in the round's record (JSON lines, store, REST)
 
     # Round 3: node 13 replies with garbage: refused, and its kept update with it.
     g3 = s.global_model
@@ -233,3 +239,4 @@ def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
     fresh_only = next_global(g3, [(m, 100.0 * n) for n, m in third.items()], 3000, rule="tracked-mean")
     assert np.array_equal(s.global_model.flat_positions(), fresh_only.flat_positions())
     assert np.array_equal(s.global_model.flat_values(), fresh_only.flat_values())
+    assert s.recorder.current(3).replayed == 0
