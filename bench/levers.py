@@ -31,6 +31,19 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from dropfleet.fleet.config import PRESETS
+
+
+def preset(changes: dict[str, object]) -> dict[str, object]:
+    """`dropback-momentum`'s levers spelled out under `strategy = "dropback"`, with `changes`.
+
+    The preset itself only fills keys left at their defaults, so a change back
+    to a default value (server step 1, no update memory) needs the levers spelled out.
+    """
+    levers = {name.replace("_", "-"): value for name, value in PRESETS["dropback-momentum"].items()}
+    return {"strategy": "dropback", **levers, **changes}
+
+
 # The accuracy levers of `dropback-momentum`, spelled out so that its byte levers can vary.
 _LEVERS = {"aggregation": "tracked-mean", "server-momentum": 0.7, "learning-rate-schedule": "cosine"}
 # dropback-momentum before the update memory (momentum 0.7, server step 1)
@@ -48,19 +61,14 @@ VARIANTS: dict[str, dict[str, object]] = {
     },
     "momentum 0.7 + cosine lr, fp16 both ways": _LEVERS,
     # int4 change uplink; the global set whole at int8, or as changes since each device's version
-    "momentum 0.7 + cosine lr, int4 change uplink, int8 down": {
-        "strategy": "dropback-momentum",
-        **_BEFORE_MEMORY,
-        "downlink-coding": "whole",
-        "value-precision": "int8",
-    },
-    "momentum 0.7 + cosine lr, int4 change uplink, delta downlink int8": {
-        "strategy": "dropback-momentum",
-        **_BEFORE_MEMORY,
-        "value-precision": "int8",
-    },
+    "momentum 0.7 + cosine lr, int4 change uplink, int8 down": preset(
+        {**_BEFORE_MEMORY, "downlink-coding": "whole", "value-precision": "int8"}
+    ),
+    "momentum 0.7 + cosine lr, int4 change uplink, delta downlink int8": preset(
+        {**_BEFORE_MEMORY, "value-precision": "int8"}
+    ),
     # momentum 0.7 + cosine lr, int4 change uplink, delta downlink int4
-    "dropback-momentum before the update memory": {"strategy": "dropback-momentum", **_BEFORE_MEMORY},
+    "dropback-momentum before the update memory": preset(_BEFORE_MEMORY),
     "dropback-momentum": {"strategy": "dropback-momentum"},  # and the update memory, momentum 0.4, step 1.5
 }
 # Further candidates, run by name (--variants): not part of the default sweep.
@@ -90,13 +98,10 @@ EXTRA: dict[str, dict[str, object]] = {
         for opt in ("adam", "yogi")
         for eta in (0.1, 0.03, 0.01, 0.003)
     },
-    "dropback-momentum, ternary change uplink": {
-        "strategy": "dropback-momentum",
-        "uplink-precision": "ternary",
-    },
+    "dropback-momentum, ternary change uplink": preset({**_BEFORE_MEMORY, "uplink-precision": "ternary"}),
     # The stabilizers tried on the preset before the update memory (momentum 0.7, server step 1).
     **{
-        f"dropback-momentum, {name}": {"strategy": "dropback-momentum", **_BEFORE_MEMORY, **levers}
+        f"dropback-momentum, {name}": preset({**_BEFORE_MEMORY, **levers})
         for name, levers in (
             ("momentum 0.5", {"server-momentum": 0.5}),
             ("momentum 0.6", {"server-momentum": 0.6}),
@@ -250,10 +255,7 @@ def grid(spec: str) -> dict[str, dict[str, object]]:
     if not axes:
         return {}
     return {
-        "dropback-momentum, " + ", ".join(f"{k} {v}" for k, v in combo): {
-            "strategy": "dropback-momentum",
-            **dict(combo),
-        }
+        "dropback-momentum, " + ", ".join(f"{k} {v}" for k, v in combo): preset(dict(combo))
         for combo in itertools.product(*axes)
     }
 
