@@ -13,7 +13,7 @@ device's next message spans the rounds it missed.
 Variants (`VARIANTS`): dense FedAvg (Flower's, fp32; its bytes are also shown
 counted at fp16), top-k FedAvg with error feedback both ways (fp16 values, and
 STC's ternary values), DropBack as in the paper, and `dropback-momentum` (the
-accuracy-per-byte levers, README).
+accuracy-per-byte levers, README); `EXTRA` variants run when named.
 
 Per participation and variant, over seeds: accuracy at rounds 10/20/30
 (median), payload bytes up and down per round, bits per parameter per
@@ -59,6 +59,16 @@ VARIANTS: dict[str, dict[str, object]] = {
     "dropback (paper)": {"strategy": "dropback"},
     "dropback-momentum": {"strategy": "dropback-momentum"},
 }
+# Run by name only (--variants): not part of the default race.
+EXTRA: dict[str, dict[str, object]] = {
+    # a calmer server step for a mixed fleet with partial participation (README, bench/levers.py --mix)
+    "dropback-momentum, momentum 0.2, lr to 0.005": {
+        "strategy": "dropback-momentum",
+        "server-momentum": 0.2,
+        "final-learning-rate": 0.005,
+    },
+}
+ALL = {**VARIANTS, **EXTRA}
 DENSE = "dense fedavg"
 PARTICIPATION = {"full": 1.0, "half": 0.5}
 
@@ -70,7 +80,7 @@ def run(name: str, seed: int, participation: str, args: argparse.Namespace, work
     )
     results, store_url = work / f"{tag}.jsonl", f"sqlite:///{work / f'{tag}.db'}"
     config = {
-        **VARIANTS[name],
+        **ALL[name],
         "seed": seed,
         "num-server-rounds": args.rounds,
         "fleet-mix": args.mix,
@@ -110,7 +120,7 @@ def run(name: str, seed: int, participation: str, args: argparse.Namespace, work
 
 def kept_between_rounds(name: str, mix: str) -> int:
     """Bytes a device of the fleet's first profile keeps from one round to the next, by construction."""
-    config = RunConfig.from_mapping(VARIANTS[name])
+    config = RunConfig.from_mapping(ALL[name])
     n = num_weights(config.model_id)
     if config.strategy == "fedavg":
         return 0
@@ -143,7 +153,7 @@ def crosscheck(variants: list[str], work: Path, rounds: int) -> dict[str, dict]:
     try:
         for name in variants:
             config = {
-                **VARIANTS[name],
+                **ALL[name],
                 "num-server-rounds": rounds,
                 "fleet-mix": "pi4-4g",
                 "fraction-evaluate": 0.0,
@@ -213,7 +223,7 @@ def summarize(runs: list[dict], framing: dict[str, float], n: int, mix: str) -> 
     for participation in PARTICIPATION:
         mine_p = [r for r in runs if r["participation"] == participation]
         targets = {r["seed"]: r["curve"][-1]["accuracy"] - 0.01 for r in mine_p if r["variant"] == DENSE}
-        for name in [*VARIANTS, f"{DENSE} (fp16)"]:
+        for name in [*ALL, f"{DENSE} (fp16)"]:
             variant, scale = (DENSE, 0.5) if name.endswith("(fp16)") else (name, 1.0)
             mine = [r for r in mine_p if r["variant"] == variant and r["seed"] in targets]
             if not mine:
@@ -274,7 +284,7 @@ def plot(runs: list[dict], path: Path, nodes: int) -> None:
     parts = [p for p in PARTICIPATION if any(r["participation"] == p for r in runs)]
     fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 4.5), squeeze=False)
     for ax, participation in zip(axes[0], parts, strict=True):
-        for name in VARIANTS:
+        for name in ALL:
             mine = [r for r in runs if r["participation"] == participation and r["variant"] == name]
             if not mine:
                 continue
@@ -352,8 +362,8 @@ def main() -> None:
     if args.quick:
         seeds, participations, args.rounds, args.subset = [0], ["full"], 3, 200
     variants = [v.strip() for v in args.variants.split(";") if v.strip()] or list(VARIANTS)
-    if unknown := set(variants) - set(VARIANTS):
-        parser.error(f"unknown variants {sorted(unknown)}; known: {list(VARIANTS)}")
+    if unknown := set(variants) - set(ALL):
+        parser.error(f"unknown variants {sorted(unknown)}; known: {list(ALL)}")
     if DENSE not in variants:
         variants.insert(0, DENSE)
     if unknown := set(participations) - set(PARTICIPATION):
