@@ -19,12 +19,23 @@ def up(
         "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g"
     ),
     tls: Annotated[bool, typer.Option(help="TLS between SuperNodes and the SuperLink")] = True,
-    node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = False,
+    node_auth: Annotated[bool, typer.Option(help="only registered SuperNodes may connect")] = True,
+    dev: Annotated[
+        bool,
+        typer.Option(
+            "--dev", help="a development fleet: allows --no-tls / --no-node-auth, runs unsigned apps"
+        ),
+    ] = False,
     streaming: Annotated[
         bool,
         typer.Option(help="devices stream even when their budget holds the dense step"),
     ] = False,
-    superlink_port: Annotated[int, typer.Option(help="SuperLink HTTP API port")] = 8000,
+    superlink_port: Annotated[
+        int, typer.Option(help="the published port (the proxy: Fleet API only)")
+    ] = 8000,
+    control_port: Annotated[
+        int, typer.Option(help="the SuperLink itself on 127.0.0.1 (0: published port + 1)")
+    ] = 0,
     api_port: Annotated[int, typer.Option(help="REST API port")] = 8080,
     node_port_base: Annotated[
         int, typer.Option(help="runtime API port of SuperNode 0 (then +1, +2...)")
@@ -43,9 +54,11 @@ def up(
         node_auth=node_auth,
         streaming=streaming,
         superlink_port=superlink_port,
+        control_port=control_port,
         api_port=api_port,
         node_port_base=node_port_base,
         state_dir=state_dir,
+        dev=dev,
     )
     try:
         info = fleet_up(spec)
@@ -54,11 +67,22 @@ def up(
     if as_json:
         typer.echo(json.dumps(info))
         return
-    console.print(
-        f"fleet up: {nodes} SuperNode(s), SuperLink {info['superlink']} (TLS {'on' if tls else 'off'})"
+    guards = (
+        "TLS, node auth, signed apps only"
+        if not dev
+        else "DEVELOPMENT: "
+        + ", ".join(
+            [
+                f"TLS {'on' if tls else 'off'}",
+                f"node auth {'on' if node_auth else 'off'}",
+                "unsigned apps run",
+            ]
+        )
     )
+    console.print(f"fleet up: {nodes} SuperNode(s), published {info['superlink']} ({guards})")
+    console.print(f"  boards get  {info['app_signer']} and the CA certificate beside it")
     console.print(f"  API         {info['api']}   (admin token in {info['admin_token_file']})")
-    console.print(f"  flwr        FLWR_HOME={info['flwr_home']} flwr run . {info['connection']}")
+    console.print(f"  operator    FLWR_HOME={info['flwr_home']} flwr ls {info['connection']} (loopback)")
     console.print(f"  store       {info['database_url']}")
     console.print(f"  logs        {info['logs']}")
 

@@ -1,6 +1,7 @@
 """The process fleet: the topology (deploy/topology.py) as supervised local processes on 127.0.0.1.
 
-    dropfleet fleet up --nodes 4      # SuperLink + SuperExecs + SuperNodes + API, TLS on
+    dropfleet fleet up --nodes 4      # SuperLink + proxy + SuperExecs + SuperNodes + API: TLS,
+                                      # node auth, signed apps only (--dev turns them off)
     dropfleet fleet status
     dropfleet fleet down              # stops exactly what `up` started (PID files)
 
@@ -26,7 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from dropfleet.common.data import check_fashion_mnist
 from dropfleet.common.errors import DropfleetError
 from dropfleet.deploy.certs import create_certificates
-from dropfleet.deploy.topology import BIN, CONNECTION, FleetSpec, local_layout, topology
+from dropfleet.deploy.topology import APP_SIGNER, BIN, CONNECTION, FleetSpec, local_layout, topology
+from dropfleet.fleet.app_signing import SIGNING_KEY_ENV, create_signing_key
 from dropfleet.fleet.flower_env import OFFLINE_ENV, write_connection
 
 
@@ -42,6 +44,15 @@ def _env(spec: FleetSpec, state: Path) -> dict[str, str]:
     return env
 
 
+def write_secret(path: Path, data: bytes) -> Path:
+    """A secret file created with its final mode (0600): never readable by others, not even briefly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return path
+
+
 def node_keys(state: Path, nodes: int) -> list[Path]:
     """An EC P-384 key pair per SuperNode (OpenSSH format), created once."""
     keys = state / "keys"
@@ -51,14 +62,14 @@ def node_keys(state: Path, nodes: int) -> list[Path]:
         path = keys / f"node-{i}"
         if not path.exists():
             key = ec.generate_private_key(ec.SECP384R1())
-            path.write_bytes(
+            write_secret(
+                path,
                 key.private_bytes(
                     serialization.Encoding.PEM,
                     serialization.PrivateFormat.OpenSSH,
                     serialization.NoEncryption(),
-                )
+                ),
             )
-            path.chmod(0o600)
             path.with_suffix(".pub").write_bytes(
                 key.public_key().public_bytes(
                     serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
@@ -68,11 +79,17 @@ def node_keys(state: Path, nodes: int) -> list[Path]:
     return out
 
 
+def superexec_secrets(state: Path, nodes: int) -> None:
+    """The shared secrets between each Runtime API (SuperLink, SuperNode i) and its SuperExec."""
+    for name in ["superexec-server", *(f"superexec-node-{i}" for i in range(nodes))]:
+        if not (state / "keys" / name).exists():
+            write_secret(state / "keys" / name, secrets.token_urlsafe(32).encode())
+
+
 def _wait_and_register(
     spec: FleetSpec, state: Path, env: dict[str, str], started: dict[str, subprocess.Popen], timeout: float
 ) -> None:
     """With node auth on, register every node's public key before any SuperNode starts."""
-    _wait_superlink(spec, state, started, timeout)
     for key in node_keys(state, spec.nodes):
         done = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(key.with_suffix(".pub")), CONNECTION],
@@ -116,29 +133,35 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     state = spec.state_dir.resolve()
     if list((state / "pids").glob("*.json")) if (state / "pids").exists() else []:
         raise FleetError(f"{state} already has a fleet; run `dropfleet fleet down` first")
-    ports = [spec.superlink_port, spec.api_port] + [spec.node_port_base + i for i in range(spec.nodes)]
+    ports = [spec.superlink_port, spec.link_port, spec.api_port]
+    ports += [spec.node_port_base + i for i in range(spec.nodes)]
     busy = [p for p in ports if not _port_free(spec.host, p)]
     if busy:
         raise FleetError(f"ports already in use on {spec.host}: {busy}")
     for sub in ("pids", "logs", "flwr"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     certs = create_certificates(state / "certs") if spec.tls else None
+    layout = local_layout(spec, state)
+    create_signing_key(state / "keys" / "app-signing", Path(layout.trust_dir) / APP_SIGNER)
+    superexec_secrets(state, spec.nodes)
     token_file = state / "admin-token"
     if not token_file.exists():
-        token_file.write_text(secrets.token_urlsafe(32))
-        token_file.chmod(0o600)
+        write_secret(token_file, secrets.token_urlsafe(32).encode())
+    # The operator's connection: the SuperLink itself on loopback (the published port refuses it).
     write_connection(
-        state / "flwr", CONNECTION, f"{spec.host}:{spec.superlink_port}", certs["ca"] if certs else None, True
+        state / "flwr", CONNECTION, f"127.0.0.1:{spec.link_port}", certs["ca"] if certs else None, True
     )
     env = _env(spec, state)
     started: dict[str, subprocess.Popen] = {}
     try:
-        for name, cmd in topology(spec, local_layout(spec, state)).items():
+        for name, cmd in topology(spec, layout).items():
             started[name] = _spawn(spec, state, name, cmd)
-            if name == "superlink" and spec.node_auth:
-                _wait_and_register(spec, state, env, started, timeout)
             if name == "superlink":
-                _wait_superlink(spec, state, started, timeout)
+                _wait_superlink(spec, state, started, timeout, spec.link_port)
+                if spec.node_auth:
+                    _wait_and_register(spec, state, env, started, timeout)
+            if name == "proxy":
+                _wait_superlink(spec, state, started, timeout, spec.superlink_port)
         _wait_ready(spec, started, timeout)
     except BaseException:
         down(spec.state_dir)
@@ -146,7 +169,11 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     info = {
         "state_dir": str(state),
         "superlink": f"{spec.host}:{spec.superlink_port}",
+        "control_api": f"127.0.0.1:{spec.link_port}",
         "tls": spec.tls,
+        "node_auth": spec.node_auth,
+        "signed_apps_only": not spec.dev,
+        "app_signer": str(Path(layout.trust_dir) / APP_SIGNER),
         "api": f"http://{spec.host}:{spec.api_port}",
         "admin_token_file": str(token_file),
         "flwr_home": str(state / "flwr"),
@@ -168,6 +195,8 @@ def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: st
             "DROPFLEET_ADMIN_TOKEN": (state / "admin-token").read_text(),
             "DROPFLEET_FLOWER_CONNECTION": CONNECTION,
             "DROPFLEET_FLWR_HOME": str(state / "flwr"),
+            SIGNING_KEY_ENV: str(state / "keys" / "app-signing"),
+            "DROPFLEET_ENVIRONMENT": "production",
         }
     log = (state / "logs" / f"{name}.log").open(log_mode)
     p = subprocess.Popen(
@@ -178,12 +207,15 @@ def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: st
 
 
 def _wait_superlink(
-    spec: FleetSpec, state: Path, started: dict[str, subprocess.Popen], timeout: float
+    spec: FleetSpec, state: Path, started: dict[str, subprocess.Popen], timeout: float, port: int
 ) -> None:
+    """The SuperLink answers on `port`: its own (loopback) or the published one (through the proxy)."""
     ca = state / "certs" / "ca.crt"
     verify: str | bool = str(ca) if spec.tls else False
-    url = f"{'https' if spec.tls else 'http'}://{spec.host}:{spec.superlink_port}/health"
-    _wait(lambda: httpx.get(url, verify=verify, timeout=1).is_success, "the SuperLink", timeout, started)
+    host = "127.0.0.1" if port == spec.link_port else spec.host
+    url = f"{'https' if spec.tls else 'http'}://{host}:{port}/health"
+    what = "the SuperLink" if port == spec.link_port else "the proxy"
+    _wait(lambda: httpx.get(url, verify=verify, timeout=1).is_success, what, timeout, started)
 
 
 def _wait_ready(
@@ -231,7 +263,9 @@ def restart(state_dir: Path, names: list[str] | None = None, timeout: float = 90
         if name in chosen:
             started[name] = _spawn(spec, state, name, commands[name], log_mode="a")
             if name == "superlink":
-                _wait_superlink(spec, state, started, timeout)
+                _wait_superlink(spec, state, started, timeout, spec.link_port)
+            if name == "proxy":
+                _wait_superlink(spec, state, started, timeout, spec.superlink_port)
     _wait_ready(spec, started, timeout, only=chosen)
     return chosen
 
@@ -242,8 +276,18 @@ def _kill_group(rec: dict, sig: signal.Signals) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive_as_started(rec["pid"], rec["cmd"]):
+    while time.monotonic() < deadline and _group_alive(rec["pid"]):
         time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _alive_as_started(pid: int, cmd: list[str]) -> bool:
@@ -275,7 +319,8 @@ def down(state_dir: Path, timeout: float = 20.0) -> list[str]:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive_as_started(r["pid"], r["cmd"]) for r in live.values()):
+    # Until every process of each group is gone (the proxy's nginx outlives its wrapper by a moment).
+    while time.monotonic() < deadline and any(_group_alive(r["pid"]) for r in live.values()):
         time.sleep(0.2)
     for rec in live.values():
         try:

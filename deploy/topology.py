@@ -4,6 +4,12 @@ The process fleet (deploy/fleet.py), docker-compose.yml (deploy/compose.py) and
 the edge units run what `topology` says, each with its own `Layout` (where the
 SuperLink is, what servers bind to, where data and certificates live), so they
 cannot drift apart.
+
+Safe to publish (docs/security.md): the SuperLink listens on loopback only and
+the published port is the proxy (deploy/proxy.py), which passes the Fleet API
+and nothing else; every SuperExec is `dropfleet-superexec`, which runs only
+apps the operator signed (fleet/launcher.py); SuperNodes authenticate with a
+registered key. Turning any of that off needs `dev=True`, said explicitly.
 """
 
 import sys
@@ -19,6 +25,7 @@ SUPERLINK_PORT = 8000
 API_PORT = 8080
 NODE_PORT_BASE = 9100
 CONNECTION = "fleet"
+APP_SIGNER = "app-signer.pub"  # the operator's public app key, beside ca.crt: what a board trusts
 
 
 @dataclass(frozen=True)
@@ -26,17 +33,33 @@ class FleetSpec:
     nodes: int = 4
     profiles: tuple[str, ...] = ("mcu-512k", "pi-zero-512m", "pi4-4g", "jetson-8g")
     tls: bool = True
-    node_auth: bool = False  # only registered SuperNodes may connect (needs TLS)
+    node_auth: bool = True  # only registered SuperNodes may connect (needs TLS)
     streaming: bool = False  # devices stream even when the dense step fits (node config streaming=true)
     host: str = "127.0.0.1"
-    superlink_port: int = SUPERLINK_PORT
+    superlink_port: int = SUPERLINK_PORT  # the published port (the proxy)
+    # The SuperLink itself (all of its APIs), on loopback only; 0: superlink_port + 1.
+    control_port: int = 0
     api_port: int = API_PORT
     node_port_base: int = NODE_PORT_BASE
     state_dir: Path = field(default_factory=lambda: Path(".fleet"))
+    # Development only: TLS or node authentication may be off, and any app runs, signed or not.
+    dev: bool = False
+
+    @property
+    def link_port(self) -> int:
+        """Where the SuperLink listens (loopback): the operator's Control API and the Runtime API."""
+        return self.control_port or self.superlink_port + 1
 
     def validate(self) -> None:
         if self.node_auth and not self.tls:
             raise ConfigError("SuperNode authentication needs TLS")
+        if not self.dev and not (self.tls and self.node_auth):
+            raise ConfigError(
+                "a fleet without TLS or without SuperNode authentication is a development fleet: "
+                "ask for it explicitly (--dev)"
+            )
+        if self.link_port == self.superlink_port:
+            raise ConfigError("the SuperLink's loopback port must differ from the published port")
         if self.nodes < 1:
             raise ConfigError(f"a fleet needs at least one node, got {self.nodes}")
         if not self.profiles:
@@ -58,6 +81,8 @@ class Layout:
     data_dir: str
     certs_dir: str | None  # None: TLS off
     node_port: Callable[[int], int]  # runtime API port of SuperNode i
+    keys_dir: str  # the operator's secrets: node keys, SuperExec secrets (never on a board)
+    trust_dir: str  # public material every board receives: ca.crt, app-signer.pub
 
 
 def _exe(layout: Layout, name: str) -> str:
@@ -67,20 +92,27 @@ def _exe(layout: Layout, name: str) -> str:
 def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
     """Every process of the fleet and its command line, by name: the process fleet and
     docker-compose.yml are both generated from this, so they cannot drift apart."""
-    link = f"{layout.superlink_host}:{spec.superlink_port}"
+    published = f"{layout.superlink_host}:{spec.superlink_port}"
+    loopback = f"127.0.0.1:{spec.link_port}"
     certs = layout.certs_dir
     to_link = ["--root-certificates", f"{certs}/ca.crt"] if certs else ["--insecure"]
+    # Apps run only when the operator signed them (fleet/launcher.py), unless this is a dev fleet.
+    gate = (
+        ["--allow-unsigned-apps"] if spec.dev else ["--trusted-app-keys", f"{layout.trust_dir}/{APP_SIGNER}"]
+    )
     superlink = [
         _exe(layout, "flower-superlink"),
         "--host",
-        layout.bind_host,
+        "127.0.0.1",
         "--port",
-        str(spec.superlink_port),
+        str(spec.link_port),
         "--isolation",
         "process",
         "--database",
         f"{layout.data_dir}/superlink.db",
         "--disable-runtime-dependency-installation",
+        "--superexec-auth-secret-file",
+        f"{layout.keys_dir}/superexec-server",
     ]
     superlink += (
         [
@@ -93,9 +125,29 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
     )
     if spec.node_auth:
         superlink.append("--enable-supernode-auth")
+    proxy = [
+        _exe(layout, "dropfleet"),
+        "proxy",
+        "--listen",
+        f"{layout.bind_host}:{spec.superlink_port}",
+        "--upstream-port",
+        str(spec.link_port),
+        "--run-dir",
+        f"{layout.data_dir}/proxy",
+    ]
+    proxy += ["--certs", certs] if certs else ["--no-tls"]
     procs = {
         "superlink": superlink,
-        "superexec-serverapp": [_exe(layout, "flower-superexec"), "--runtime-api-address", link, *to_link],
+        "proxy": proxy,
+        "superexec-serverapp": [
+            _exe(layout, "dropfleet-superexec"),
+            "--runtime-api-address",
+            loopback,
+            *to_link,
+            "--superexec-auth-secret-file",
+            f"{layout.keys_dir}/superexec-server",
+            *gate,
+        ],
     }
     for i in range(spec.nodes):
         port = layout.node_port(i)
@@ -103,10 +155,11 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
         if spec.streaming:
             node_config += " streaming=true"
+        secret = ["--superexec-auth-secret-file", f"{layout.keys_dir}/superexec-node-{i}"]
         procs[f"supernode-{i}"] = [
             _exe(layout, "flower-supernode"),
             "--superlink",
-            link,
+            published,
             "--isolation",
             "process",
             "--host",
@@ -116,21 +169,25 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
             "--node-config",
             node_config,
             *to_link,
+            *secret,
         ]
         if spec.node_auth:
-            key = f"{layout.data_dir}/keys/node-{i}"
+            key = f"{layout.keys_dir}/node-{i}"
             procs[f"supernode-{i}"] += [
                 "--auth-supernode-private-key",
                 key,
                 "--auth-supernode-public-key",
                 f"{key}.pub",
             ]
-        # The SuperNode's runtime API is local to the node (loopback), hence no TLS here.
+        # The SuperNode's runtime API is local to the node (loopback), hence no TLS here;
+        # the shared secret keeps other local processes from taking its tasks.
         procs[f"superexec-clientapp-{i}"] = [
-            _exe(layout, "flower-superexec"),
+            _exe(layout, "dropfleet-superexec"),
             "--insecure",
             "--runtime-api-address",
             f"{layout.node_host}:{port}",
+            *secret,
+            *gate,
         ]
     procs["api"] = [
         _exe(layout, "dropfleet"),
@@ -152,4 +209,6 @@ def local_layout(spec: FleetSpec, state: Path) -> Layout:
         data_dir=str(state),
         certs_dir=str(state / "certs") if spec.tls else None,
         node_port=lambda i: spec.node_port_base + i,
+        keys_dir=str(state / "keys"),
+        trust_dir=str(state / "certs") if spec.tls else str(state / "keys"),
     )

@@ -35,6 +35,9 @@ PRESETS: dict[str, dict[str, object]] = {
         "value_precision": "int4",
     }
 }
+# Keys only the operator sets (pyproject, `dropfleet simulate`), never a REST caller: paths on the
+# server or on every board, and the run's signature, which the API computes itself.
+OPERATOR_KEYS = ("results-file", "store-url", "message-audit", "fashion-mnist-dir", "app-signature")
 LR_SCHEDULES = ("constant", "cosine")
 UPLINK_CODINGS = ("delta", "change")
 DOWNLINK_CODINGS = ("whole", "delta")
@@ -90,6 +93,8 @@ class RunConfig:
     fashion_mnist_dir: str = ""
     message_audit: str = ""
     resume_run: str = ""
+    # The operator's signature of the app and this config; checked before any code runs (fleet/launcher.py).
+    app_signature: str = ""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":

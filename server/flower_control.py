@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dropfleet.common.errors import FlowerControlError
+from dropfleet.fleet import app_signing
 
 FLWR = str(Path(sys.executable).parent / "flwr")
 STARTED_RUN = re.compile(r"Successfully started run (\d+)")
@@ -56,15 +57,40 @@ def start_run(
     run_config: Mapping[str, object],
     env: Mapping[str, str],
     timeout: float = 120.0,
+    signing_key: Path | None = None,
 ) -> str:
-    """Submit a run (`flwr run APP CONNECTION`) and return Flower's run id."""
-    overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    args = ["run", app_dir, connection] + (["--run-config", overrides] if overrides else [])
+    """Submit a run (`flwr run APP CONNECTION`) and return Flower's run id.
+
+    With `signing_key` (the operator's app key), the run carries the signature of
+    its FAB and fused run config, without which no fleet process runs its code.
+    """
+    overrides = " ".join(
+        f"{k}={toml_value(v)}" for k, v in run_config.items() if k != app_signing.SIGNATURE_KEY
+    )
+    if signing_key is not None:
+        overrides = f"{overrides} {app_signing.SIGNATURE_KEY}={sign_run(app_dir, overrides, signing_key)}"
+    args = ["run", app_dir, connection] + (["--run-config", overrides.strip()] if overrides.strip() else [])
     out = _flwr(args, env, timeout, cwd=app_dir)
     match = STARTED_RUN.search(out)
     if not match:
         raise FlowerControlError(f"flwr run printed no run id: {out.strip()[-300:]}")
     return match.group(1)
+
+
+def sign_run(app_dir: str, overrides: str, signing_key: Path) -> str:
+    """The `app-signature` for `flwr run APP_DIR --run-config OVERRIDES`, as a run-config value.
+
+    The overrides are parsed by Flower's own parser, as `flwr run` will parse them,
+    and fused with the FAB's defaults, as every task process will see them.
+    """
+    from flwr.common.config import parse_config_args
+
+    try:
+        fab = app_signing.fab_for(Path(app_dir))
+        fused = app_signing.fused_run_config(fab, parse_config_args([overrides]) if overrides else {})
+    except ValueError as exc:
+        raise FlowerControlError(f"cannot build the app to sign it: {exc}") from None
+    return toml_value(app_signing.sign(app_signing.load_signing_key(signing_key), fab, fused))
 
 
 def stop_run(run_id: str, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> None:

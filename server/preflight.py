@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dropfleet.client.profiles import get_profile, plan_training
 from dropfleet.common.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
 from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.config import OPERATOR_KEYS, RunConfig
 
 
 def check_run(
@@ -34,6 +34,16 @@ def check_run(
             labels = fashion_mnist_labels("train", config.fashion_mnist_dir or None)
             check_partitioning(len(labels), fleet_size, config.partitioner)
     return config
+
+
+def refuse_operator_keys(run_config: Mapping[str, object]) -> None:
+    """A run config from a REST caller names no path and carries no signature (`OPERATOR_KEYS`)."""
+    named = sorted(set(run_config) & set(OPERATOR_KEYS))
+    if named:
+        raise ConfigError(
+            f"run-config {', '.join(repr(k) for k in named)} cannot be set over REST: paths on the "
+            "server and the boards, and the run's signature, are the operator's (pyproject.toml)"
+        )
 
 
 def _check_some_device_can_train(config: RunConfig, budgets: list[int]) -> None:

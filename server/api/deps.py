@@ -57,5 +57,17 @@ def require_read(
         )
 
 
+def flower_connection(settings: Annotated[Settings, Depends(get_settings)]) -> str:
+    """The SuperLink connection runs are started on; 503 when the API was started without one."""
+    if not settings.flower_connection:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "no SuperLink is configured: set DROPFLEET_FLOWER_CONNECTION to a connection in "
+            "$FLWR_HOME/config.toml (dropfleet fleet up and compose do)",
+        )
+    return settings.flower_connection
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
+ConnectionDep = Annotated[str, Depends(flower_connection)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

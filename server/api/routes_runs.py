@@ -11,9 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from dropfleet.common.errors import ConfigError, DatasetError
 from dropfleet.server import flower_control
-from dropfleet.server.api.deps import SettingsDep, StoreDep, require_admin, require_read
+from dropfleet.server.api.deps import ConnectionDep, SettingsDep, StoreDep, require_admin, require_read
 from dropfleet.server.api.schemas import RoundOut, RunOut, StartedRun, StartRun
-from dropfleet.server.preflight import check_run
+from dropfleet.server.preflight import check_run, refuse_operator_keys
 from dropfleet.server.store.store import LIVE_STATUSES
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"])
@@ -122,9 +122,12 @@ async def round_events(
         400: {"description": "invalid run config"},
         401: {"description": "no admin token"},
         502: {"description": "the SuperLink refused or is unreachable"},
+        503: {"description": "no SuperLink is configured"},
     },
 )
-async def start_run(body: StartRun, store: StoreDep, settings: SettingsDep) -> StartedRun:
+async def start_run(
+    body: StartRun, store: StoreDep, settings: SettingsDep, connection: ConnectionDep
+) -> StartedRun:
     """Submit a run to the SuperLink (`flwr run`) with run-config overrides.
 
     The run is known at once (status `starting`) to `GET /runs/{id}` and its
@@ -132,15 +135,17 @@ async def start_run(body: StartRun, store: StoreDep, settings: SettingsDep) -> S
     records an end is marked `failed` once the SuperLink reports it finished.
     """
     try:
+        refuse_operator_keys(body.run_config)
         config = check_run(body.run_config)
     except (ConfigError, DatasetError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     run_id = await run_in_threadpool(
         flower_control.start_run,
         settings.app_dir,
-        settings.flower_connection,
+        connection,
         body.run_config,
         settings.flower_env,
+        signing_key=settings.app_signing_key,
     )
     await run_in_threadpool(
         store.register_run,
@@ -164,12 +169,14 @@ async def start_run(body: StartRun, store: StoreDep, settings: SettingsDep) -> S
         404: {"description": "unknown run"},
         409: {"description": "the run has finished, or its ServerApp may still be alive"},
         502: {"description": "the SuperLink refused or is unreachable"},
+        503: {"description": "no SuperLink is configured"},
     },
 )
 async def resume_run(
     run_id: RunId,
     store: StoreDep,
     settings: SettingsDep,
+    connection: ConnectionDep,
     force: Annotated[
         bool, Query(description="stop the previous attempt first if the SuperLink still lists it as live")
     ] = False,
@@ -179,9 +186,7 @@ async def resume_run(
     if run["status"] == "finished":
         raise HTTPException(status.HTTP_409_CONFLICT, f"run {run_id} has finished")
     previous = run["attempt"] or run_id
-    flower_run = await run_in_threadpool(
-        flower_control.run_status, previous, settings.flower_connection, settings.flower_env
-    )
+    flower_run = await run_in_threadpool(flower_control.run_status, previous, connection, settings.flower_env)
     if flower_control.is_live(flower_run):
         if not force:
             raise HTTPException(
@@ -189,16 +194,15 @@ async def resume_run(
                 f"Flower run {previous} is still {flower_run.get('status')}; wait until the SuperLink "
                 "declares it failed (no heartbeat for 60 s), or resume with force=true to stop it first",
             )
-        await run_in_threadpool(
-            flower_control.stop_run, previous, settings.flower_connection, settings.flower_env
-        )
+        await run_in_threadpool(flower_control.stop_run, previous, connection, settings.flower_env)
     run_config = {**run["config"], "resume-run": run_id}
     attempt = await run_in_threadpool(
         flower_control.start_run,
         settings.app_dir,
-        settings.flower_connection,
+        connection,
         run_config,
         settings.flower_env,
+        signing_key=settings.app_signing_key,
     )
     # The new attempt owns the run from now: the old one can no longer publish, and the
     # reconciler judges the run by the new attempt's status.
@@ -214,13 +218,16 @@ async def resume_run(
         401: {"description": "no admin token"},
         404: {"description": "unknown run"},
         502: {"description": "the SuperLink refused or is unreachable"},
+        503: {"description": "no SuperLink is configured"},
     },
 )
-async def stop_run(run_id: RunId, store: StoreDep, settings: SettingsDep) -> dict[str, str]:
+async def stop_run(
+    run_id: RunId, store: StoreDep, settings: SettingsDep, connection: ConnectionDep
+) -> dict[str, str]:
     """Ask the SuperLink to stop a run (`flwr stop` on the Flower run that carries it now)."""
     run = await run_in_threadpool(get_run_or_404, store, run_id)
     await run_in_threadpool(
-        flower_control.stop_run, run["attempt"] or run_id, settings.flower_connection, settings.flower_env
+        flower_control.stop_run, run["attempt"] or run_id, connection, settings.flower_env
     )
     await run_in_threadpool(store.finish_run, run_id, "stopped")
     return {"run_id": run_id, "status": "stopping"}

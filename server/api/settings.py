@@ -29,9 +29,12 @@ class Settings(BaseSettings):
     read_token: SecretStr | None = None
     max_request_bytes: int = 64 * 1024
     cors_origins: list[str] = []
-    # Where runs are started: the Flower app and a connection in $FLWR_HOME/config.toml.
+    # Where runs are started: the Flower app and a connection in $FLWR_HOME/config.toml. No
+    # connection: the API serves the store only (routes that need a SuperLink answer 503).
     app_dir: str = str(PROJECT_ROOT)
-    flower_connection: str = "local"
+    flower_connection: str | None = None
+    # The operator's app signing key: runs started here are signed with it (fleet/app_signing.py).
+    app_signing_key: Path | None = None
     flwr_home: str = str(PROJECT_ROOT / ".flwr")
     event_poll_seconds: float = 0.5
     # One shared `flwr` query per this many seconds, whoever asks (server/api/superlink.py).

@@ -58,10 +58,13 @@ class SuperLinkView:
 
     def __init__(self, settings: Settings, queries: Counter) -> None:
         conn, env, ttl = settings.flower_connection, settings.flower_env, settings.superlink_cache_seconds
-        self.nodes = CachedQuery(
-            lambda: flower_control.list_supernodes(conn, env), ttl, queries.labels("nodes").inc
-        )
-        self.runs = CachedQuery(lambda: flower_control.list_runs(conn, env), ttl, queries.labels("runs").inc)
+
+        def ask(query: Callable[[str, dict[str, str]], Any]) -> Callable[[], Any]:
+            # No connection configured: nothing to ask, and nothing is started to ask it.
+            return lambda: query(conn, env) if conn else None
+
+        self.nodes = CachedQuery(ask(flower_control.list_supernodes), ttl, queries.labels("nodes").inc)
+        self.runs = CachedQuery(ask(flower_control.list_runs), ttl, queries.labels("runs").inc)
 
     async def online(self) -> dict[str, bool] | None:
         """Node id -> online, or None when the SuperLink cannot say."""

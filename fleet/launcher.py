@@ -1,0 +1,176 @@
+"""Task launchers that run only the operator's signed apps: `dropfleet-superexec` and what it starts.
+
+A SuperExec (Flower's `flower-superexec`) pulls tasks from its SuperLink or
+SuperNode and starts one process per task: `flwr-serverapp`, `flwr-clientapp`,
+or for other task types (agent apps, connectors, models) other Flower
+commands, each of which unpacks the run's FAB and imports its code. Flower
+1.42 has no hook that checks a locally built FAB before that import (its
+`--trusted-entities` only accepts Flower Hub apps), so dropfleet's SuperExec
+(`dropfleet-superexec`, the same program with the same flags) starts these
+launchers instead:
+
+- `dropfleet-serverapp` / `dropfleet-clientapp`: Flower's own `flwr-serverapp` /
+  `flwr-clientapp`, except that the FAB is installed only after
+  `fleet/app_signing.verify` accepted the run's signature for this FAB and this
+  run config. A refused run fails with the reason (the ServerApp's run is marked
+  failed; a ClientApp replies with an error), and none of its code is imported.
+- every other task type: refused without starting anything.
+
+The trusted keys come from DROPFLEET_APP_TRUSTED_KEYS (a file of OpenSSH
+Ed25519 public keys). Without it every app is refused, unless the fleet was
+started for development (DROPFLEET_ALLOW_UNSIGNED_APPS=1).
+
+Flower's processes are wrapped by replacing two module attributes each
+(`install_from_fab` and the call that yields the run with its config
+overrides); flwr is pinned
+(`flwr==1.42.0`) and tests/deploy/test_published_fleet.py runs the real
+processes, so a Flower release that moves them fails there, not in the field.
+"""
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from dropfleet.fleet.app_signing import (
+    ALLOW_UNSIGNED_ENV,
+    TRUSTED_KEYS_ENV,
+    AppSignatureError,
+    fused_run_config,
+    load_trusted_keys,
+    verify,
+)
+
+logger = logging.getLogger(__name__)
+COMMANDS = {"clientapp": "dropfleet-clientapp", "serverapp": "dropfleet-serverapp"}
+REFUSE = "dropfleet-refuse-task"
+
+
+class _Gate:
+    """Holds the run-config overrides of the task in hand and checks its FAB before Flower installs it."""
+
+    def __init__(self) -> None:
+        self.overrides: dict[str, Any] | None = None
+
+    def check(self, fab: bytes) -> None:
+        if os.environ.get(ALLOW_UNSIGNED_ENV) == "1":
+            logger.warning("%s=1: running an app without checking its signature", ALLOW_UNSIGNED_ENV)
+            return
+        keys_file = os.environ.get(TRUSTED_KEYS_ENV)
+        if not keys_file:
+            raise AppSignatureError(
+                f"no trusted app keys ({TRUSTED_KEYS_ENV} is not set): every app is refused"
+            )
+        if self.overrides is None:
+            raise AppSignatureError("the task's run was not seen before its FAB: refused")
+        try:
+            run_config = fused_run_config(fab, self.overrides)
+        except (ValueError, KeyError, TypeError) as exc:  # not a FAB, or overrides it does not have
+            raise AppSignatureError(f"the run's app cannot be read: {exc}: refused") from None
+        verify(fab, run_config, load_trusted_keys(Path(keys_file)))
+
+
+def _module(name: str) -> ModuleType:
+    """The module itself: Flower's packages re-export functions under their modules' names."""
+    module = importlib.import_module(name)
+    if not isinstance(module, ModuleType):
+        raise RuntimeError(f"{name} is not a module")
+    return module
+
+
+def _guard_install(module: ModuleType, gate: _Gate) -> None:
+    original: Callable[..., Any] = module.install_from_fab
+
+    def install_from_fab(fab: bytes, *args: Any, **kwargs: Any) -> Any:
+        gate.check(fab)
+        return original(fab, *args, **kwargs)
+
+    module.install_from_fab = install_from_fab
+
+
+def clientapp() -> None:
+    """`dropfleet-clientapp`: Flower's `flwr-clientapp`, for signed runs only."""
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    runtime = _module("flwr.supernode.runtime.run_clientapp")
+
+    gate = _Gate()
+    pull = runtime.pull_task_input
+
+    def pull_task_input(client: Any) -> Any:
+        message, context, run, fab = pull(client)
+        gate.overrides = dict(run.override_config)
+        return message, context, run, fab
+
+    runtime.pull_task_input = pull_task_input
+    _guard_install(runtime, gate)
+    flwr_clientapp()
+
+
+def serverapp() -> None:
+    """`dropfleet-serverapp`: Flower's `flwr-serverapp`, for signed runs only."""
+    from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
+
+    runtime = _module("flwr.superlink.runtime.run_serverapp")
+
+    gate = _Gate()
+    run_from_proto = runtime.run_from_proto
+
+    def seen(proto: Any) -> Any:
+        run = run_from_proto(proto)
+        gate.overrides = dict(run.override_config)
+        return run
+
+    runtime.run_from_proto = seen
+    _guard_install(runtime, gate)
+    flwr_serverapp()
+
+
+def refuse_task() -> None:
+    """`dropfleet-refuse-task`: task types dropfleet never runs (agent apps, connectors, models...)."""
+    print("dropfleet: this SuperExec runs only ServerApps and ClientApps; task refused", file=sys.stderr)
+    sys.exit(3)
+
+
+def _take_gate_flags(argv: list[str]) -> list[str]:
+    """Strip dropfleet's own flags (`--trusted-app-keys FILE`, `--allow-unsigned-apps`) from `argv`,
+    setting the environment every task process inherits; the rest is Flower's."""
+    rest = []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--trusted-app-keys" or arg.startswith("--trusted-app-keys="):
+            value = arg.partition("=")[2] or next(args, "")
+            if not value:
+                raise SystemExit("--trusted-app-keys needs a file")
+            load_trusted_keys(Path(value))  # refuse to start with an unreadable or empty key file
+            os.environ[TRUSTED_KEYS_ENV] = str(Path(value).resolve())
+        elif arg == "--allow-unsigned-apps":
+            os.environ[ALLOW_UNSIGNED_ENV] = "1"
+        else:
+            rest.append(arg)
+    return rest
+
+
+def superexec() -> None:
+    """`dropfleet-superexec`: Flower's `flower-superexec`, starting the launchers above.
+
+    Takes Flower's flags plus `--trusted-app-keys FILE` (the operator's public app keys)
+    or, for a development fleet, `--allow-unsigned-apps`.
+    """
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    try:
+        sys.argv[1:] = _take_gate_flags(sys.argv[1:])
+    except AppSignatureError as exc:
+        raise SystemExit(f"dropfleet-superexec: {exc}") from None
+
+    for task_type in TASK_TYPE_TO_COMMAND:  # the executor reads this very dict when it launches
+        TASK_TYPE_TO_COMMAND[task_type] = REFUSE
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMANDS["clientapp"]
+    TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP] = COMMANDS["serverapp"]
+    flower_superexec()
