@@ -44,7 +44,7 @@ from dropfleet.common.sparse import SparseModel
 from dropfleet.common.uplink import values_at
 from dropfleet.proto import sparse_model_pb2 as pb
 
-DELTA_FORMAT_VERSION = 3
+DELTA_FORMAT_VERSION = 4  # 4: the digest covers the version number too
 DIGEST_BYTES = 16
 MAX_UNITS = 2**24  # |units| below this: units * 2**e is exact in binary32
 GRID_EXPONENTS = range(-40, 1)
@@ -106,10 +106,18 @@ class GlobalSet:
         return from_positions(template, self.positions, self.values())
 
     def digest(self) -> bytes:
-        """SHA-256 of the set's canonical bytes (not its version number), first 16 bytes."""
-        h = hashlib.sha256(b"dropfleet.GlobalSet.v1\0")
+        """SHA-256 of the set's canonical bytes and its version number, first 16 bytes.
+
+        The version is covered so that a message whose version field was altered in
+        transit cannot leave a device believing it holds a version it does not.
+        """
+        h = hashlib.sha256(b"dropfleet.GlobalSet.v2\0")
         h.update(self.model_id.encode() + b"\0")
-        h.update(struct.pack("<QIiQ", self.seed, self.init_scheme, self.grid_exponent, self.positions.size))
+        h.update(
+            struct.pack(
+                "<QIiQQ", self.seed, self.init_scheme, self.grid_exponent, self.version, self.positions.size
+            )
+        )
         h.update(self.positions.astype("<i8").tobytes())
         h.update(self.units.astype("<i4").tobytes())
         return h.digest()[:DIGEST_BYTES]

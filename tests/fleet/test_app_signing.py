@@ -1,0 +1,147 @@
+"""The operator's run signature: what it covers, and every way a run fails to carry it."""
+
+import base64
+import io
+import os
+import stat
+import zipfile
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from flwr.common.config import get_fused_config_from_fab, parse_config_args
+from flwr.supercore.run import Run
+
+from dropfleet.fleet import app_signing
+from dropfleet.fleet.app_signing import AppSignatureError
+from dropfleet.fleet.flower_env import PROJECT_ROOT
+from dropfleet.fleet.launcher import _take_gate_flags
+from dropfleet.server.flower_control import sign_run
+
+
+@pytest.fixture(scope="module")
+def fab() -> bytes:
+    return app_signing.fab_for(PROJECT_ROOT)
+
+
+@pytest.fixture
+def operator(tmp_path):
+    pub = app_signing.create_signing_key(tmp_path / "keys" / "app-signing", tmp_path / "trust" / "signer.pub")
+    return app_signing.load_signing_key(tmp_path / "keys" / "app-signing"), app_signing.load_trusted_keys(pub)
+
+
+def test_the_fab_is_what_flwr_run_builds_and_is_reproducible(fab):
+    assert app_signing.fab_for(PROJECT_ROOT) == fab  # Flower fixes the zip dates
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "pyproject.toml" in names and "fleet/launcher.py" in names
+
+
+def test_signed_run_verifies_and_the_config_is_the_one_flower_fuses(fab, operator):
+    key, trusted = operator
+    overrides = parse_config_args(['num-server-rounds=3 strategy="fedavg" learning-rate=0.05'])
+    fused = app_signing.fused_run_config(fab, overrides)
+    # Exactly what a ClientApp's context carries (Flower's own fusing)
+    flower = get_fused_config_from_fab(fab, _run(overrides))
+    assert fused == dict(flower)
+    signed = {**fused, "app-signature": app_signing.sign(key, fab, fused)}
+    app_signing.verify(fab, signed, trusted)
+
+
+def _run(overrides: dict) -> Run:
+    run = Run.create_empty(1)
+    run.override_config = overrides
+    return run
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda fab, cfg: (fab + b"\0", cfg),  # another app
+        lambda fab, cfg: (fab, {**cfg, "num-server-rounds": 4}),  # another config
+        lambda fab, cfg: (fab, {**cfg, "message-audit": "/etc/passwd"}),  # a path the operator never set
+        lambda fab, cfg: (fab, {**cfg, "app-signature": ""}),  # unsigned
+        lambda fab, cfg: (fab, {k: v for k, v in cfg.items() if k != "app-signature"}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": "not base64!"}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": base64.urlsafe_b64encode(b"x" * 64).decode()}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": 7}),
+    ],
+)
+def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper):
+    key, trusted = operator
+    fused = app_signing.fused_run_config(fab, {"num-server-rounds": 3})
+    signed = {**fused, "app-signature": app_signing.sign(key, fab, fused)}
+    other_fab, other_config = tamper(fab, signed)
+    with pytest.raises(AppSignatureError, match="refused"):
+        app_signing.verify(other_fab, other_config, trusted)
+
+
+def test_another_signer_is_refused_and_any_trusted_key_is_enough(fab, operator, tmp_path):
+    _, trusted = operator
+    other_pub = app_signing.create_signing_key(tmp_path / "other", tmp_path / "other.pub")
+    other = app_signing.load_signing_key(tmp_path / "other")
+    config = app_signing.fused_run_config(fab, {})
+    by_other = {**config, "app-signature": app_signing.sign(other, fab, config)}
+    with pytest.raises(AppSignatureError, match="does not verify"):
+        app_signing.verify(fab, by_other, trusted)
+    # A key rotation: the board trusts both keys for a while.
+    both = tmp_path / "both.pub"
+    both.write_text((tmp_path / "trust" / "signer.pub").read_text() + "# next key\n" + other_pub.read_text())
+    app_signing.verify(fab, by_other, app_signing.load_trusted_keys(both))
+
+
+def test_keys_are_created_private_and_kept(tmp_path):
+    private, public = tmp_path / "k" / "app-signing", tmp_path / "t" / "signer.pub"
+    app_signing.create_signing_key(private, public)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    first = private.read_bytes()
+    app_signing.create_signing_key(private, public)  # a second fleet up keeps the operator's key
+    assert private.read_bytes() == first and public.read_text().startswith("ssh-ed25519 ")
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("", "holds no public key"),
+        ("# only a comment\n", "holds no public key"),
+        ("ssh-ed25519 AAAA-broken\n", "not an OpenSSH public key"),
+        (None, "only Ed25519"),
+    ],
+)
+def test_a_bad_trusted_key_file_is_refused(tmp_path, content, reason):
+    path = tmp_path / "trusted.pub"
+    if content is None:  # a node's EC key where an app key belongs
+        key = ec.generate_private_key(ec.SECP384R1()).public_key()
+        content = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        content = content.decode()
+    path.write_text(content)
+    with pytest.raises(AppSignatureError, match=reason):
+        app_signing.load_trusted_keys(path)
+    with pytest.raises(AppSignatureError):
+        app_signing.load_trusted_keys(tmp_path / "missing.pub")
+
+
+def test_sign_run_signs_what_flwr_run_will_submit(fab, operator, tmp_path):
+    key, trusted = operator
+    (tmp_path / "key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    overrides = 'num-server-rounds=2 fleet-mix="pi4-4g" learning-rate=0.05'
+    signature = sign_run(str(PROJECT_ROOT), overrides, tmp_path / "key")
+    submitted = parse_config_args([f"{overrides} app-signature={signature}"])  # as `flwr run` parses it
+    app_signing.verify(fab, app_signing.fused_run_config(fab, submitted), trusted)
+
+
+def test_superexec_flags_set_the_gate_for_its_task_processes(tmp_path, operator, monkeypatch):
+    monkeypatch.delenv(app_signing.TRUSTED_KEYS_ENV, raising=False)
+    monkeypatch.delenv(app_signing.ALLOW_UNSIGNED_ENV, raising=False)
+    pub = tmp_path / "trust" / "signer.pub"
+    rest = _take_gate_flags(["--insecure", "--trusted-app-keys", str(pub), "--runtime-api-address", "h:1"])
+    assert rest == ["--insecure", "--runtime-api-address", "h:1"]
+    assert os.environ[app_signing.TRUSTED_KEYS_ENV] == str(pub.resolve())
+    assert _take_gate_flags(["--allow-unsigned-apps"]) == []
+    assert os.environ[app_signing.ALLOW_UNSIGNED_ENV] == "1"
+    (tmp_path / "empty.pub").write_text("")
+    with pytest.raises(AppSignatureError):  # a SuperExec never starts trusting nothing by mistake
+        _take_gate_flags([f"--trusted-app-keys={tmp_path / 'empty.pub'}"])
