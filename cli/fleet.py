@@ -121,6 +121,21 @@ def restart(
     )
 
 
+@app.command("register-node")
+def register_node(
+    public_key: Annotated[Path, typer.Argument(help="the board's node_key.pub (install.sh created it)")],
+    state_dir: StateDir = Path(".fleet"),
+) -> None:
+    """Let a board join: register its public key with the fleet (only registered boards connect)."""
+    from dropfleet.deploy.fleet import register_node as register
+
+    try:
+        register(state_dir, public_key)
+    except DropfleetError as exc:
+        exit_with(1, str(exc))
+    console.print(f"registered {public_key}: the board holding its private key may join")
+
+
 @app.command("down")
 def down(state_dir: StateDir = Path(".fleet")) -> None:
     """Stop exactly what `fleet up` started."""

@@ -86,20 +86,32 @@ def superexec_secrets(state: Path, nodes: int) -> None:
             write_secret(state / "keys" / name, secrets.token_urlsafe(32).encode())
 
 
-def _wait_and_register(
-    spec: FleetSpec, state: Path, env: dict[str, str], started: dict[str, subprocess.Popen], timeout: float
-) -> None:
+def register_node(state_dir: Path, public_key: Path) -> None:
+    """Let the board holding `public_key`'s private half join (`flwr supernode register`, on the
+    operator's loopback Control API: the published port refuses registrations)."""
+    state = state_dir.resolve()
+    if not (state / "fleet.json").exists():
+        raise FleetError(f"{state} has no fleet")
+    _register(state, public_key)
+
+
+def _register(state: Path, public_key: Path) -> None:
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(state / "flwr")}
+    done = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "register", str(public_key.resolve()), CONNECTION],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0 or "registered successfully" not in done.stdout:
+        raise FleetError(f"could not register {public_key}: {(done.stdout + done.stderr).strip()[-300:]}")
+
+
+def _register_nodes(spec: FleetSpec, state: Path) -> None:
     """With node auth on, register every node's public key before any SuperNode starts."""
     for key in node_keys(state, spec.nodes):
-        done = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(key.with_suffix(".pub")), CONNECTION],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        if done.returncode != 0 or "registered successfully" not in done.stdout:
-            raise FleetError(f"could not register {key.name}: {(done.stdout + done.stderr).strip()[-300:]}")
+        _register(state, key.with_suffix(".pub"))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -159,7 +171,7 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
             if name == "superlink":
                 _wait_superlink(spec, state, started, timeout, spec.link_port)
                 if spec.node_auth:
-                    _wait_and_register(spec, state, env, started, timeout)
+                    _register_nodes(spec, state)
             if name == "proxy":
                 _wait_superlink(spec, state, started, timeout, spec.superlink_port)
         _wait_ready(spec, started, timeout)

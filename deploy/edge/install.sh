@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install a dropfleet client (SuperNode + SuperExec) on an arm64 or x86_64 board
 # with Python 3.11: a venv with the pinned client wheels only, the node config,
-# a node key, and the systemd units. Run from a checkout of the repository:
+# a node key, the SuperExec's secret, and the systemd units (for this prefix and etc).
+# Run from a checkout of the repository:
 #     sudo deploy/edge/install.sh                 # install into /opt/dropfleet
 #     deploy/edge/install.sh --prefix /tmp/x --no-systemd   # try it unprivileged
 set -euo pipefail
@@ -45,21 +46,34 @@ if [ ! -e /usr/share/datasets/fashion-mnist/train-labels-idx1-ubyte.gz ]; then
   fi
 fi
 
+# The units and node.env name /opt/dropfleet and /etc/dropfleet: installed for this prefix and etc.
+for_here() { sed -e "s|/opt/dropfleet|$PREFIX|g" -e "s|/etc/dropfleet|$ETC|g" "$1"; }
 mkdir -p "$ETC/keys"
-[ -f "$ETC/node.env" ] || cp "$REPO/deploy/edge/node.env" "$ETC/node.env"
+[ -f "$ETC/node.env" ] || for_here "$REPO/deploy/edge/node.env" > "$ETC/node.env"
+# Secrets are created private (umask 077), never chmod'ed afterwards.
 if [ ! -f "$ETC/keys/node_key" ]; then
-  ssh-keygen -q -t ecdsa -b 384 -N "" -f "$ETC/keys/node_key" -C dropfleet-node
-  echo "node public key: $ETC/keys/node_key.pub (with node authentication on: register it with" \
-    "flwr supernode register $ETC/keys/node_key.pub fleet, and set AUTH_ARGS in node.env)"
+  (umask 077 && ssh-keygen -q -t ecdsa -b 384 -N "" -f "$ETC/keys/node_key" -C dropfleet-node)
 fi
+if [ ! -f "$ETC/keys/superexec-secret" ]; then
+  (umask 077 && head -c 32 /dev/urandom | base64 > "$ETC/keys/superexec-secret")
+fi
+echo "node public key: $ETC/keys/node_key.pub: the operator registers it on the server with"
+echo "  dropfleet fleet register-node node_key.pub"
 
 if [ "$SYSTEMD" = 1 ]; then
+  # Two users: the SuperNode's holds the node key; the SuperExec's (which runs ClientApps) cannot read it.
   id dropfleet >/dev/null 2>&1 || useradd --system --home /var/lib/dropfleet --shell /usr/sbin/nologin dropfleet
-  chown -R root:dropfleet "$ETC" && chmod 750 "$ETC/keys" && chmod 640 "$ETC/keys/node_key"
-  install -m 644 "$REPO/deploy/edge/dropfleet-supernode.service" /etc/systemd/system/
-  install -m 644 "$REPO/deploy/edge/dropfleet-superexec.service" /etc/systemd/system/
+  id dropfleet-app >/dev/null 2>&1 \
+    || useradd --system --home /var/lib/dropfleet-app --shell /usr/sbin/nologin dropfleet-app
+  chown root:root "$ETC" && chmod 755 "$ETC"
+  chown dropfleet:dropfleet-app "$ETC/keys" && chmod 750 "$ETC/keys"
+  chown dropfleet:dropfleet "$ETC/keys/node_key" && chmod 600 "$ETC/keys/node_key"
+  chown dropfleet:dropfleet-app "$ETC/keys/superexec-secret" && chmod 640 "$ETC/keys/superexec-secret"
+  for unit in dropfleet-supernode.service dropfleet-superexec.service; do
+    for_here "$REPO/deploy/edge/$unit" > "/etc/systemd/system/$unit" && chmod 644 "/etc/systemd/system/$unit"
+  done
   systemctl daemon-reload
-  echo "edit $ETC/node.env, copy the fleet's ca.crt to $ETC/ca.crt, then:"
+  echo "edit $ETC/node.env; copy the fleet's ca.crt and app-signer.pub to $ETC/, then:"
   echo "  systemctl enable --now dropfleet-supernode dropfleet-superexec"
 fi
 echo "installed"

@@ -60,6 +60,10 @@ def exec_start(unit: Path, env: dict[str, str], prefix: Path) -> list[str]:
     return words
 
 
+def fleet_nodes(api: str) -> int:
+    return len(httpx.get(f"{api}/v1/nodes", params={"online": True}, timeout=60).json())
+
+
 def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
     prefix, etc = tmp_path / "opt", tmp_path / "etc"
     t0 = time.monotonic()
@@ -84,10 +88,21 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
         assert up.returncode == 0, up.stderr + up.stdout
         api = json.loads(up.stdout)["api"]
         node_env = read_env(etc / "node.env")
-        assert node_env["SUPERLINK"].endswith(":8000") and node_env["AUTH_ARGS"] == ""  # the kit's defaults
+        # The kit's defaults: node authentication on, with the key install.sh made, paths in this etc.
+        assert node_env["SUPERLINK"].endswith(":8000")
+        assert f"--auth-supernode-private-key {etc}/keys/node_key" in node_env["AUTH_ARGS"]
+        assert node_env["TRUSTED_APP_KEYS"] == f"{etc}/app-signer.pub"
+        assert oct((etc / "keys" / "node_key").stat().st_mode & 0o777) == "0o600"
+        assert oct((etc / "keys" / "superexec-secret").stat().st_mode & 0o777) == "0o600"
+        # What the operator hands a board: the CA certificate and the app key, nothing secret.
+        for name in ("ca.crt", "app-signer.pub"):
+            (etc / name).write_bytes((state / "certs" / name).read_bytes())
+        registered = run(
+            "fleet", "register-node", str(etc / "keys" / "node_key.pub"), "--state-dir", str(state)
+        )
+        assert registered.returncode == 0, registered.stderr + registered.stdout
         node_env |= {
             "SUPERLINK": f"127.0.0.1:{link}",
-            "ROOT_CERTIFICATES": str(state / "certs" / "ca.crt"),
             "RUNTIME_PORT": str(free_range(1)),
             "NODE_CONFIG": 'profile="pi4-4g" partition-id=1 num-partitions=2',
         }
@@ -107,7 +122,7 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
             time.sleep(2)
         token = (state / "admin-token").read_text()
         deadline = time.monotonic() + 120
-        while len(httpx.get(f"{api}/v1/nodes", params={"online": True}, timeout=60).json()) < 2:
+        while fleet_nodes(api) < 2:  # the fleet's own node and the board
             assert time.monotonic() < deadline, (tmp_path / "dropfleet-supernode.service.log").read_text()[
                 -3000:
             ]

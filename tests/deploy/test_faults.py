@@ -91,7 +91,9 @@ def test_a_run_survives_dropout_and_kill_9_of_superlink_api_and_serverapp(tmp_pa
         assert sum(bool(n["online"]) for n in online) == 2  # the two survivors, reconnected
 
         # 4. The ServerApp is killed mid-run; the run is resumed from its last published round.
-        [serverapp] = [p for p in processes_mentioning("flwr-serverapp") if f"127.0.0.1:{link_port}" in p]
+        [serverapp] = [
+            p for p in processes_mentioning("dropfleet-serverapp") if f"127.0.0.1:{link_port + 1}" in p
+        ]
         os.kill(int(serverapp.split(":")[0]), signal.SIGKILL)
         last = store.rounds(run_id)[-1]["round"]
         refused = httpx.post(f"{api}/v1/runs/{run_id}/resume", headers=auth, timeout=120)

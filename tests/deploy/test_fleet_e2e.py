@@ -128,15 +128,25 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         rounds_then = len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json())
         time.sleep(5)
         assert len(httpx.get(f"{api}/v1/runs/{long_run}/rounds").json()) == rounds_then < 100
-        # A run whose ServerApp dies before it can record anything (its store cannot be opened)
-        # is marked failed by the API once the SuperLink reports the Flower run finished.
-        (tmp_path / "a-file").write_text("")
-        doomed = httpx.post(
-            f"{api}/v1/runs",
-            headers=auth,
-            timeout=120,
-            json={"run_config": {"store-url": f"sqlite:///{tmp_path}/a-file/store.db"}},
-        ).json()["run_id"]
+        # Paths are the operator's: a REST caller naming one is refused, nothing is started.
+        for key, value in (
+            ("store-url", f"sqlite:///{tmp_path}/x.db"),
+            ("results-file", str(tmp_path / "r")),
+        ):
+            refused = httpx.post(
+                f"{api}/v1/runs", headers=auth, timeout=60, json={"run_config": {key: value}}
+            )
+            assert refused.status_code == 400 and key in refused.json()["detail"], refused.text
+        # A run whose ServerApp dies before it can record anything (here: the server no longer
+        # trusts the key the API signs with, so its launcher refuses the app) is marked failed
+        # by the API once the SuperLink reports the Flower run finished.
+        trusted = state / "certs" / "app-signer.pub"
+        trusted.write_text(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOQBbIpCoffZRHxv2KiFsJE8YJ27tRfeN6pi3GZzLtVT other\n"
+        )
+        doomed = httpx.post(f"{api}/v1/runs", headers=auth, timeout=120, json={"run_config": {}}).json()[
+            "run_id"
+        ]
         assert httpx.get(f"{api}/v1/runs/{doomed}").json()["status"] == "starting"
         deadline = time.monotonic() + 120
         while (info := httpx.get(f"{api}/v1/runs/{doomed}").json())["status"] == "starting":

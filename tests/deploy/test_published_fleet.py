@@ -26,7 +26,7 @@ from tests.integration.procs import processes_mentioning, start, stop
 BIN = Path(sys.executable).parent
 NODES = 2
 
-SERVER_APP = '''
+SERVER_APP = """
 import json, time
 from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -52,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
     replies = grid.send_and_receive(messages, timeout=120)
     reasons = [r.error.reason if r.has_error() else "answered" for r in replies]
     (out / "replies.json").write_text(json.dumps(reasons))
-'''
+"""
 
 CLIENT_APP = """
 from pathlib import Path
