@@ -1,4 +1,4 @@
-"""`dropfleet compose` and `dropfleet certs`: what a container fleet is made from."""
+"""`dropfleet compose`, `dropfleet certs` and `dropfleet proxy`: what a container fleet is made from."""
 
 from pathlib import Path
 from typing import Annotated
@@ -50,22 +50,33 @@ def compose(
 
 
 def certs(
-    out: Annotated[Path, typer.Option(help="directory for ca.crt, server.pem, server.key")],
-    flwr_home: Annotated[Path | None, typer.Option(help="also write a Flower connection config here")] = None,
-    superlink: Annotated[str, typer.Option(help="SuperLink address for that connection")] = "superlink:8000",
-    tls: Annotated[bool, typer.Option(help="create certificates (off: an insecure connection)")] = True,
+    trust: Annotated[Path, typer.Option(help="public files for every board: ca.crt, app-signer.pub")],
+    signing: Annotated[Path, typer.Option(help="the operator's app signing key (the API's)")],
+    keys: Annotated[Path, typer.Option(help="the server's SuperExec secret")],
+    node_keys: Annotated[Path, typer.Option(help="each SuperNode's key pair and SuperExec secret")],
+    nodes: Annotated[int, typer.Option(help="SuperNodes to make keys for")] = 4,
+    out: Annotated[Path | None, typer.Option(help="the server's TLS material")] = None,
+    no_tls: Annotated[bool, typer.Option("--no-tls", help="no certificates (a development fleet)")] = False,
+    flwr_home: Annotated[
+        Path | None, typer.Option(help="also write the operator's Flower connection")
+    ] = None,
+    control_api: Annotated[
+        str, typer.Option(help="the SuperLink's loopback address, for that connection")
+    ] = "127.0.0.1:8001",
 ) -> None:
-    """Create the fleet's TLS material (the compose `certs` one-shot service runs this)."""
-    from dropfleet.deploy.certs import create_certificates
+    """Create a fleet's keys and certificates, each in its own directory (compose's `certs` one-shot)."""
+    from dropfleet.deploy.material import Material, create
     from dropfleet.deploy.topology import CONNECTION
     from dropfleet.fleet.flower_env import write_connection
 
-    paths = (
-        create_certificates(out, names=(superlink.split(":")[0], "localhost", "127.0.0.1")) if tls else None
-    )
+    if (out is None) != no_tls:
+        exit_with(2, "give --out DIR for the TLS material, or --no-tls for a development fleet")
+    material = Material(certs=out, trust=trust, signing=signing, keys=keys, node_keys=node_keys)
+    create(material, nodes)
     if flwr_home is not None:
-        write_connection(flwr_home, CONNECTION, superlink, paths["ca"] if paths else None, insecure=True)
-    console.print(f"certificates in {out}" if paths else "TLS off: no certificates")
+        ca = trust / "ca.crt" if out else None
+        write_connection(flwr_home, CONNECTION, control_api, ca, insecure=True)
+    console.print(f"fleet material for {nodes} node(s); boards get {trust}")
 
 
 def proxy(
@@ -95,4 +106,6 @@ def proxy(
     conf = write_config(spec, run_dir / "nginx.conf")
     # nginx runs as a child, not exec'd: this process keeps the command line its supervisor
     # recorded (the process fleet stops what it started by PID and command line).
-    sys.exit(run_until_stopped([nginx, "-c", str(conf.resolve()), "-p", str(run_dir.resolve())]))
+    sys.exit(
+        run_until_stopped([nginx, "-e", "stderr", "-c", str(conf.resolve()), "-p", str(run_dir.resolve())])
+    )

@@ -123,17 +123,26 @@ def restart(
 
 @app.command("register-node")
 def register_node(
-    public_key: Annotated[Path, typer.Argument(help="the board's node_key.pub (install.sh created it)")],
+    public_keys: Annotated[
+        list[Path], typer.Argument(help="each board's node_key.pub (install.sh created it)")
+    ],
     state_dir: StateDir = Path(".fleet"),
+    flwr_home: Annotated[
+        Path | None, typer.Option(help="the operator's Flower home (default: the fleet's, in --state-dir)")
+    ] = None,
 ) -> None:
-    """Let a board join: register its public key with the fleet (only registered boards connect)."""
+    """Let boards join: register their public keys with the fleet (only registered boards connect)."""
     from dropfleet.deploy.fleet import register_node as register
 
-    try:
-        register(state_dir, public_key)
-    except DropfleetError as exc:
-        exit_with(1, str(exc))
-    console.print(f"registered {public_key}: the board holding its private key may join")
+    home = flwr_home or state_dir / "flwr"
+    if not (home / "config.toml").exists():
+        exit_with(1, f"no Flower connection in {home} (is the fleet up? give --state-dir or --flwr-home)")
+    for key in public_keys:
+        try:
+            new = register(home, key)
+        except DropfleetError as exc:
+            exit_with(1, str(exc))
+        console.print(f"{key}: {'registered' if new else 'registered already'}")
 
 
 @app.command("down")

@@ -2,6 +2,7 @@
 
 import datetime
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -58,6 +59,7 @@ def create_certificates(
     )
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(_key_pem(key))
-    paths["key"].chmod(0o600)
+    fd = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private from the start
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(_key_pem(key))
     return paths

@@ -8,9 +8,19 @@ container that runs its ClientApps (its SuperExec, sharing the SuperNode's
 network namespace so the runtime API stays on loopback, as in the process
 fleet) gets a memory limit and CPU share from that profile.
 
-Safe by default: published ports bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST
-says otherwise, and the API's admin token is a random one created on first
-start in the `flwr-home` volume unless DROPFLEET_ADMIN_TOKEN is given.
+Safe to publish (docs/security.md): the only service with its own network
+namespace on the server side is the proxy (nginx: the Fleet API only); the
+SuperLink, the ServerApp's SuperExec and the API share the proxy's namespace,
+so the SuperLink listens on that namespace's loopback and nothing else can
+reach its Control and Runtime APIs. Boards must be registered (the one-shot
+`register` service registers the simulated ones) and run only signed apps.
+Keys live in volumes mounted only where needed (deploy/material.py): the
+server's TLS key in the SuperLink and the proxy, the app signing key in the
+API; the boards get the public `trust` volume and their node keys. Published
+ports bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST says otherwise; the API runs
+in production mode (tokens checked) unless DROPFLEET_ENVIRONMENT says otherwise,
+with a random admin token created on first start in the `flwr-home` volume
+unless DROPFLEET_ADMIN_TOKEN is given.
 """
 
 import json
@@ -20,6 +30,7 @@ import yaml
 
 from dropfleet.client.profiles import get_profile
 from dropfleet.common.errors import ConfigError
+from dropfleet.deploy.material import SIGNING_KEY
 from dropfleet.deploy.topology import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, topology
 from dropfleet.fleet.flower_env import OFFLINE_ENV
 
@@ -32,6 +43,15 @@ NODE_RUNTIME_PORT = 9094  # each SuperNode container has its own loopback
 MIN_CONTAINER_BYTES = 768 * 1024 * 1024
 STORE_URL = "sqlite:////data/store/dropfleet.db"
 ADMIN_TOKEN_FILE = "/flwr/admin-token"
+# Where each volume of deploy/material.py is mounted (node keys at /keys in a board's containers).
+MOUNTS = {
+    "certs": "/certs",
+    "trust": "/trust",
+    "signing": "/signing",
+    "keys": "/keys",
+    "node-keys": "/keys",
+    "flwr-home": "/flwr",
+}
 NETWORKS = ("bridge", "host")
 PUBLISH_HOST = "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}"
 
@@ -46,15 +66,19 @@ def container_layout(spec: FleetSpec, network: str = "bridge") -> Layout:
             data_dir="/data",
             certs_dir="/certs" if spec.tls else None,
             node_port=lambda i: spec.node_port_base + i,
+            keys_dir="/keys",
+            trust_dir="/trust",
         )
     return Layout(
-        superlink_host="superlink",
+        superlink_host="superlink",  # the proxy's network alias: what the certificate names
         bind_host="0.0.0.0",
         node_host="127.0.0.1",
         bin_dir="",
         data_dir="/data",
         certs_dir="/certs" if spec.tls else None,
         node_port=lambda i: NODE_RUNTIME_PORT,
+        keys_dir="/keys",
+        trust_dir="/trust",
     )
 
 
@@ -79,6 +103,10 @@ def _health(test: list[str]) -> dict[str, Any]:
     return {"test": test, "interval": "5s", "timeout": "5s", "retries": 20, "start_period": "10s"}
 
 
+def _mounts(*volumes: str, rw: bool = False) -> list[str]:
+    return [f"{v}:{MOUNTS.get(v, '/' + v)}" + ("" if rw else ":ro") for v in volumes]
+
+
 def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
     """The compose services; `network="host"` puts every one on the host's network (no compose network)."""
     if network not in NETWORKS:
@@ -86,67 +114,86 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
     host = network == "host"
     layout = container_layout(spec, network)
     procs = topology(spec, layout)
-    link = f"{layout.superlink_host}:{spec.superlink_port}"
     scheme = "https" if spec.tls else "http"
-    ca = "/certs/ca.crt" if spec.tls else None
+    ca = "/trust/ca.crt" if spec.tls else None
     store_env = {
         "DROPFLEET_DATABASE_URL": "${DROPFLEET_DATABASE_URL:-" + STORE_URL + "}",
         **OFFLINE_ENV,
     }
-    certs_ro = ["certs:/certs:ro"] if spec.tls else []
+    certs = ["certs"] if spec.tls else []
+    # The server side shares the proxy's network namespace: its loopback is the SuperLink's.
+    behind_proxy = {"network_mode": "service:proxy"}
+    init = [
+        "dropfleet", "certs", "--nodes", str(spec.nodes), "--flwr-home", "/flwr",
+        "--control-api", f"127.0.0.1:{spec.link_port}",
+        *(["--out", "/certs"] if spec.tls else ["--no-tls"]),
+        *(f"--{name}={MOUNTS[name]}" for name in ("trust", "signing", "keys")),
+        "--node-keys=/node-keys",
+    ]  # fmt: skip
     services: dict[str, Any] = {
         "certs": {
             "image": SERVER_IMAGE,
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile.server"},
-            "command": [
-                "dropfleet",
-                "certs",
-                "--out",
-                "/certs",
-                "--flwr-home",
-                "/flwr",
-                "--superlink",
-                link,
-            ]
-            + ([] if spec.tls else ["--no-tls"]),
-            "volumes": ["certs:/certs", "flwr-home:/flwr"],
+            "command": init,
+            "volumes": [
+                *_mounts(*certs, "trust", "signing", "keys", "flwr-home", rw=True),
+                "node-keys:/node-keys",
+            ],
             "restart": "no",
+        },
+        "proxy": {
+            "image": SERVER_IMAGE,
+            "command": procs["proxy"],
+            # Published here: the namespace's owner (the SuperLink's Fleet API; the REST API).
+            "ports": [
+                f"{PUBLISH_HOST}:{spec.superlink_port}:{spec.superlink_port}",
+                f"{PUBLISH_HOST}:{spec.api_port}:{spec.api_port}",
+            ],
+            "networks": {"default": {"aliases": ["superlink"]}},
+            "volumes": ["proxy:/data/proxy", *_mounts(*certs)],
+            "depends_on": {"certs": {"condition": "service_completed_successfully"}},
+            "healthcheck": _health(
+                _py_check(f"{scheme}://{_local(layout)}:{spec.superlink_port}/health", ca and "/certs/ca.crt")
+            ),
+            "restart": "unless-stopped",
         },
         "superlink": {
             "image": SERVER_IMAGE,
+            **behind_proxy,
             "command": procs["superlink"],
-            "ports": [f"{PUBLISH_HOST}:{spec.superlink_port}:{spec.superlink_port}"],
-            "volumes": ["superlink:/data", *certs_ro],
+            "volumes": ["superlink:/data", *_mounts(*certs, "keys")],
             "environment": store_env,
-            "depends_on": {"certs": {"condition": "service_completed_successfully"}},
+            "depends_on": {"proxy": {"condition": "service_started"}},
             "healthcheck": _health(
-                _py_check(f"{scheme}://{_local(layout)}:{spec.superlink_port}/health", ca)
+                _py_check(f"{scheme}://127.0.0.1:{spec.link_port}/health", ca and "/certs/ca.crt")
             ),
             "restart": "unless-stopped",
         },
         "superexec-serverapp": {
             "image": SERVER_IMAGE,
+            **behind_proxy,
             "command": procs["superexec-serverapp"],
-            "volumes": ["store:/data/store", *certs_ro],
+            "volumes": ["store:/data/store", *_mounts("trust", "keys")],
             "environment": store_env,
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "restart": "unless-stopped",
-            "healthcheck": _health(_running("flower-superexec")),
+            "healthcheck": _health(_running("dropfleet-superexec")),
         },
         "api": {
             "image": SERVER_IMAGE,
+            **behind_proxy,
             "command": procs["api"],
-            "ports": [f"{PUBLISH_HOST}:{spec.api_port}:{spec.api_port}"],
             # Read-write: `POST /runs` writes Flower's credentials there, and the admin token lives there.
-            "volumes": ["store:/data/store", "flwr-home:/flwr", *certs_ro],
+            "volumes": ["store:/data/store", "flwr-home:/flwr", *_mounts("trust", "signing")],
             "environment": {
                 **store_env,
-                "DROPFLEET_ENVIRONMENT": "${DROPFLEET_ENVIRONMENT:-development}",
+                "DROPFLEET_ENVIRONMENT": "${DROPFLEET_ENVIRONMENT:-production}",
                 "DROPFLEET_ADMIN_TOKEN": "${DROPFLEET_ADMIN_TOKEN:-}",
                 "DROPFLEET_ADMIN_TOKEN_FILE": ADMIN_TOKEN_FILE,
                 "DROPFLEET_FLWR_HOME": "/flwr",
                 "DROPFLEET_FLOWER_CONNECTION": "fleet",
                 "DROPFLEET_APP_DIR": "/app",
+                "DROPFLEET_APP_SIGNING_KEY": f"{MOUNTS['signing']}/{SIGNING_KEY}",
             },
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "healthcheck": _health(_py_check(f"http://{_local(layout)}:{spec.api_port}/v1/ready", None)),
@@ -164,14 +211,26 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "healthcheck": _health(["CMD", "pg_isready", "-U", "dropfleet"]),
         },
     }
+    node_ready = {"proxy": {"condition": "service_healthy"}}
+    if spec.node_auth:  # the simulated boards' keys, registered on the loopback Control API
+        keys = [f"/keys/node-{i}.pub" for i in range(spec.nodes)]
+        services["register"] = {
+            "image": SERVER_IMAGE,
+            **behind_proxy,
+            "command": ["dropfleet", "fleet", "register-node", "--flwr-home", "/flwr", *keys],
+            "volumes": ["flwr-home:/flwr:ro", "node-keys:/keys:ro", *_mounts("trust")],
+            "depends_on": {"superlink": {"condition": "service_healthy"}},
+            "restart": "no",
+        }
+        node_ready["register"] = {"condition": "service_completed_successfully"}
     for i in range(spec.nodes):
         profile = get_profile(spec.profiles[i % len(spec.profiles)])
         services[f"supernode-{i}"] = {
             "image": CLIENT_IMAGE,
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile.client"},
             "command": procs[f"supernode-{i}"],
-            "volumes": certs_ro,
-            "depends_on": {"superlink": {"condition": "service_healthy"}},
+            "volumes": _mounts("trust", "node-keys"),
+            "depends_on": node_ready,
             "restart": "unless-stopped",
             "healthcheck": _health(
                 _py_check(f"http://{layout.node_host}:{layout.node_port(i)}/health", None)
@@ -182,18 +241,21 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": CLIENT_IMAGE,
             "command": procs[f"superexec-clientapp-{i}"],
             "network_mode": "host" if host else f"service:supernode-{i}",
+            "volumes": _mounts("trust", "node-keys"),
             "mem_limit": max(profile.memory_bytes, MIN_CONTAINER_BYTES),
             "cpus": profile.cpus,
             "depends_on": {f"supernode-{i}": {"condition": "service_started"}},
             "restart": "unless-stopped",
-            "healthcheck": _health(_running("flower-superexec")),
+            "healthcheck": _health(_running("dropfleet-superexec")),
             "labels": {"dropfleet.profile": profile.name},
         }
     if host:
         for svc in services.values():
             svc.pop("ports", None)  # nothing to publish: services bind the host's loopback directly
+            svc.pop("networks", None)
             svc["network_mode"] = "host"
-    volumes = {name: {} for name in ("certs", "flwr-home", "superlink", "store", "postgres")}
+    names = ("certs", "trust", "signing", "keys", "node-keys", "proxy", "flwr-home", "superlink", "store")
+    volumes = {name: {} for name in (*names, "postgres")}
     # A JSON round trip unshares the dicts services share, so the YAML has no anchors.
     return json.loads(json.dumps({"services": services, "volumes": volumes}))
 

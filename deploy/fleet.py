@@ -21,14 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from dropfleet.common.data import check_fashion_mnist
 from dropfleet.common.errors import DropfleetError
-from dropfleet.deploy.certs import create_certificates
-from dropfleet.deploy.topology import APP_SIGNER, BIN, CONNECTION, FleetSpec, local_layout, topology
-from dropfleet.fleet.app_signing import SIGNING_KEY_ENV, create_signing_key
+from dropfleet.deploy.material import Material, write_secret
+from dropfleet.deploy.material import create as create_material
+from dropfleet.deploy.topology import BIN, CONNECTION, FleetSpec, local_layout, topology
+from dropfleet.fleet.app_signing import SIGNING_KEY_ENV
 from dropfleet.fleet.flower_env import OFFLINE_ENV, write_connection
 
 
@@ -44,59 +43,24 @@ def _env(spec: FleetSpec, state: Path) -> dict[str, str]:
     return env
 
 
-def write_secret(path: Path, data: bytes) -> Path:
-    """A secret file created with its final mode (0600): never readable by others, not even briefly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    return path
+def local_material(spec: FleetSpec, state: Path) -> Material:
+    """The process fleet keeps every secret in `keys/` (one operator, one machine)."""
+    layout = local_layout(spec, state)
+    keys = Path(layout.keys_dir)
+    return Material(
+        certs=Path(layout.certs_dir) if layout.certs_dir else None,
+        trust=Path(layout.trust_dir),
+        signing=keys,
+        keys=keys,
+        node_keys=keys,
+    )
 
 
-def node_keys(state: Path, nodes: int) -> list[Path]:
-    """An EC P-384 key pair per SuperNode (OpenSSH format), created once."""
-    keys = state / "keys"
-    keys.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(nodes):
-        path = keys / f"node-{i}"
-        if not path.exists():
-            key = ec.generate_private_key(ec.SECP384R1())
-            write_secret(
-                path,
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.OpenSSH,
-                    serialization.NoEncryption(),
-                ),
-            )
-            path.with_suffix(".pub").write_bytes(
-                key.public_key().public_bytes(
-                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-                )
-            )
-        out.append(path)
-    return out
-
-
-def superexec_secrets(state: Path, nodes: int) -> None:
-    """The shared secrets between each Runtime API (SuperLink, SuperNode i) and its SuperExec."""
-    for name in ["superexec-server", *(f"superexec-node-{i}" for i in range(nodes))]:
-        if not (state / "keys" / name).exists():
-            write_secret(state / "keys" / name, secrets.token_urlsafe(32).encode())
-
-
-def register_node(state_dir: Path, public_key: Path) -> None:
-    """Let the board holding `public_key`'s private half join (`flwr supernode register`, on the
-    operator's loopback Control API: the published port refuses registrations)."""
-    state = state_dir.resolve()
-    if not (state / "fleet.json").exists():
-        raise FleetError(f"{state} has no fleet")
-    _register(state, public_key)
-
-
-def _register(state: Path, public_key: Path) -> None:
-    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(state / "flwr")}
+def register_node(flwr_home: Path, public_key: Path) -> bool:
+    """Let the board holding `public_key`'s private half join (`flwr supernode register` on the
+    operator's loopback Control API: the published port refuses registrations). False when the
+    key was registered already."""
+    env = {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(flwr_home.resolve())}
     done = subprocess.run(
         [str(BIN / "flwr"), "supernode", "register", str(public_key.resolve()), CONNECTION],
         env=env,
@@ -104,14 +68,19 @@ def _register(state: Path, public_key: Path) -> None:
         text=True,
         timeout=60,
     )
+    said = done.stdout + done.stderr
+    if "Public key already in use" in said:  # a restart registers again: the key is known
+        return False
     if done.returncode != 0 or "registered successfully" not in done.stdout:
-        raise FleetError(f"could not register {public_key}: {(done.stdout + done.stderr).strip()[-300:]}")
+        raise FleetError(f"could not register {public_key}: {said.strip()[-300:]}")
+    return True
 
 
 def _register_nodes(spec: FleetSpec, state: Path) -> None:
     """With node auth on, register every node's public key before any SuperNode starts."""
-    for key in node_keys(state, spec.nodes):
-        _register(state, key.with_suffix(".pub"))
+    material = local_material(spec, state)
+    for i in range(spec.nodes):
+        register_node(state / "flwr", material.node_key(i).with_suffix(".pub"))
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -152,16 +121,19 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         raise FleetError(f"ports already in use on {spec.host}: {busy}")
     for sub in ("pids", "logs", "flwr"):
         (state / sub).mkdir(parents=True, exist_ok=True)
-    certs = create_certificates(state / "certs") if spec.tls else None
+    material = local_material(spec, state)
+    create_material(material, spec.nodes)
     layout = local_layout(spec, state)
-    create_signing_key(state / "keys" / "app-signing", Path(layout.trust_dir) / APP_SIGNER)
-    superexec_secrets(state, spec.nodes)
     token_file = state / "admin-token"
     if not token_file.exists():
         write_secret(token_file, secrets.token_urlsafe(32).encode())
     # The operator's connection: the SuperLink itself on loopback (the published port refuses it).
     write_connection(
-        state / "flwr", CONNECTION, f"127.0.0.1:{spec.link_port}", certs["ca"] if certs else None, True
+        state / "flwr",
+        CONNECTION,
+        f"127.0.0.1:{spec.link_port}",
+        material.trust / "ca.crt" if spec.tls else None,
+        True,
     )
     env = _env(spec, state)
     started: dict[str, subprocess.Popen] = {}
@@ -185,7 +157,7 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         "tls": spec.tls,
         "node_auth": spec.node_auth,
         "signed_apps_only": not spec.dev,
-        "app_signer": str(Path(layout.trust_dir) / APP_SIGNER),
+        "app_signer": str(material.app_signer),
         "api": f"http://{spec.host}:{spec.api_port}",
         "admin_token_file": str(token_file),
         "flwr_home": str(state / "flwr"),
@@ -207,7 +179,7 @@ def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: st
             "DROPFLEET_ADMIN_TOKEN": (state / "admin-token").read_text(),
             "DROPFLEET_FLOWER_CONNECTION": CONNECTION,
             "DROPFLEET_FLWR_HOME": str(state / "flwr"),
-            SIGNING_KEY_ENV: str(state / "keys" / "app-signing"),
+            SIGNING_KEY_ENV: str(local_material(spec, state).signing_key),
             "DROPFLEET_ENVIRONMENT": "production",
         }
     log = (state / "logs" / f"{name}.log").open(log_mode)

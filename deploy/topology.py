@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dropfleet.common.errors import ConfigError
+from dropfleet.deploy.material import APP_SIGNER
 
 BIN = Path(sys.executable).parent
 # The same ports as docker-compose.yml (SuperNode runtime ports differ per node here).
@@ -25,7 +26,6 @@ SUPERLINK_PORT = 8000
 API_PORT = 8080
 NODE_PORT_BASE = 9100
 CONNECTION = "fleet"
-APP_SIGNER = "app-signer.pub"  # the operator's public app key, beside ca.crt: what a board trusts
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
     published = f"{layout.superlink_host}:{spec.superlink_port}"
     loopback = f"127.0.0.1:{spec.link_port}"
     certs = layout.certs_dir
-    to_link = ["--root-certificates", f"{certs}/ca.crt"] if certs else ["--insecure"]
+    # Clients verify the SuperLink with the CA certificate from the public trust directory.
+    to_link = ["--root-certificates", f"{layout.trust_dir}/ca.crt"] if certs else ["--insecure"]
     # Apps run only when the operator signed them (fleet/launcher.py), unless this is a dev fleet.
     gate = (
         ["--allow-unsigned-apps"] if spec.dev else ["--trusted-app-keys", f"{layout.trust_dir}/{APP_SIGNER}"]
@@ -210,5 +211,5 @@ def local_layout(spec: FleetSpec, state: Path) -> Layout:
         certs_dir=str(state / "certs") if spec.tls else None,
         node_port=lambda i: spec.node_port_base + i,
         keys_dir=str(state / "keys"),
-        trust_dir=str(state / "certs") if spec.tls else str(state / "keys"),
+        trust_dir=str(state / "trust"),
     )

@@ -42,7 +42,9 @@ def _normalize(cmd: list[str], local: bool, state: Path) -> list[str]:
     out = []
     for arg in cmd:
         if local:
-            arg = arg.replace(str(state / "certs"), "/certs").replace(str(state), "/data")
+            for sub in ("certs", "trust", "keys"):
+                arg = arg.replace(str(state / sub), f"/{sub}")
+            arg = arg.replace(str(state), "/data")
             arg = arg.replace(str(Path(sys.executable).parent) + "/", "")
         arg = re.sub(r"\b(127\.0\.0\.1|0\.0\.0\.0|superlink)\b", "HOST", arg)
         out.append(arg)
@@ -89,17 +91,38 @@ def test_compose_runs_what_the_process_fleet_runs(tmp_path):
 def test_every_service_is_healthy_ordered_and_constrained():
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     for name, svc in services.items():  # every long-running service
-        assert "healthcheck" in svc or name == "certs", name
-    assert services["superlink"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+        assert "healthcheck" in svc or name in ("certs", "register"), name
+    assert services["proxy"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
     assert services["api"]["depends_on"]["superlink"]["condition"] == "service_healthy"
+    assert services["supernode-0"]["depends_on"]["register"]["condition"] == "service_completed_successfully"
     assert "--isolation" in services["superlink"]["command"] and "process" in services["superlink"]["command"]
     assert any(a.startswith("--ssl-certfile") for a in services["superlink"]["command"])
-    # Published on 127.0.0.1 unless the user opts in; the API makes a random admin token on first start.
-    assert services["superlink"]["ports"] == ["${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8000:8000"]
-    assert services["api"]["ports"] == ["${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8080:8080"]
+    assert "--enable-supernode-auth" in services["superlink"]["command"]
+    # Only the proxy has a network namespace of its own on the server side, and it publishes:
+    # the SuperLink's Control and Runtime APIs are on that namespace's loopback only.
+    for name in ("superlink", "superexec-serverapp", "api", "register"):
+        assert services[name]["network_mode"] == "service:proxy" and "ports" not in services[name], name
+    link = services["superlink"]["command"]
+    assert link[link.index("--host") + 1] == "127.0.0.1"
+    assert services["proxy"]["ports"] == [
+        "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8000:8000",
+        "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8080:8080",
+    ]
+    assert services["api"]["environment"]["DROPFLEET_ENVIRONMENT"] == "${DROPFLEET_ENVIRONMENT:-production}"
     assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN"] == "${DROPFLEET_ADMIN_TOKEN:-}"
     assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN_FILE"] == "/flwr/admin-token"
     assert "flwr-home:/flwr" in services["api"]["volumes"]  # writable: Flower writes credentials there
+    # Keys only where they are needed: the server's TLS key in the SuperLink and the proxy, the
+    # app signing key in the API; boards get the public trust volume and their node keys.
+    for name, svc in services.items():
+        mounted = {v.split(":")[0] for v in svc.get("volumes", [])}
+        if name not in ("certs", "superlink", "proxy"):
+            assert "certs" not in mounted, name
+        if name not in ("certs", "api"):
+            assert "signing" not in mounted, name
+        if name.startswith(("supernode-", "superexec-clientapp-")):
+            assert mounted == {"trust", "node-keys"}, name
+            assert "dropfleet-superexec" in svc["command"] or "flower-supernode" in svc["command"]
     for name, svc in services.items():
         if name.startswith("superexec-clientapp-"):
             i = int(name.rsplit("-", 1)[1])

@@ -96,7 +96,7 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
         assert oct((etc / "keys" / "superexec-secret").stat().st_mode & 0o777) == "0o600"
         # What the operator hands a board: the CA certificate and the app key, nothing secret.
         for name in ("ca.crt", "app-signer.pub"):
-            (etc / name).write_bytes((state / "certs" / name).read_bytes())
+            (etc / name).write_bytes((state / "trust" / name).read_bytes())
         registered = run(
             "fleet", "register-node", str(etc / "keys" / "node_key.pub"), "--state-dir", str(state)
         )

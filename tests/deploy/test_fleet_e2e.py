@@ -140,7 +140,7 @@ def test_fleet_up_run_over_rest_and_down(tmp_path):
         # A run whose ServerApp dies before it can record anything (here: the server no longer
         # trusts the key the API signs with, so its launcher refuses the app) is marked failed
         # by the API once the SuperLink reports the Flower run finished.
-        trusted = state / "certs" / "app-signer.pub"
+        trusted = state / "trust" / "app-signer.pub"
         trusted.write_text(
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOQBbIpCoffZRHxv2KiFsJE8YJ27tRfeN6pi3GZzLtVT other\n"
         )
