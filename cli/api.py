@@ -18,10 +18,18 @@ def api(
 ) -> None:
     """Serve the REST API and status page (settings from DROPFLEET_* variables)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from dropfleet.server.api.app import create_app
+    from dropfleet.server.api.settings import Settings
 
-    uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        exit_with(2, "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    if problem := settings.exposure_problem(host):
+        exit_with(2, problem)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
 
 def status(api: ApiUrl = None, as_json: AsJson = False) -> None:

@@ -188,6 +188,10 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "environment": {
                 **store_env,
                 "DROPFLEET_ENVIRONMENT": "${DROPFLEET_ENVIRONMENT:-production}",
+                # Published beyond loopback, every read needs a token too (the API refuses to start).
+                "DROPFLEET_PUBLISHED_HOST": PUBLISH_HOST,
+                "DROPFLEET_READ_ACCESS": "${DROPFLEET_READ_ACCESS:-open}",
+                "DROPFLEET_READ_TOKEN": "${DROPFLEET_READ_TOKEN:-}",
                 "DROPFLEET_ADMIN_TOKEN": "${DROPFLEET_ADMIN_TOKEN:-}",
                 "DROPFLEET_ADMIN_TOKEN_FILE": ADMIN_TOKEN_FILE,
                 "DROPFLEET_FLWR_HOME": "/flwr",

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from dropfleet.common.errors import ConfigError
 from dropfleet.server.store.store import NodeEvent, Store
 
 
@@ -60,13 +61,40 @@ def _now() -> str:
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
-    """A results file split into its header, round lines and end line (None while running)."""
+    """The latest run in a results file: its header, round lines and end line (None while running).
+
+    Runs that share a file follow one another (a run appends, it never truncates), each from
+    its `header` line; a resumed run goes on after a `resume` line within its own section.
+    """
     lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    starts = [i for i, x in enumerate(lines) if x.get("type") == "header"]
+    lines = lines[starts[-1] :] if starts else lines
     return {
         "header": next((x for x in lines if x.get("type") == "header"), None),
         "rounds": [x for x in lines if x.get("type") == "round"],
         "end": lines[-1] if lines and lines[-1].get("type") == "end" else None,
     }
+
+
+def check_results_file(path: Path) -> None:
+    """A run appends to its results file and never truncates it: an existing file must be one.
+
+    Anything else (a database, a log, a key) is refused before a byte is written to it.
+    """
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise ConfigError(f"results-file {path} is not a regular file")
+    with path.open("rb") as fh:
+        first = fh.readline(4096)
+    if not first.strip():
+        return  # empty
+    try:
+        line = json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        line = None
+    if not isinstance(line, dict) or line.get("type") not in ("header", "resume", "round", "end"):
+        raise ConfigError(f"results-file {path} exists and is not a dropfleet results file: refused")
 
 
 class RoundRecorder:
@@ -96,8 +124,7 @@ class RoundRecorder:
         self.path = Path(str(results_file).replace("{run_id}", run_id)) if results_file else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resumed_after is None:
-                self.path.write_text("")
+            check_results_file(self.path)
             kind = "header" if resumed_after is None else "resume"
             self._write({"type": kind, **(header or {}), "resumed_after": resumed_after, "at": _now()})
         self.history: list[RoundStats] = []

@@ -31,7 +31,7 @@ def require_admin(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """State-changing routes: the admin bearer token, always."""
-    if not _token_matches(credentials, settings.admin_token.get_secret_value()):
+    if not _token_matches(credentials, settings.admin):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a valid admin bearer token is required",
@@ -46,7 +46,7 @@ def require_read(
     """Read routes: open, or the read (or admin) token when DROPFLEET_READ_ACCESS=token."""
     if settings.read_access == "open":
         return
-    tokens = [settings.admin_token.get_secret_value()]
+    tokens = [settings.admin]
     if settings.read_token is not None:
         tokens.append(settings.read_token.get_secret_value())
     if not any(_token_matches(credentials, t) for t in tokens):

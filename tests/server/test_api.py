@@ -1,17 +1,21 @@
 """The REST API against a real uvicorn on 127.0.0.1."""
 
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 from dropfleet.common.codec import decode
 from dropfleet.server.api.settings import Settings
-from tests.integration.procs import stop
+from tests.integration.procs import free_port, processes_mentioning, stop
 from tests.server.live_api import ADMIN, READER, fill, start_api
 
 
@@ -212,12 +216,41 @@ def test_read_access_by_token(tmp_path):
         stop([live.proc])
 
 
-def test_refuses_to_start_with_a_placeholder_secret_outside_development():
-    with pytest.raises(ValueError, match="placeholder"):
-        Settings(environment="production")
-    with pytest.raises(ValueError, match="placeholder"):
-        Settings(environment="production", admin_token="short")
-    assert Settings(environment="production", admin_token=ADMIN).admin_token.get_secret_value() == ADMIN
+@pytest.mark.parametrize("environment", ["development", "production"])
+def test_refuses_a_placeholder_secret_in_any_environment(environment, tmp_path, monkeypatch):
+    for token in ("change-me", "short"):
+        with pytest.raises(ValueError, match="placeholder"):
+            Settings(environment=environment, admin_token=token)
+        with pytest.raises(ValueError, match="placeholder"):
+            Settings(environment=environment, admin_token=ADMIN, read_token=token)
+    assert Settings(environment=environment, admin_token=ADMIN).admin == ADMIN
+    # No token given: a random one, created private in the state directory and kept.
+    monkeypatch.setenv("DROPFLEET_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("DROPFLEET_ADMIN_TOKEN", raising=False)
+    made = Settings(environment=environment).admin
+    assert len(made) >= 32 and (tmp_path / "admin-token").read_text() == made
+    assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert Settings(environment=environment).admin == made
+
+
+def test_a_published_api_needs_read_tokens_outside_development(tmp_path):
+    """Beyond loopback, reads need a token too: `dropfleet api` refuses to start otherwise."""
+    env = {**os.environ, "DROPFLEET_STATE_DIR": str(tmp_path), "DROPFLEET_ADMIN_TOKEN": ADMIN}
+    env.pop("DROPFLEET_ENVIRONMENT", None)
+    dropfleet = str(Path(sys.executable).parent / "dropfleet")
+    for extra, host in (({}, "0.0.0.0"), ({"DROPFLEET_PUBLISHED_HOST": "192.0.2.7"}, "127.0.0.1")):
+        done = subprocess.run(
+            [dropfleet, "api", "--host", host, "--port", str(free_port())],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2 and "open reads" in done.stderr + done.stdout, done.stderr
+    settings = Settings(admin_token=ADMIN, read_access="token", read_token=READER)
+    assert settings.exposure_problem("0.0.0.0") is None
+    assert Settings(admin_token=ADMIN, environment="development").exposure_problem("0.0.0.0") is None
+    assert Settings(admin_token=ADMIN).exposure_problem("127.0.0.1") is None
 
 
 def test_online_state_is_unknown_when_the_superlink_is_unreachable(api):
@@ -276,3 +309,37 @@ def test_nodes_online_is_one_shared_superlink_query(tmp_path):
         assert 'dropfleet_superlink_queries_total{query="nodes"} 1.0' in metrics
     finally:
         stop([live.proc])
+
+
+def test_without_a_superlink_connection_nothing_is_started_and_runs_answer_503(tmp_path):
+    """A bare API serves its store; it never starts a SuperLink of its own for anyone."""
+    live = start_api(tmp_path, DROPFLEET_FLOWER_CONNECTION="", DROPFLEET_SUPERLINK_CACHE_SECONDS="0.5")
+    try:
+        fill(live.store, "1")
+        for _ in range(3):  # anonymous and repeated: each would have started a local SuperLink
+            nodes = httpx.get(live.url + "/v1/nodes", params={"online": True}, timeout=30)
+            assert nodes.status_code == 200 and {n["online"] for n in nodes.json()} <= {None}
+            time.sleep(0.6)
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        for method, path in (
+            ("POST", "/v1/runs"),
+            ("POST", "/v1/runs/1/stop"),
+            ("POST", "/v1/runs/1/resume"),
+        ):
+            r = httpx.request(method, live.url + path, headers=auth, json={"run_config": {}}, timeout=30)
+            assert r.status_code == 503 and "DROPFLEET_FLOWER_CONNECTION" in r.json()["detail"], (
+                path,
+                r.text,
+            )
+        assert httpx.get(live.url + "/v1/runs/1", timeout=30).status_code == 200  # the store still answers
+        assert processes_mentioning(str(tmp_path / "flwr")) == []
+        assert not (tmp_path / "flwr").exists()  # not even Flower's home was made
+    finally:
+        stop([live.proc])
+
+
+def test_run_config_from_rest_names_no_path_and_no_signature(api):
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    for key in ("results-file", "store-url", "message-audit", "fashion-mnist-dir", "app-signature"):
+        r = httpx.post(api.url + "/v1/runs", headers=auth, json={"run_config": {key: "/etc/x"}}, timeout=30)
+        assert r.status_code == 400 and key in r.json()["detail"], r.text
