@@ -1,6 +1,7 @@
 """Fashion-MNIST from Debian's IDX files, and flwr-datasets partitions."""
 
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from dropfleet.common.data import (
+    load_device_data,
     load_fashion_mnist,
     partition_indices,
     read_idx,
@@ -99,13 +101,178 @@ def test_a_partition_is_read_in_chunks_with_a_small_peak(fmnist_test):
 def test_reading_rows_refuses_bad_indices_and_truncated_files(tmp_path):
     header = bytes([0, 0, 8, 3]) + (5).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
     (tmp_path / "ok-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(range(20))))
-    got = read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([4, 0, 4]))
+    got = read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([4, 0, 4]), (2, 2))
     assert got.tolist() == [[[16, 17], [18, 19]], [[0, 1], [2, 3]], [[16, 17], [18, 19]]]
     with pytest.raises(DatasetError, match="out of range"):
-        read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([5]))
+        read_idx_rows(tmp_path / "ok-idx3-ubyte", np.array([5]), (2, 2))
     (tmp_path / "short-idx3-ubyte").write_bytes(header + bytes(range(19)))
     with pytest.raises(DatasetError, match="truncated"):
-        read_idx_rows(tmp_path / "short-idx3-ubyte", np.array([0]))
+        read_idx_rows(tmp_path / "short-idx3-ubyte", np.array([0]), (2, 2))
     (tmp_path / "long-idx3-ubyte").write_bytes(header + bytes(range(21)))
     with pytest.raises(DatasetError, match="data after"):
-        read_idx_rows(tmp_path / "long-idx3-ubyte", np.array([0]))
+        read_idx_rows(tmp_path / "long-idx3-ubyte", np.array([0]), (2, 2))
+
+
+def _idx(shape: tuple[int, ...], payload: bytes = b"") -> bytes:
+    return bytes([0, 0, 8, len(shape)]) + b"".join(d.to_bytes(4, "big") for d in shape) + payload
+
+
+def _npz(path, **arrays) -> None:
+    np.savez_compressed(path, **arrays)
+
+
+IMAGES, LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
+U8_28 = np.zeros((3, 28, 28), np.uint8)
+PEAK = """
+import resource, sys
+from dropfleet.common.data import load_device_data
+from dropfleet.common.errors import DatasetError
+if sys.argv[1] != "-":
+    try:
+        load_device_data(sys.argv[1])
+    except DatasetError:
+        pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _peak_kib(path) -> int:
+    """Peak RSS of a fresh process that loads `path` as a device's data ("-": imports only)."""
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+@pytest.fixture(scope="module")
+def baseline_kib() -> int:
+    return _peak_kib("-")
+
+
+@pytest.mark.parametrize(
+    "name, files, reason",
+    [
+        # A 249 KB .gz that inflates to 256 MB (all zeros) behind a header claiming 60000 x 28 x 28:
+        # its header is fine, so it is read up to the 47 MB it announces, then refused for the rest.
+        (
+            "gzip bomb",
+            {IMAGES + ".gz": ("gz-bomb", None), LABELS: _idx((2,), b"\0\1")},
+            "data after the 60000 rows",
+        ),
+        (
+            "wrong image shape",
+            {
+                IMAGES: _idx((2, 4096, 4096)),
+                LABELS: _idx((2,), b"\0\1"),
+            },
+            "expected \\[n, 28, 28\\]",
+        ),
+        (
+            "dimensions that wrap in int64",
+            {IMAGES: _idx((2**31, 2**31, 2**31)), LABELS: _idx((2,))},
+            "expected",
+        ),
+        (
+            "too many rows",
+            {IMAGES: _idx((2**32 - 1, 28, 28)), LABELS: _idx((2,))},
+            "more than the",
+        ),
+        (
+            "a header bigger than its file",
+            {
+                IMAGES: _idx((50_000, 28, 28), bytes(784)),
+                LABELS: _idx((2,)),
+            },
+            "its header announces",
+        ),
+        (
+            "truncated header",
+            {IMAGES: bytes([0, 0, 8, 3, 0, 0]), LABELS: _idx((2,))},
+            "header truncated",
+        ),
+        (
+            "corrupt gzip",
+            {IMAGES + ".gz": b"\x1f\x8b\x08garbage", LABELS: _idx((2,))},
+            "unreadable",
+        ),
+    ],
+)
+def test_hostile_idx_files_are_refused_within_bounded_memory(tmp_path, baseline_kib, name, files, reason):
+    for file_name, content in files.items():
+        if isinstance(content, tuple):  # the bomb: built streaming, never held whole
+            with gzip.open(tmp_path / file_name, "wb", compresslevel=9) as f:
+                f.write(_idx((60_000, 28, 28)))
+                for _ in range(256):
+                    f.write(bytes(1 << 20))
+        else:
+            (tmp_path / file_name).write_bytes(content)
+    with pytest.raises(DatasetError, match=reason):
+        load_device_data(tmp_path)
+    grew = (_peak_kib(tmp_path) - baseline_kib) / 1024
+    assert grew < 100, f"{name}: peak RSS {grew:.0f} MiB above a bare import"  # never the inflated file
+
+
+@pytest.mark.parametrize(
+    "arrays, reason",
+    [
+        ({"images": np.zeros((3, 28, 28), np.uint8)}, "no 'labels'"),
+        ({"images": np.zeros((3, 28, 28), np.float64), "labels": np.zeros(3, np.int64)}, "dtype float64"),
+        (
+            {"images": np.zeros((3, 32, 32), np.uint8), "labels": np.zeros(3, np.int64)},
+            "expected \\[n, 28, 28\\]",
+        ),
+        ({"images": np.zeros((3, 28, 28), np.uint8), "labels": np.array(["a", "b", "c"])}, "dtype <U1"),
+        (
+            {"images": np.zeros((3, 28, 28), np.uint8), "labels": np.zeros((3, 1), np.int64)},
+            "expected \\[n\\]",
+        ),
+    ],
+)
+def test_hostile_npz_files_are_refused_before_their_arrays_are_read(tmp_path, arrays, reason):
+    _npz(tmp_path / "train.npz", **arrays)
+    with pytest.raises(DatasetError, match=reason):
+        load_device_data(tmp_path)
+
+
+def test_an_npz_bomb_is_refused_without_inflating_it(tmp_path, baseline_kib):
+    """A 249 KB .npz whose `images` inflate to 256 MB: its header (n x 28 x 28 uint8) is read first,
+    the array only up to the size that header announces."""
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (1000, 28, 28)}
+    )
+    with zipfile.ZipFile(tmp_path / "train.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("images.npy", "w", force_zip64=True) as f:
+            f.write(np.lib.format.MAGIC_PREFIX + bytes([1, 0]) + header.getvalue()[8:])
+            for _ in range(256):
+                f.write(bytes(1 << 20))
+        z.writestr("labels.npy", _npy(np.zeros(1000, np.int64)))
+    assert (tmp_path / "train.npz").stat().st_size < 1 << 20
+    with pytest.raises(DatasetError, match="another size than its header"):
+        load_device_data(tmp_path)
+    grew = (_peak_kib(tmp_path) - baseline_kib) / 1024
+    assert grew < 100, f"peak RSS {grew:.0f} MiB above a bare import"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    np.save(out, array)
+    return out.getvalue()
+
+
+def test_a_good_npz_and_idx_still_load(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 9], np.int16)
+    (tmp_path / "npz").mkdir()
+    _npz(tmp_path / "npz" / "train.npz", images=images, labels=labels)
+    got = load_device_data(tmp_path / "npz")
+    assert got.labels.tolist() == labels.tolist() and got.images.shape == (5, 1, 28, 28)
+    (tmp_path / "idx").mkdir()
+    with gzip.open(tmp_path / "idx" / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(_idx((5, 28, 28), images.tobytes()))
+    (tmp_path / "idx" / "train-labels-idx1-ubyte").write_bytes(_idx((5,), labels.astype(np.uint8).tobytes()))
+    again = load_device_data(tmp_path / "idx")
+    assert torch.equal(again.images, got.images) and torch.equal(again.labels, got.labels)
