@@ -37,12 +37,13 @@ demo: install
 	$(VENV)/bin/dropfleet simulate --nodes 12 --results results/demo.jsonl
 
 # Debian packages some tests need (a PostgreSQL server for the store, docker-compose to
-# validate compose files, Chromium for the status page): installed when missing and apt-get
-# can (as root); otherwise those tests are skipped, and this says what to install.
+# validate compose files, Chromium for the status page, nginx for the fleet's published
+# port): installed when missing and apt-get can (as root); otherwise this says what to install.
 test-deps:
 	@need=""; ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
 	command -v docker-compose >/dev/null || need="$$need docker-compose"; \
 	command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need="$$need nginx-light"; \
 	if [ -z "$$need" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing for the tests:$$need"; \

@@ -1,4 +1,4 @@
-"""`dropfleet compose`, `dropfleet certs` and `dropfleet proxy`: what a container fleet is made from."""
+"""`dropfleet compose` and `dropfleet certs`: what a container fleet is made from."""
 
 from pathlib import Path
 from typing import Annotated
@@ -77,35 +77,3 @@ def certs(
         ca = trust / "ca.crt" if out else None
         write_connection(flwr_home, CONNECTION, control_api, ca, insecure=True)
     console.print(f"fleet material for {nodes} node(s); boards get {trust}")
-
-
-def proxy(
-    listen: Annotated[str, typer.Option(help="HOST:PORT to publish: where boards reach the fleet")],
-    upstream_port: Annotated[int, typer.Option(help="the SuperLink's port on 127.0.0.1")],
-    run_dir: Annotated[Path, typer.Option(help="nginx's config, pid and temp files")],
-    certs: Annotated[
-        Path | None, typer.Option(help="server.pem, server.key, ca.crt (TLS on both sides)")
-    ] = None,
-    no_tls: Annotated[bool, typer.Option("--no-tls", help="plain HTTP (a development fleet)")] = False,
-) -> None:
-    """Serve the fleet's published port: nginx passing the Fleet API only (deploy/proxy.py)."""
-    import sys
-
-    from dropfleet.deploy.proxy import ProxySpec, nginx_binary, run_until_stopped, write_config
-
-    if (certs is None) != no_tls:
-        exit_with(2, "give --certs DIR, or --no-tls for a development fleet")
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        exit_with(2, f"--listen takes HOST:PORT, got {listen!r}")
-    try:
-        nginx = nginx_binary()
-    except DropfleetError as exc:
-        exit_with(2, str(exc))
-    spec = ProxySpec(host, int(port), upstream_port, str(certs.resolve()) if certs else None, str(run_dir))
-    conf = write_config(spec, run_dir / "nginx.conf")
-    # nginx runs as a child, not exec'd: this process keeps the command line its supervisor
-    # recorded (the process fleet stops what it started by PID and command line).
-    sys.exit(
-        run_until_stopped([nginx, "-e", "stderr", "-c", str(conf.resolve()), "-p", str(run_dir.resolve())])
-    )

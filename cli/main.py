@@ -19,7 +19,6 @@ for query in (api.status, api.runs, api.resume, api.model, api.nodes):
 app.add_typer(fleet.app, name="fleet")
 app.command()(deploy.compose)
 app.command()(deploy.certs)
-app.command()(deploy.proxy)
 
 
 def main() -> None:

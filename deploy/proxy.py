@@ -124,6 +124,40 @@ def write_config(spec: ProxySpec, path: Path) -> Path:
     return path
 
 
+def main(argv: list[str] | None = None) -> None:
+    """`dropfleet-proxy`: write nginx.conf and serve the published port in the foreground.
+
+    A console script of its own (not a `dropfleet` subcommand) so that the process that
+    stays up beside nginx imports nothing but this module: ~13 MiB, not the CLI's torch.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="dropfleet-proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True, help="HOST:PORT to publish (where boards reach the fleet)")
+    parser.add_argument("--upstream-port", type=int, required=True, help="the SuperLink's port on 127.0.0.1")
+    parser.add_argument("--run-dir", type=Path, required=True, help="nginx's config, pid and temp files")
+    tls = parser.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--certs", type=Path, help="server.pem, server.key, ca.crt (TLS on both sides)")
+    tls.add_argument("--no-tls", action="store_true", help="plain HTTP (a development fleet)")
+    args = parser.parse_args(argv)
+    host, sep, port = args.listen.rpartition(":")
+    if not sep or not port.isdigit():
+        parser.error(f"--listen takes HOST:PORT, got {args.listen!r}")
+    try:
+        nginx = nginx_binary()
+    except ConfigError as exc:
+        parser.exit(2, f"dropfleet-proxy: {exc}\n")
+    certs = str(args.certs.resolve()) if args.certs else None
+    conf = write_config(
+        ProxySpec(host, int(port), args.upstream_port, certs, str(args.run_dir)), args.run_dir / "nginx.conf"
+    )
+    # nginx runs as a child, not exec'd: this process keeps the command line its supervisor
+    # recorded (the process fleet stops what it started by PID and command line).
+    run_dir = str(args.run_dir.resolve())
+    sys.exit(run_until_stopped([nginx, "-e", "stderr", "-c", str(conf.resolve()), "-p", run_dir]))
+
+
 def run_until_stopped(cmd: list[str]) -> int:
     """Run nginx in the foreground; SIGTERM/SIGINT here stop it gracefully (SIGQUIT), then its code."""
     proc = subprocess.Popen(cmd)

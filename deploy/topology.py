@@ -127,8 +127,7 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
     if spec.node_auth:
         superlink.append("--enable-supernode-auth")
     proxy = [
-        _exe(layout, "dropfleet"),
-        "proxy",
+        _exe(layout, "dropfleet-proxy"),
         "--listen",
         f"{layout.bind_host}:{spec.superlink_port}",
         "--upstream-port",
