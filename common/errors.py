@@ -60,3 +60,7 @@ class StaleWriterError(DropfleetError, RuntimeError):
 
 class OutOfSyncError(WireFormatError):
     """A device does not hold the model version an update starts from (it needs a resync)."""
+
+
+class StoreUnavailableError(DropfleetError, RuntimeError):
+    """The store stayed locked, full or unreachable through every retry; nothing was written."""

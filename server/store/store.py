@@ -5,8 +5,11 @@ transaction (round row, its global model, the fleet's counters), so a crash
 mid-publish leaves either all of it or none of it.
 """
 
+import fcntl
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,13 +21,20 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dropfleet.common.errors import ConfigError, StaleWriterError
+from dropfleet.common.errors import ConfigError, StaleWriterError, StoreUnavailableError
 from dropfleet.server.store.schema import Node, PublishedModel, Round, Run, ServerState
 
+logger = logging.getLogger(__name__)
 DATABASE_URL_ENV = "DROPFLEET_DATABASE_URL"
+# A publish that meets a locked, full or unreachable database is retried this often, waiting
+# 0.5, 1, 2, 4... s between tries (SQLite also waits up to its busy timeout inside each try).
+PUBLISH_ATTEMPTS = 6
+PUBLISH_BACKOFF_S = 0.5
+# Postgres advisory lock key for migrations ("dropfleet" in ASCII, folded into 63 bits).
+_MIGRATION_LOCK = 0x64726F70666C656574 & ((1 << 63) - 1)
 STATE_DIR_ENV = "DROPFLEET_STATE_DIR"
 MIGRATIONS = Path(__file__).with_name("migrations")
 # Statuses of a run that may still have (or be about to get) a ServerApp.
@@ -78,22 +88,49 @@ def _row(obj: Any, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 class Store:
-    def __init__(self, url: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        publish_attempts: int = PUBLISH_ATTEMPTS,
+        publish_backoff_s: float = PUBLISH_BACKOFF_S,
+        busy_timeout_ms: int = 5000,
+    ) -> None:
         self.url = url or default_database_url()
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", lambda conn, _record: _sqlite_pragmas(conn, busy_timeout_ms))
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.publish_attempts, self.publish_backoff_s = max(1, publish_attempts), publish_backoff_s
 
     def migrate(self) -> None:
-        """Bring the schema to the latest Alembic revision."""
+        """Bring the schema to the latest Alembic revision, one migrating process at a time.
+
+        The API and every ServerApp migrate at start; concurrent ones wait for each other
+        (PostgreSQL: a transaction-level advisory lock; SQLite: an exclusive lock on a file
+        beside the database), so none sees a half-made schema or races to create a table.
+        """
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS))
-        with self.engine.begin() as conn:
+        with self._migration_lock(), self.engine.begin() as conn:
+            if self.engine.dialect.name == "postgresql":
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
+
+    @contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        path = self.url.removeprefix("sqlite:///") if self.url.startswith("sqlite:///") else None
+        if path is None or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def ping(self) -> bool:
         with self.engine.connect() as conn:
@@ -208,7 +245,46 @@ class Store:
 
         With `attempt`, only the run's current owner may publish: a ServerApp
         that was replaced by a resumed one gets `StaleWriterError` and writes nothing.
+        A locked, full or unreachable database is retried with backoff; if it stays so,
+        `StoreUnavailableError` says why, and nothing of the round was written.
         """
+        for attempt_no in range(1, self.publish_attempts + 1):
+            try:
+                self._publish(run_id, server_round, stats, model, tracked, nodes, attempt, server_state)
+                return
+            except OperationalError as exc:
+                reason = str(exc.orig if exc.orig is not None else exc).splitlines()[0]
+                if attempt_no == self.publish_attempts:
+                    raise StoreUnavailableError(
+                        f"round {server_round} of run {run_id} not published after {attempt_no} "
+                        f"tries: {reason}"
+                    ) from None
+                wait = self.publish_backoff_s * 2 ** (attempt_no - 1)
+                logger.warning(
+                    "Publishing round %s of run %s failed (%s); try %d of %d in %.1f s",
+                    server_round, run_id, reason, attempt_no + 1, self.publish_attempts, wait,
+                )  # fmt: skip
+                time.sleep(wait)
+            except IntegrityError:
+                if attempt_no > 1 and self._round_exists(run_id, server_round):
+                    return  # an earlier try committed, then lost its connection before it heard so
+                raise
+
+    def _round_exists(self, run_id: str, server_round: int) -> bool:
+        with self._sessions() as s:
+            return s.get(Round, (run_id, server_round)) is not None
+
+    def _publish(
+        self,
+        run_id: str,
+        server_round: int,
+        stats: dict[str, Any],
+        model: bytes | None,
+        tracked: int,
+        nodes: list[NodeEvent],
+        attempt: str | None,
+        server_state: bytes | None,
+    ) -> None:
         now = datetime.now(UTC)
         with self._tx() as s:
             if attempt is not None:
@@ -326,9 +402,9 @@ class Store:
             return [_row(n) for n in s.scalars(select(Node).order_by(Node.node_id))]
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, busy_timeout_ms: int) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
     cur.close()

@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy.exc import IntegrityError
 
-from dropfleet.common.errors import ConfigError
+from dropfleet.common.errors import ConfigError, StoreUnavailableError
 from dropfleet.server.store import Store
 from dropfleet.server.store.schema import Base
 from dropfleet.server.store.store import NodeEvent
@@ -174,3 +174,71 @@ def test_a_run_stopped_while_starting_stays_stopped(store_url):
         store.start_run("3", "dropback", "mlp-90k", 0, 3, {})
     store.finish_run("3", "failed", "terminated", attempt="3")  # the ServerApp's own way out
     assert store.get_run("3")["status"] == "stopped"
+
+
+def _lock_sqlite(path, seconds: float) -> subprocess.Popen:
+    """Another process holding SQLite's write lock on `path` for `seconds` (as a busy writer would)."""
+    code = (
+        "import sqlite3, sys, time\n"
+        "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(float(sys.argv[2]))\n"
+        "c.execute('COMMIT')\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_publish_that_meets_a_locked_store_retries_then_fails_with_the_reason(tmp_path):
+    db = tmp_path / "store.db"
+    store = Store(f"sqlite:///{db}", publish_attempts=4, publish_backoff_s=0.2, busy_timeout_ms=100)
+    store.migrate()
+    store.start_run("1", "dropback", "mlp-90k", 7, 3, {})
+    # Locked for a moment: the publish waits it out and lands, once.
+    holder = _lock_sqlite(db, 0.5)
+    store.publish_round("1", 0, {"accuracy": 0.1}, b"model-0", 0, [NodeEvent(5, "accepted", bytes_up=3)])
+    holder.wait(10)
+    assert [r["round"] for r in store.rounds("1")] == [0] and store.nodes()[0]["bytes_up"] == 3
+    # Locked for longer than every retry: the reason, and nothing of the round written.
+    holder = _lock_sqlite(db, 8)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="not published after 4 tries: database is locked"):
+            store.publish_round("1", 1, {"accuracy": 0.5}, b"model-1", 1, [NodeEvent(5, "accepted")])
+        assert time.monotonic() - started >= 0.2 + 0.4 + 0.8  # it backed off between tries
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert [r["round"] for r in store.rounds("1")] == [0] and store.model("1", 1) is None
+    assert store.nodes()[0]["rounds_joined"] == 1
+
+
+MIGRATOR = """
+import sys
+from dropfleet.server.store import Store
+Store(sys.argv[1]).migrate()
+print("migrated")
+"""
+
+
+def test_concurrent_migrations_wait_for_each_other(store_url):
+    """The API and every ServerApp migrate at start: started together on an empty database,
+    each one finishes, and the schema is exactly the models'."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATOR, store_url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+    store = Store(store_url)
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
