@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dropfleet.common.errors import DropfleetError, FlowerControlError
 from dropfleet.server.api import routes_fleet, routes_health, routes_metrics, routes_models, routes_runs
+from dropfleet.server.api.deps import Followers
 from dropfleet.server.api.routes_metrics import make_registry
 from dropfleet.server.api.settings import Settings
 from dropfleet.server.api.superlink import SuperLinkView, reconcile_forever
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Training status, fleet, metrics and published global models of dropfleet.",
     )
     app.state.settings, app.state.store = settings, store
+    app.state.followers = Followers(settings.max_followers)
     app.state.registry, requests, queries = make_registry(store)
     for router in (
         routes_health.router,

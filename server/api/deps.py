@@ -1,6 +1,8 @@
-"""Dependencies shared by the routers: settings, the store, bearer-token auth."""
+"""Dependencies shared by the routers: settings, the store, bearer-token auth, follower slots."""
 
 import hmac
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -68,6 +70,51 @@ def flower_connection(settings: Annotated[Settings, Depends(get_settings)]) -> s
     return settings.flower_connection
 
 
+class Followers:
+    """Open follow connections (SSE streams, long-polls): at most `limit`, so that followers
+    cannot starve everyone else's requests; the next one gets 503 with Retry-After."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0  # one event loop touches this: no lock needed
+
+    def acquire(self) -> None:
+        if self.open >= self.limit:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"{self.limit} followers are connected already; try again shortly",
+                headers={"Retry-After": "5"},
+            )
+        self.open += 1
+
+    def release(self) -> None:
+        self.open -= 1
+
+    def hold(self) -> Callable[[], None]:
+        """Take a slot for a stream; the returned callable gives it back, once however often called."""
+        self.acquire()
+        held = [True]
+
+        def give_back() -> None:
+            if held:
+                held.clear()
+                self.release()
+
+        return give_back
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+
+def get_followers(request: Request) -> Followers:
+    return request.app.state.followers
+
+
 StoreDep = Annotated[Store, Depends(get_store)]
+FollowersDep = Annotated[Followers, Depends(get_followers)]
 ConnectionDep = Annotated[str, Depends(flower_connection)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

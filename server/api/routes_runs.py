@@ -8,10 +8,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from dropfleet.common.errors import ConfigError, DatasetError
 from dropfleet.server import flower_control
-from dropfleet.server.api.deps import ConnectionDep, SettingsDep, StoreDep, require_admin, require_read
+from dropfleet.server.api.deps import (
+    ConnectionDep,
+    FollowersDep,
+    SettingsDep,
+    StoreDep,
+    require_admin,
+    require_read,
+)
 from dropfleet.server.api.schemas import RoundOut, RunOut, StartedRun, StartRun
 from dropfleet.server.preflight import check_run, refuse_operator_keys
 from dropfleet.server.store.store import LIVE_STATUSES
@@ -47,35 +55,45 @@ def get_run(run_id: RunId, store: StoreDep) -> dict:
     "/{run_id}/rounds",
     response_model=list[RoundOut],
     dependencies=[Depends(require_read)],
-    responses={404: {"description": "unknown run"}},
+    responses={404: {"description": "unknown run"}, 503: {"description": "too many followers"}},
 )
 async def list_rounds(
     run_id: RunId,
     store: StoreDep,
     settings: SettingsDep,
+    followers: FollowersDep,
     after: Annotated[int, Query(ge=-1, le=10**6, description="only rounds after this one")] = -1,
     wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS, description="long-poll seconds")] = 0,
 ) -> list[dict]:
     """Rounds of a run; with `wait`, blocks until a round after `after` exists (long-poll)."""
     await run_in_threadpool(get_run_or_404, store, run_id)
+    rounds = await run_in_threadpool(store.rounds, run_id, after)
+    if rounds or not wait:
+        return rounds
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while True:
-        rounds = await run_in_threadpool(store.rounds, run_id, after)
-        if rounds or loop.time() >= deadline:
-            return rounds
-        await asyncio.sleep(settings.event_poll_seconds)
+    with followers.slot():  # a long-poll holds a connection like a stream does
+        while True:
+            await asyncio.sleep(settings.event_poll_seconds)
+            rounds = await run_in_threadpool(store.rounds, run_id, after)
+            if rounds or loop.time() >= deadline:
+                return rounds
 
 
 @router.get(
     "/{run_id}/events",
     dependencies=[Depends(require_read)],
-    responses={200: {"content": {"text/event-stream": {}}}, 404: {"description": "unknown run"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        404: {"description": "unknown run"},
+        503: {"description": "too many followers"},
+    },
 )
 async def round_events(
     run_id: RunId,
     store: StoreDep,
     settings: SettingsDep,
+    followers: FollowersDep,
     after: Annotated[int, Query(ge=-1, le=10**6)] = -1,
     last_event_id: Annotated[
         str | None, Header(description="sent by EventSource on reconnect: the last round received")
@@ -90,27 +108,41 @@ async def round_events(
     if last_event_id is not None and last_event_id.isdigit() and len(last_event_id) <= 7:
         after = max(after, int(last_event_id))
 
+    # The slot is given back when the stream ends or its client goes away (the generator
+    # closes), or, should the stream never have started, once the response is done.
+    give_back = followers.hold()
+
     async def stream() -> AsyncIterator[str]:
-        last = after
-        while True:
-            for r in await run_in_threadpool(store.rounds, run_id, last):
-                last = r["round"]
-                data = json.dumps(RoundOut(**r).model_dump(mode="json"))
-                yield f"event: round\nid: {last}\ndata: {data}\n\n"
-            run = await run_in_threadpool(store.get_run, run_id)
-            if run is None or run["status"] not in LIVE_STATUSES:
-                if not await run_in_threadpool(store.rounds, run_id, last):
-                    yield f"event: end\ndata: {json.dumps({'status': run['status'] if run else 'gone'})}\n\n"
-                    return
-                continue
-            yield ": keep-alive\n\n"
-            await asyncio.sleep(settings.event_poll_seconds)
+        try:
+            async for event in _events(run_id, store, settings, after):
+                yield event
+        finally:
+            give_back()
 
     return StreamingResponse(
         stream(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        background=BackgroundTask(give_back),
     )
+
+
+async def _events(run_id: str, store: StoreDep, settings: SettingsDep, after: int) -> AsyncIterator[str]:
+    """The server-sent events of a run from round `after` on, until it ends."""
+    last = after
+    while True:
+        for r in await run_in_threadpool(store.rounds, run_id, last):
+            last = r["round"]
+            data = json.dumps(RoundOut(**r).model_dump(mode="json"))
+            yield f"event: round\nid: {last}\ndata: {data}\n\n"
+        run = await run_in_threadpool(store.get_run, run_id)
+        if run is None or run["status"] not in LIVE_STATUSES:
+            if not await run_in_threadpool(store.rounds, run_id, last):
+                yield f"event: end\ndata: {json.dumps({'status': run['status'] if run else 'gone'})}\n\n"
+                return
+            continue
+        yield ": keep-alive\n\n"
+        await asyncio.sleep(settings.event_poll_seconds)
 
 
 @router.post(

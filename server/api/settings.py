@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     app_signing_key: Path | None = None
     flwr_home: str = str(PROJECT_ROOT / ".flwr")
     event_poll_seconds: float = 0.5
+    # Open followers (SSE streams and long-polls) at once; past it a follower gets 503.
+    max_followers: int = Field(100, ge=1)
     # One shared `flwr` query per this many seconds, whoever asks (server/api/superlink.py).
     superlink_cache_seconds: float = Field(5.0, ge=0.5)
     # How often live runs are checked against the SuperLink (0: never).

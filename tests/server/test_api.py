@@ -1,5 +1,6 @@
 """The REST API against a real uvicorn on 127.0.0.1."""
 
+import contextlib
 import hashlib
 import os
 import socket
@@ -343,3 +344,32 @@ def test_run_config_from_rest_names_no_path_and_no_signature(api):
     for key in ("results-file", "store-url", "message-audit", "fashion-mnist-dir", "app-signature"):
         r = httpx.post(api.url + "/v1/runs", headers=auth, json={"run_config": {key: "/etc/x"}}, timeout=30)
         assert r.status_code == 400 and key in r.json()["detail"], r.text
+
+
+def test_followers_are_capped_and_their_slots_come_back(tmp_path):
+    """SSE streams and long-polls hold a connection each: past the cap a follower gets 503,
+    probes stay quick, and a slot is free again once its follower leaves."""
+    live = start_api(tmp_path, DROPFLEET_MAX_FOLLOWERS="3")
+    try:
+        fill(live.store, "1", status="running")
+        events = live.url + "/v1/runs/1/events?after=5"
+        with contextlib.ExitStack() as stack:
+            for _ in range(3):
+                r = stack.enter_context(httpx.stream("GET", events, timeout=30))
+                assert r.status_code == 200
+            refused = httpx.get(events, timeout=30)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+            poll = httpx.get(live.url + "/v1/runs/1/rounds", params={"after": 5, "wait": 2}, timeout=30)
+            assert poll.status_code == 503  # a long-poll is a follower too
+            assert httpx.get(live.url + "/v1/health", timeout=5).status_code == 200
+            assert httpx.get(live.url + "/v1/runs/1/rounds", timeout=5).status_code == 200  # no wait: no slot
+        deadline = time.monotonic() + 10
+        while (
+            httpx.get(events.replace("events", "rounds"), params={"wait": 0.2}, timeout=30).status_code != 200
+        ):
+            assert time.monotonic() < deadline, "the closed streams' slots never came back"
+            time.sleep(0.2)
+        with httpx.stream("GET", events, timeout=30) as again:
+            assert again.status_code == 200
+    finally:
+        stop([live.proc])
