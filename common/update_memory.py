@@ -13,10 +13,13 @@ y = (its tracked values) - (the published delta at those positions), and is
 replayed as the published delta plus y, so the merge (any rule) averages
 y over the devices tracking each coordinate. An update older than
 `max_age` rounds is dropped: staleness stays bounded, and so does the memory
-(at most one sparse update per device that trained recently: its k
-positions and values, 8 bytes each).
+(at most one sparse update per device that trained recently: its own k
+positions and values, 8 bytes each). A server-wide cap (`max_bytes`) bounds it
+whatever the fleet's size: past it the oldest kept updates are forgotten first,
+with a warning saying how many.
 """
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +28,9 @@ import numpy as np
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.merge import from_positions
 from dropfleet.common.sparse import SparseModel
+
+logger = logging.getLogger(__name__)
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,11 +44,14 @@ class _Kept:
 class UpdateMemory:
     """Each device's latest accepted update, replayed in the rounds it misses (up to `max_age`)."""
 
-    def __init__(self, max_age: int) -> None:
+    def __init__(self, max_age: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         if max_age < 1:
             raise ConfigError(f"update memory age must be >= 1 round, got {max_age}")
-        self.max_age = max_age
+        if max_bytes < 1:
+            raise ConfigError(f"update memory cap must be >= 1 byte, got {max_bytes}")
+        self.max_age, self.max_bytes = max_age, max_bytes
         self._kept: dict[int, _Kept] = {}
+        self.evicted = 0  # updates forgotten to stay under max_bytes, over the run
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -72,6 +81,7 @@ class UpdateMemory:
         self._kept = {
             node: kept for node, kept in self._kept.items() if server_round - kept.server_round < self.max_age
         }
+        self._evict_over_cap(server_round)
         fresh_nodes = {node for node, _, _ in fresh}
         replayed = [
             (from_positions(published, kept.positions, base[kept.positions] + kept.change), kept.weight)
@@ -79,6 +89,26 @@ class UpdateMemory:
             if node not in fresh_nodes
         ]
         return [(model, weight) for _, model, weight in fresh] + replayed
+
+    def _evict_over_cap(self, server_round: int) -> None:
+        """Forget the oldest kept updates (the largest first among equals) until under `max_bytes`."""
+        total = self.nbytes
+        if total <= self.max_bytes:
+            return
+        order = sorted(self._kept, key=lambda n: (self._kept[n].server_round, -self._kept[n].positions.size))
+        dropped = 0
+        for node in order:
+            if total <= self.max_bytes:
+                break
+            kept = self._kept.pop(node)
+            total -= kept.positions.nbytes + kept.change.nbytes
+            dropped += 1
+        self.evicted += dropped
+        logger.warning(
+            "Update memory over its cap of %d bytes in round %d: forgot the %d oldest kept update(s); "
+            "%d kept (%d bytes). Raise update-memory-bytes, or lower update-memory-rounds.",
+            self.max_bytes, server_round, dropped, len(self._kept), total,
+        )  # fmt: skip
 
     def forget(self, node: int) -> None:
         """Drop a node's kept update (its reply was refused: nothing of it should be replayed)."""

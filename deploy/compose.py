@@ -222,7 +222,8 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": SERVER_IMAGE,
             **behind_proxy,
             "command": ["dropfleet", "fleet", "register-node", "--flwr-home", "/flwr", *keys],
-            "volumes": ["flwr-home:/flwr:ro", "node-keys:/keys:ro", *_mounts("trust")],
+            # Flower's CLI writes into its home (credentials, logs), hence read-write.
+            "volumes": ["flwr-home:/flwr", "node-keys:/keys:ro", *_mounts("trust")],
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "restart": "no",
         }

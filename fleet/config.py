@@ -87,6 +87,7 @@ class RunConfig:
     server_beta2: float = 0.99
     server_tau: float = 0.001
     update_memory_rounds: int = 0  # 0: off; else replay a device's latest update for that many rounds
+    update_memory_bytes: int = 256 * 1024 * 1024  # the memory's server-wide cap (oldest forgotten first)
     train_subset: int = 0
     # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
     # do not pass on the environment of whoever started them): "" falls back to the environment.
@@ -176,6 +177,7 @@ class RunConfig:
             ("server-beta2", 0 <= self.server_beta2 < 1),
             ("server-tau", 0 < self.server_tau < float("inf")),
             ("update-memory-rounds", self.update_memory_rounds >= 0),
+            ("update-memory-bytes", self.update_memory_bytes >= 1),
             (
                 "resume-run",
                 self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),

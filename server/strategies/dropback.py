@@ -70,7 +70,11 @@ class SparseDropBack(SparseReplies):
                 log(INFO, "Resumed the server optimizer's state from round %s", checkpoint.round)
             else:  # a checkpoint published before its optimizer state was kept
                 log(WARNING, "Round %s has no server optimizer state: it restarts at zero", checkpoint.round)
-        self.memory = UpdateMemory(config.update_memory_rounds) if config.update_memory_rounds else None
+        self.memory = (
+            UpdateMemory(config.update_memory_rounds, config.update_memory_bytes)
+            if config.update_memory_rounds
+            else None
+        )
         self.downlink: DownlinkPublisher | None = None
         self.held: dict[int, int] = {}  # delta downlink: node id -> the global version it holds
         start = checkpoint.model if checkpoint else SparseModel.empty(config.model_id, config.seed)

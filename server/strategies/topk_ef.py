@@ -40,9 +40,12 @@ class TopKFedAvg(SparseReplies):
         self.expected = SparseModel.empty(config.model_id, config.seed)
         self.version = 0
         self.update = encode(self.expected, config.value_precision)
-        self.history: dict[int, bytes] = {}  # version -> the update that led to it
+        # version -> the update that led to it, only as far back as a catch-up can reach: a node
+        # further behind gets the whole model anyway (`tailor`), so older updates are dropped.
+        self.history: dict[int, bytes] = {}
         self.held: dict[int, int] = {}  # node id -> the version it holds, per its accepted replies
         self.dense_bytes = 4 * sum(w.size for w in self.weights.values())
+        self._dense: tuple[int, ArrayRecord] | None = None  # the whole model, built once per version
 
     def initial_arrays(self) -> ArrayRecord:
         return pack_topk_update(self.update, self.version)
@@ -68,8 +71,29 @@ class TopKFedAvg(SparseReplies):
                         self.instruction(m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier))
                     )
                     continue
-            out.append(self.instruction(m, TOPK_MODEL_RECORD, pack_topk_model(self.weights, self.version)))
+            out.append(self.instruction(m, TOPK_MODEL_RECORD, self._dense_model()))
         return out
+
+    def _dense_model(self) -> ArrayRecord:
+        """The whole model at this version: one record however many nodes lag (Flower shares it)."""
+        if self._dense is None or self._dense[0] != self.version:
+            self._dense = (self.version, pack_topk_model(self.weights, self.version))
+        return self._dense[1]
+
+    def _prune_history(self) -> None:
+        """Keep only the updates a catch-up may still send: newer than what every known node
+        holds, and no more of them than fit in the whole model's bytes (`tailor` sends the
+        whole model past that), so the history is bounded by the model's size, not the run's."""
+        oldest_needed = min(self.held.values(), default=self.version) + 1
+        total = len(self.update)  # a catch-up carries this version's update too
+        reachable = True
+        for v in sorted(self.history, reverse=True):
+            if v == self.version:
+                continue
+            total += len(self.history[v])
+            reachable = reachable and v >= oldest_needed and total <= self.dense_bytes
+            if not reachable:  # and so is every older one: a catch-up needs all versions since
+                del self.history[v]
 
     def merge(
         self, server_round: int, replies: list[Message]
@@ -98,6 +122,7 @@ class TopKFedAvg(SparseReplies):
             self.weights[name] += delta
         self.version += 1
         self.history[self.version] = self.update
+        self._prune_history()
         stats = self.recorder.current(server_round)
         stats.global_tracked = received.num_tracked
         return pack_topk_update(self.update, self.version), train_metrics(stats, [u.reply for u in updates])

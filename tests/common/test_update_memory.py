@@ -86,3 +86,23 @@ def test_a_fresh_update_replaces_the_kept_one():
 def test_max_age_below_one_is_refused():
     with pytest.raises(ConfigError, match="update memory"):
         UpdateMemory(max_age=0)
+
+
+def test_each_node_is_charged_its_own_k_and_the_memory_stays_under_its_cap(caplog):
+    """8 bytes per weight a node actually sent; past the server-wide cap the oldest kept updates
+    go first (logged), and what is merged this round is unaffected."""
+    small, large = device(300, 1), device(3000, 2)
+    memory = UpdateMemory(max_age=10)
+    memory.augment(1, device(3000, 100), [(1, small, 1.0), (2, large, 1.0)])
+    assert memory.nbytes == 8 * (300 + 3000)  # each at its own k, not at the largest k allowed
+    capped = UpdateMemory(max_age=10, max_bytes=8 * 7000)
+    g = device(3000, 100)
+    capped.augment(1, g, [(1, device(3000, 11), 1.0)])
+    capped.augment(2, g, [(2, device(3000, 12), 1.0)])
+    with caplog.at_level("WARNING", logger="dropfleet.common.update_memory"):
+        merging = capped.augment(3, g, [(3, device(3000, 13), 1.0)])
+    assert capped.nbytes <= 8 * 7000 and len(capped) == 2 and capped.evicted == 1
+    assert len(merging) == 2  # node 3 fresh, node 2 replayed: node 1, the oldest, was forgotten
+    assert "over its cap" in caplog.text and "forgot the 1 oldest" in caplog.text
+    with pytest.raises(ConfigError, match="cap"):
+        UpdateMemory(max_age=1, max_bytes=0)

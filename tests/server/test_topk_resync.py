@@ -94,3 +94,33 @@ def test_a_node_that_reports_itself_out_of_sync_gets_the_whole_model_next(task_i
     assert ctxs[2].state[TOPK_META]["version"] == ctxs[1].state[TOPK_META]["version"] == 3
     for name, w in held_weights(ctxs[2]).items():
         np.testing.assert_array_equal(w, held_weights(ctxs[1])[name])
+
+
+def test_the_history_keeps_only_what_a_catch_up_can_still_send(task_identity):
+    """Bounded by the model's size, not the run's length: a node further behind gets the whole
+    model anyway, so older updates are dropped; and the whole model is built once per version."""
+    config = RunConfig.from_mapping(RUN)
+    strategy = TopKFedAvg(config, RoundRecorder("topk-ef", 40, None, Console(file=io.StringIO())))
+    ctxs = contexts([1, 2, 3])
+    play(strategy, 1, ctxs, [1, 2, 3], task_identity)  # node 3 then sits out for good
+    for r in range(2, 30):
+        play(strategy, r, ctxs, [1, 2], task_identity)
+        kept = sum(map(len, strategy.history.values()))
+        assert kept <= strategy.dense_bytes + len(strategy.update), (r, kept)
+        assert strategy.version in strategy.history
+    assert min(strategy.history) > 2  # the versions node 3 would need are gone...
+    sent, replies = play(strategy, 30, ctxs, [1, 3], task_identity)
+    assert sent[1][0] == TOPK_RECORD and sent[3][0] == TOPK_MODEL_RECORD  # ...it gets the whole model
+    assert not any(r.has_error() for r in replies)
+    messages = strategy.tailor(
+        [
+            Message(
+                content=RecordDict({"config": ConfigRecord({"server-round": 31})}),
+                dst_node_id=n,
+                message_type=MessageType.TRAIN,
+            )
+            for n in (7, 8)  # two new nodes: one dense record, shared
+        ]
+    )
+    records = [m.content.array_records[TOPK_MODEL_RECORD] for m in messages]
+    assert records[0] is records[1]
