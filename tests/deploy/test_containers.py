@@ -24,6 +24,7 @@ import pytest
 
 from dropfleet.common.codec import decode
 from dropfleet.deploy.compose import MIN_CONTAINER_BYTES
+from dropfleet.fleet.flower_env import flower_env, write_connection
 from tests.deploy.docker_engine import BASE_IMAGE, build_base_image, engine, missing_tools, wheel_server
 from tests.deploy.rest import TWO_NODE_RUN, run_to_end
 from tests.deploy.test_fleet_e2e import free_range
@@ -105,6 +106,18 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
             timings["fleet healthy"] = time.monotonic() - t0
             token = compose("exec", "-T", "api", "cat", "/flwr/admin-token").stdout.strip()
             assert len(token) >= 32  # a random token made on first start, not a placeholder
+            # An outsider holding what every board gets (ca.crt) is refused on the Control API.
+            outsider = tmp_path / "outsider"
+            outsider.mkdir()
+            (outsider / "ca.crt").write_text(compose("exec", "-T", "api", "cat", "/trust/ca.crt").stdout)
+            write_connection(outsider, "fleet", f"127.0.0.1:{link}", outsider / "ca.crt")
+            listed = subprocess.run(
+                [str(Path(sys.executable).parent / "flwr"), "ls", "fleet", "--format", "json"],
+                env=flower_env(outsider), capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert '"success": false' in listed.stdout and "403" in listed.stdout, listed.stdout
+            signer = compose("exec", "-T", "api", "cat", "/trust/app-signer.pub").stdout
+            assert signer.startswith("ssh-ed25519 ")  # what boards trust: only signed apps run
             assert httpx.post(f"{api}/v1/runs", json={"run_config": {}}, timeout=30).status_code == 401
             t0 = time.monotonic()
             run_id, events = run_to_end(api, token, {**TWO_NODE_RUN, "num-server-rounds": 2})
