@@ -141,6 +141,8 @@ def crosscheck(variants: list[str], work: Path, rounds: int) -> dict[str, dict]:
         nodes=3,
         profiles=("pi4-4g",),
         tls=False,
+        node_auth=False,
+        dev=True,  # plain HTTP on loopback, unsigned runs: a measurement, not a published fleet
         superlink_port=free_port(),
         api_port=free_port(),
         node_port_base=free_port_range(3),
