@@ -11,12 +11,12 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 install: $(STAMP) data
 
-# Pinned dependencies (requirements.lock) into a project-local venv; torch is the
-# CPU wheel (torch==2.13.0), anything else would pull a multi-GB CUDA build.
+# Pinned dependencies (requirements.lock, every file's hash checked) into a project-local
+# venv; torch is the CPU wheel (torch==2.13.0), anything else would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --require-hashes -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -75,9 +75,10 @@ lint: install
 proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/sparse_model.proto
 
-# requirements-client.lock (slim client image, edge boards) from requirements.lock.
+# requirements.lock's hashes (every file of each pin on the index, and the local CPU torch
+# wheel) and requirements-client.lock (slim client image, edge boards) from it.
 locks: install
-	$(PY) -m dropfleet.deploy.locks .
+	$(PY) -m dropfleet.deploy.locks . --hash
 
 # docker-compose.yml from the process fleet's topology (NODES=12 make compose).
 NODES ?= 4

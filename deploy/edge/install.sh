@@ -32,7 +32,7 @@ echo "venv in $PREFIX/venv"
 #     TORCH_SOURCE="--find-links /path/to/wheels" deploy/edge/install.sh
 TORCH_SOURCE=${TORCH_SOURCE-"--extra-index-url https://download.pytorch.org/whl/cpu"}
 # shellcheck disable=SC2086 # TORCH_SOURCE is pip arguments
-"$PREFIX/venv/bin/pip" install -q $TORCH_SOURCE -r "$REPO/requirements-client.lock"
+"$PREFIX/venv/bin/pip" install -q $TORCH_SOURCE --require-hashes -r "$REPO/requirements-client.lock"
 "$PREFIX/venv/bin/pip" install -q --no-deps "$REPO"
 "$PREFIX/venv/bin/python" -c 'import dropfleet.client.app' # the ClientApp imports
 

@@ -136,7 +136,7 @@ def test_images_are_pinned_non_root_and_never_install_at_run_time():
     for name in ("Dockerfile.server", "Dockerfile.client"):
         text = (ROOT / "deploy" / name).read_text()
         assert "USER dropfleet" in text and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
-        assert re.search(r"-r requirements(-client)?\.lock", text)
+        assert re.search(r"--require-hashes -r requirements(-client)?\.lock", text)
     client = (ROOT / "requirements-client.lock").read_text()
     assert client == client_lock((ROOT / "requirements.lock").read_text()), "run `make locks`"
     assert "ray==" not in client and "torch==2.13.0" in client and "flwr==1.42.0" in client
