@@ -95,6 +95,7 @@ bench: install
 	$(PY) bench/race.py
 	$(PY) bench/levers.py
 	$(PY) bench/fleet_scale.py
+	$(PY) bench/server_state.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
@@ -105,6 +106,7 @@ bench-quick: install
 	$(PY) bench/race.py --quick
 	$(PY) bench/levers.py --quick
 	$(PY) bench/fleet_scale.py --quick
+	$(PY) bench/server_state.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis
