@@ -262,15 +262,18 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """`images` and `labels` of a device's `train.npz`, each member's .npy header checked first."""
     try:
         with zipfile.ZipFile(path) as archive:
+            if len(archive.infolist()) > 16:
+                raise DatasetError(f"{path}: {len(archive.infolist())} members; a train.npz holds two")
             images = _npz_member(archive, "images", path.name, (np.dtype(np.uint8),), IMAGE_SHAPE)
             labels = _npz_member(archive, "labels", path.name, _LABEL_DTYPES, ())
     except DatasetError:
         raise
-    except (zipfile.BadZipFile, *_BAD_COMPRESSION) as exc:
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, *_BAD_COMPRESSION) as exc:
         raise DatasetError(f"{path}: not a readable .npz ({exc})") from None
     return images, labels
 
 
+_NPY_HEADER_MAX = 10_000
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LABEL_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64))
 
@@ -284,15 +287,20 @@ def _npz_member(
 ) -> np.ndarray:
     """One array of an .npz, read only after its header says a bounded `[n, *row_shape]` of `dtypes`."""
     try:
-        member = archive.open(f"{key}.npy")
+        info = archive.getinfo(f"{key}.npy")
     except KeyError:
         raise DatasetError(f"{name}: needs arrays 'images' and 'labels' (no {key!r})") from None
-    with member as f:
+    # Only stored or deflated members: zipfile inflates bzip2 and lzma without a size bound.
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) or info.flag_bits & 0x1:
+        raise DatasetError(f"{name}: {key!r} is encrypted or compressed other than by deflate")
+    if info.file_size > _NPY_HEADER_MAX + MAX_EXAMPLES * 8 * max(1, math.prod(row_shape)):
+        raise DatasetError(f"{name}: {key!r} declares {info.file_size} bytes, more than a data file may hold")
+    with archive.open(info) as f:
         try:
             reader = _NPY_HEADERS.get(np.lib.format.read_magic(f))
             if reader is None:
                 raise ValueError("unsupported .npy format version")
-            shape, fortran, dtype = reader(f, max_header_size=10_000)
+            shape, fortran, dtype = reader(f, max_header_size=_NPY_HEADER_MAX)
         except ValueError as exc:
             raise DatasetError(f"{name}: {key!r} is not a .npy array ({exc})") from None
         if dtype not in dtypes or dtype.hasobject:

@@ -3,20 +3,18 @@
 Flower 1.42's own app verification (`flower-supernode --trusted-entities`) only
 accepts Flower Hub apps: a locally built FAB carries no verification record and
 is refused outright. So dropfleet signs each run itself. The operator holds an
-Ed25519 key; the submitter (the REST API, `dropfleet fleet` tooling) signs
+Ed25519 key; the submitter (the REST API) signs
 
-    "dropfleet-app-v1" | sha256(FAB) | sha256(canonical JSON of the run config)
+    "dropfleet-app-v2" | sha256(FAB) | sha256(canonical JSON of the run-config overrides)
 
-and passes the signature in the run config's `app-signature` key. Every task
+and passes the signature as one more override, `app-signature`. Every task
 process (the launcher in `fleet/launcher.py`, started by each SuperExec) checks
-it against the public keys it trusts before the FAB is unpacked or imported, so
-a run an outsider submitted, or the operator's app with a config the operator
-did not sign, never runs code. Flower builds FABs bit for bit reproducibly (a
-fixed zip date), which is what lets the submitter know the FAB's hash up front.
-
-The run config signed is the *fused* one (the FAB's defaults with the
-overrides), exactly what the ServerApp and ClientApps receive as
-`context.run_config`, minus `app-signature` itself.
+it against the public keys it trusts before the FAB is unzipped, parsed or
+imported, so a run an outsider submitted, or the operator's app with overrides
+the operator did not sign, never runs code. The FAB's hash covers its defaults,
+so the overrides and the FAB together fix the run config every process sees.
+Flower builds FABs bit for bit reproducibly (a fixed zip date), which is what
+lets the submitter know the FAB's hash up front.
 """
 
 import base64
@@ -33,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from dropfleet.common.errors import DropfleetError
 
 SIGNATURE_KEY = "app-signature"
-DOMAIN = b"dropfleet-app-v1"
+DOMAIN = b"dropfleet-app-v2"
 # Where a task process finds the public keys it trusts (OpenSSH lines, one per key).
 TRUSTED_KEYS_ENV = "DROPFLEET_APP_TRUSTED_KEYS"
 # Development only: run any app, signed or not (a fleet started with --dev).
@@ -97,27 +95,28 @@ def load_trusted_keys(path: Path) -> list[Ed25519PublicKey]:
     return keys
 
 
-def _message(fab: bytes, run_config: Mapping[str, object]) -> bytes:
-    unsigned = {k: v for k, v in run_config.items() if k != SIGNATURE_KEY}
+def _message(fab: bytes, overrides: Mapping[str, object]) -> bytes:
+    unsigned = {k: v for k, v in overrides.items() if k != SIGNATURE_KEY}
     config = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
     return b"|".join([DOMAIN, hashlib.sha256(fab).digest(), hashlib.sha256(config).digest()])
 
 
-def sign(key: Ed25519PrivateKey, fab: bytes, run_config: Mapping[str, object]) -> str:
-    """The `app-signature` value for running `fab` with exactly `run_config` (the fused config)."""
-    return base64.urlsafe_b64encode(key.sign(_message(fab, run_config))).decode()
+def sign(key: Ed25519PrivateKey, fab: bytes, overrides: Mapping[str, object]) -> str:
+    """The `app-signature` value for running `fab` with exactly these run-config overrides."""
+    return base64.urlsafe_b64encode(key.sign(_message(fab, overrides))).decode()
 
 
-def verify(fab: bytes, run_config: Mapping[str, object], trusted: list[Ed25519PublicKey]) -> None:
-    """Raise AppSignatureError unless a trusted key signed this FAB with this run config."""
-    given = run_config.get(SIGNATURE_KEY, "")
+def verify(fab: bytes, overrides: Mapping[str, object], trusted: list[Ed25519PublicKey]) -> None:
+    """Raise AppSignatureError unless a trusted key signed this FAB with these overrides
+    (which carry the signature itself); nothing of the FAB is parsed."""
+    given = overrides.get(SIGNATURE_KEY, "")
     if not isinstance(given, str) or not given:
         raise AppSignatureError("the run is not signed by the operator (no app-signature): refused")
     try:
         signature = base64.urlsafe_b64decode(given.encode())
     except ValueError:
         raise AppSignatureError("the run's app-signature is not base64: refused") from None
-    message = _message(fab, run_config)
+    message = _message(fab, overrides)
     for key in trusted:
         try:
             key.verify(signature, message)
@@ -126,7 +125,7 @@ def verify(fab: bytes, run_config: Mapping[str, object], trusted: list[Ed25519Pu
             continue
     raise AppSignatureError(
         "the run's app-signature does not verify against the operator's keys (another app, "
-        "another run config, or another signer): refused"
+        "other run-config overrides, or another signer): refused"
     )
 
 
@@ -135,11 +134,3 @@ def fab_for(app_dir: Path) -> bytes:
     from flwr.cli.build import build_fab_from_disk
 
     return build_fab_from_disk(app_dir)
-
-
-def fused_run_config(fab: bytes, overrides: Mapping[str, object]) -> dict[str, object]:
-    """The run config every task process receives: the FAB's defaults fused with `overrides`."""
-    from flwr.common.config import flatten_dict, fuse_dicts, get_fab_config
-
-    defaults = flatten_dict(get_fab_config(fab)["tool"]["flwr"]["app"].get("config"))
-    return dict(fuse_dicts(defaults, dict(overrides)))

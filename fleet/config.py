@@ -36,8 +36,11 @@ PRESETS: dict[str, dict[str, object]] = {
     }
 }
 # Keys only the operator sets (pyproject, `dropfleet simulate`), never a REST caller: paths on the
-# server or on every board, and the run's signature, which the API computes itself.
+# server or on every board, and the run's signature, which the API computes itself. They are not
+# stored with a run either (`GET /runs` would show them to every reader).
 OPERATOR_KEYS = ("results-file", "store-url", "message-audit", "fashion-mnist-dir", "app-signature")
+# Set by the API's resume route only (it checks the run can be taken over first).
+REST_REFUSED_KEYS = (*OPERATOR_KEYS, "resume-run")
 LR_SCHEDULES = ("constant", "cosine")
 UPLINK_CODINGS = ("delta", "change")
 DOWNLINK_CODINGS = ("whole", "delta")
@@ -111,6 +114,8 @@ class RunConfig:
                 value = float(value)
             if not isinstance(value, want) or isinstance(value, bool):
                 raise ConfigError(f"run-config {key!r} must be {want.__name__}, got {value!r}")
+            if want is float and not math.isfinite(value):
+                raise ConfigError(f"run-config {key!r} must be a finite number, got {value!r}")
             values[f.name] = value
         defaults = cls()
         for name, value in PRESETS.get(values.get("strategy", defaults.strategy), {}).items():

@@ -40,7 +40,6 @@ from dropfleet.fleet.app_signing import (
     ALLOW_UNSIGNED_ENV,
     TRUSTED_KEYS_ENV,
     AppSignatureError,
-    fused_run_config,
     load_trusted_keys,
     verify,
 )
@@ -67,11 +66,7 @@ class _Gate:
             )
         if self.overrides is None:
             raise AppSignatureError("the task's run was not seen before its FAB: refused")
-        try:
-            run_config = fused_run_config(fab, self.overrides)
-        except (ValueError, KeyError, TypeError) as exc:  # not a FAB, or overrides it does not have
-            raise AppSignatureError(f"the run's app cannot be read: {exc}: refused") from None
-        verify(fab, run_config, load_trusted_keys(Path(keys_file)))
+        verify(fab, self.overrides, load_trusted_keys(Path(keys_file)))  # before the FAB is even unzipped
 
 
 def _module(name: str) -> ModuleType:
@@ -136,12 +131,24 @@ def refuse_task() -> None:
     sys.exit(3)
 
 
+# Flower options that would start task processes some other way than the command table above.
+_REFUSED_FLAGS = ("--executor", "--executor-config", "--plugin-config")
+
+
 def _take_gate_flags(argv: list[str]) -> list[str]:
     """Strip dropfleet's own flags (`--trusted-app-keys FILE`, `--allow-unsigned-apps`) from `argv`,
-    setting the environment every task process inherits; the rest is Flower's."""
+    setting the environment every task process inherits; the rest is Flower's.
+
+    Only these flags decide: an inherited DROPFLEET_ALLOW_UNSIGNED_APPS or trusted-keys
+    variable is cleared first, and exactly one of the two flags must be given.
+    """
+    os.environ.pop(ALLOW_UNSIGNED_ENV, None)
+    os.environ.pop(TRUSTED_KEYS_ENV, None)
     rest = []
     args = iter(argv)
     for arg in args:
+        if arg.split("=")[0] in _REFUSED_FLAGS:
+            raise AppSignatureError(f"{arg.split('=')[0]} is not allowed: tasks start only through the gate")
         if arg == "--trusted-app-keys" or arg.startswith("--trusted-app-keys="):
             value = arg.partition("=")[2] or next(args, "")
             if not value:
@@ -152,6 +159,8 @@ def _take_gate_flags(argv: list[str]) -> list[str]:
             os.environ[ALLOW_UNSIGNED_ENV] = "1"
         else:
             rest.append(arg)
+    if (TRUSTED_KEYS_ENV in os.environ) == (ALLOW_UNSIGNED_ENV in os.environ):
+        raise AppSignatureError("give exactly one of --trusted-app-keys FILE and --allow-unsigned-apps")
     return rest
 
 

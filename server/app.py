@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from dropfleet.common.data import load_fashion_mnist
 from dropfleet.common.export import calibration_split
-from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.config import OPERATOR_KEYS, RunConfig
 from dropfleet.server.checkpoint import Checkpoint, resume
 from dropfleet.server.preflight import check_run
 from dropfleet.server.reporting import RoundRecorder
@@ -43,7 +43,8 @@ def main(grid: Grid, context: Context) -> None:
             config.model_id,
             config.seed,
             config.num_server_rounds,
-            dict(context.run_config),
+            # Served to every reader (`GET /runs`): no paths, no signature.
+            {k: v for k, v in context.run_config.items() if k not in OPERATOR_KEYS},
             attempt=attempt,
         )
     try:

@@ -80,17 +80,17 @@ def start_run(
 def sign_run(app_dir: str, overrides: str, signing_key: Path) -> str:
     """The `app-signature` for `flwr run APP_DIR --run-config OVERRIDES`, as a run-config value.
 
-    The overrides are parsed by Flower's own parser, as `flwr run` will parse them,
-    and fused with the FAB's defaults, as every task process will see them.
+    The overrides are parsed by Flower's own parser, as `flwr run` will parse them and
+    every task process will receive them.
     """
     from flwr.common.config import parse_config_args
 
     try:
         fab = app_signing.fab_for(Path(app_dir))
-        fused = app_signing.fused_run_config(fab, parse_config_args([overrides]) if overrides else {})
+        parsed = parse_config_args([overrides]) if overrides else {}
     except ValueError as exc:
         raise FlowerControlError(f"cannot build the app to sign it: {exc}") from None
-    return toml_value(app_signing.sign(app_signing.load_signing_key(signing_key), fab, fused))
+    return toml_value(app_signing.sign(app_signing.load_signing_key(signing_key), fab, parsed))
 
 
 def stop_run(run_id: str, connection: str, env: Mapping[str, str], timeout: float = 60.0) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dropfleet.client.profiles import get_profile, plan_training
 from dropfleet.common.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
 from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.fleet.config import OPERATOR_KEYS, RunConfig
+from dropfleet.fleet.config import REST_REFUSED_KEYS, RunConfig
 
 
 def check_run(
@@ -37,12 +37,14 @@ def check_run(
 
 
 def refuse_operator_keys(run_config: Mapping[str, object]) -> None:
-    """A run config from a REST caller names no path and carries no signature (`OPERATOR_KEYS`)."""
-    named = sorted(set(run_config) & set(OPERATOR_KEYS))
+    """A run config from a REST caller names no path, carries no signature and resumes nothing
+    (`REST_REFUSED_KEYS`; a resume goes through `POST /runs/{id}/resume`)."""
+    named = sorted(set(run_config) & set(REST_REFUSED_KEYS))
     if named:
         raise ConfigError(
             f"run-config {', '.join(repr(k) for k in named)} cannot be set over REST: paths on the "
-            "server and the boards, and the run's signature, are the operator's (pyproject.toml)"
+            "server and the boards and the run's signature are the operator's (pyproject.toml), and "
+            "a run is resumed with POST /v1/runs/{id}/resume"
         )
 
 

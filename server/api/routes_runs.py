@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
 from dropfleet.common.errors import ConfigError, DatasetError
+from dropfleet.fleet.config import REST_REFUSED_KEYS
 from dropfleet.server import flower_control
 from dropfleet.server.api.deps import (
     ConnectionDep,
@@ -217,6 +218,13 @@ async def resume_run(
     run = await run_in_threadpool(get_run_or_404, store, run_id)
     if run["status"] == "finished":
         raise HTTPException(status.HTTP_409_CONFLICT, f"run {run_id} has finished")
+    # The stored config holds no operator keys (the ServerApp leaves them out), and is checked
+    # again as any REST run config is: a store that was written to cannot get a path signed.
+    stored = {k: v for k, v in run["config"].items() if k not in REST_REFUSED_KEYS}
+    try:
+        check_run(stored, data=False)
+    except ConfigError as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"run {run_id} cannot be resumed: {exc}") from None
     previous = run["attempt"] or run_id
     flower_run = await run_in_threadpool(flower_control.run_status, previous, connection, settings.flower_env)
     if flower_control.is_live(flower_run):
@@ -227,7 +235,7 @@ async def resume_run(
                 "declares it failed (no heartbeat for 60 s), or resume with force=true to stop it first",
             )
         await run_in_threadpool(flower_control.stop_run, previous, connection, settings.flower_env)
-    run_config = {**run["config"], "resume-run": run_id}
+    run_config = {**stored, "resume-run": run_id}
     attempt = await run_in_threadpool(
         flower_control.start_run,
         settings.app_dir,

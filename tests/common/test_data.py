@@ -276,3 +276,16 @@ def test_a_good_npz_and_idx_still_load(tmp_path):
     (tmp_path / "idx" / "train-labels-idx1-ubyte").write_bytes(_idx((5,), labels.astype(np.uint8).tobytes()))
     again = load_device_data(tmp_path / "idx")
     assert torch.equal(again.images, got.images) and torch.equal(again.labels, got.labels)
+
+
+@pytest.mark.parametrize("compression", ["bzip2", "lzma"])
+def test_an_npz_compressed_other_than_by_deflate_is_refused_before_inflating(tmp_path, compression):
+    """zipfile inflates bzip2 and lzma members without a size bound: they are refused outright."""
+    import zipfile
+
+    method = {"bzip2": zipfile.ZIP_BZIP2, "lzma": zipfile.ZIP_LZMA}[compression]
+    with zipfile.ZipFile(tmp_path / "train.npz", "w", method) as z:
+        z.writestr("images.npy", _npy(U8_28))
+        z.writestr("labels.npy", _npy(np.zeros(3, np.int64)))
+    with pytest.raises(DatasetError, match="compressed other than by deflate"):
+        load_device_data(tmp_path)

@@ -36,21 +36,29 @@ def test_the_fab_is_what_flwr_run_builds_and_is_reproducible(fab):
     assert "pyproject.toml" in names and "fleet/launcher.py" in names
 
 
-def test_signed_run_verifies_and_the_config_is_the_one_flower_fuses(fab, operator):
+def test_signed_overrides_verify_and_are_what_a_board_receives(fab, operator):
     key, trusted = operator
     overrides = parse_config_args(['num-server-rounds=3 strategy="fedavg" learning-rate=0.05'])
-    fused = app_signing.fused_run_config(fab, overrides)
-    # Exactly what a ClientApp's context carries (Flower's own fusing)
-    flower = get_fused_config_from_fab(fab, _run(overrides))
-    assert fused == dict(flower)
-    signed = {**fused, "app-signature": app_signing.sign(key, fab, fused)}
+    signed = {**overrides, "app-signature": app_signing.sign(key, fab, overrides)}
     app_signing.verify(fab, signed, trusted)
+    # A board fuses them with the FAB's defaults, which the FAB's hash already covers.
+    fused = get_fused_config_from_fab(fab, _run(signed))
+    assert fused["strategy"] == "fedavg" and fused["min-k"] == 100
 
 
 def _run(overrides: dict) -> Run:
     run = Run.create_empty(1)
     run.override_config = overrides
     return run
+
+
+def test_nothing_of_the_fab_is_parsed_before_it_verifies(operator):
+    """A zip bomb, or no zip at all, is refused by its signature alone."""
+    _, trusted = operator
+    with pytest.raises(AppSignatureError, match="does not verify"):
+        app_signing.verify(
+            b"PK\x03\x04 not a zip", {"app-signature": base64.urlsafe_b64encode(bytes(64)).decode()}, trusted
+        )
 
 
 @pytest.mark.parametrize(
@@ -68,8 +76,8 @@ def _run(overrides: dict) -> Run:
 )
 def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper):
     key, trusted = operator
-    fused = app_signing.fused_run_config(fab, {"num-server-rounds": 3})
-    signed = {**fused, "app-signature": app_signing.sign(key, fab, fused)}
+    overrides = {"num-server-rounds": 3}
+    signed = {**overrides, "app-signature": app_signing.sign(key, fab, overrides)}
     other_fab, other_config = tamper(fab, signed)
     with pytest.raises(AppSignatureError, match="refused"):
         app_signing.verify(other_fab, other_config, trusted)
@@ -79,8 +87,7 @@ def test_another_signer_is_refused_and_any_trusted_key_is_enough(fab, operator, 
     _, trusted = operator
     other_pub = app_signing.create_signing_key(tmp_path / "other", tmp_path / "other.pub")
     other = app_signing.load_signing_key(tmp_path / "other")
-    config = app_signing.fused_run_config(fab, {})
-    by_other = {**config, "app-signature": app_signing.sign(other, fab, config)}
+    by_other = {"app-signature": app_signing.sign(other, fab, {})}
     with pytest.raises(AppSignatureError, match="does not verify"):
         app_signing.verify(fab, by_other, trusted)
     # A key rotation: the board trusts both keys for a while.
@@ -130,7 +137,7 @@ def test_sign_run_signs_what_flwr_run_will_submit(fab, operator, tmp_path):
     overrides = 'num-server-rounds=2 fleet-mix="pi4-4g" learning-rate=0.05'
     signature = sign_run(str(PROJECT_ROOT), overrides, tmp_path / "key")
     submitted = parse_config_args([f"{overrides} app-signature={signature}"])  # as `flwr run` parses it
-    app_signing.verify(fab, app_signing.fused_run_config(fab, submitted), trusted)
+    app_signing.verify(fab, submitted, trusted)
 
 
 def test_superexec_flags_set_the_gate_for_its_task_processes(tmp_path, operator, monkeypatch):

@@ -341,7 +341,14 @@ def test_without_a_superlink_connection_nothing_is_started_and_runs_answer_503(t
 
 def test_run_config_from_rest_names_no_path_and_no_signature(api):
     auth = {"Authorization": f"Bearer {ADMIN}"}
-    for key in ("results-file", "store-url", "message-audit", "fashion-mnist-dir", "app-signature"):
+    for key in (
+        "results-file",
+        "store-url",
+        "message-audit",
+        "fashion-mnist-dir",
+        "app-signature",
+        "resume-run",
+    ):
         r = httpx.post(api.url + "/v1/runs", headers=auth, json={"run_config": {key: "/etc/x"}}, timeout=30)
         assert r.status_code == 400 and key in r.json()["detail"], r.text
 
