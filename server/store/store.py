@@ -10,7 +10,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -248,101 +248,106 @@ class Store:
         A locked, full or unreachable database is retried with backoff; if it stays so,
         `StoreUnavailableError` says why, and nothing of the round was written.
         """
+
+        def write() -> None:
+            now = datetime.now(UTC)
+            with self._tx() as s:
+                if attempt is not None:
+                    run = s.get(Run, run_id, with_for_update=True)
+                    if run is None or run.attempt != attempt:
+                        owner = run.attempt if run else None
+                        raise StaleWriterError(
+                            f"run {run_id} is owned by Flower run {owner}, not {attempt}: "
+                            f"round {server_round} not published"
+                        )
+                s.add(
+                    Round(
+                        run_id=run_id,
+                        round=server_round,
+                        tracked=tracked,
+                        **{k: stats[k] for k in _ROUND_FIELDS if k in stats},
+                    )
+                )
+                if model is not None:
+                    s.add(
+                        PublishedModel(
+                            run_id=run_id,
+                            round=server_round,
+                            data=model,
+                            size=len(model),
+                            tracked=tracked,
+                            checksum=hashlib.sha256(model).hexdigest(),
+                        )
+                    )
+                if (
+                    server_state is not None
+                ):  # only the latest is kept: a resume continues from the last round
+                    s.merge(ServerState(run_id=run_id, round=server_round, data=server_state))
+                for ev in nodes:
+                    node = s.get(Node, str(ev.node_id)) or Node(
+                        node_id=str(ev.node_id),
+                        rounds_joined=0,
+                        failures=0,
+                        rejected=0,
+                        bytes_up=0,
+                        bytes_down=0,
+                    )
+                    s.add(node)
+                    node.last_seen = now
+                    node.bytes_up += ev.bytes_up
+                    node.bytes_down += ev.bytes_down
+                    for attr in (
+                        "profile",
+                        "partition_id",
+                        "budget_bytes",
+                        "state_bytes",
+                        "peak_bytes",
+                        "trainer",
+                        "k",
+                    ):
+                        if getattr(ev, attr) is not None:
+                            setattr(node, attr, getattr(ev, attr))
+                    if ev.outcome == "accepted":
+                        node.rounds_joined += 1
+                    elif ev.outcome == "rejected":
+                        node.rejected += 1
+                        node.last_error = (ev.error or "")[:2000]
+                    else:
+                        node.failures += 1
+                        node.last_error = (ev.error or "")[:2000]
+
+        self._with_retries(
+            f"round {server_round} of run {run_id}", write, lambda: self._round_exists(run_id, server_round)
+        )
+
+    def _with_retries(self, what: str, write: Callable[[], None], written: Callable[[], bool]) -> None:
+        """`write` (one transaction) again after a locked, full or unreachable database, with backoff;
+        `StoreUnavailableError` once every try failed. `written` tells whether a try that lost its
+        connection had committed after all."""
         for attempt_no in range(1, self.publish_attempts + 1):
             try:
-                self._publish(run_id, server_round, stats, model, tracked, nodes, attempt, server_state)
+                write()
                 return
             except OperationalError as exc:
                 reason = str(exc.orig if exc.orig is not None else exc).splitlines()[0]
                 if attempt_no == self.publish_attempts:
                     raise StoreUnavailableError(
-                        f"round {server_round} of run {run_id} not published after {attempt_no} "
-                        f"tries: {reason}"
+                        f"{what} not published after {attempt_no} tries: {reason}"
                     ) from None
                 wait = self.publish_backoff_s * 2 ** (attempt_no - 1)
                 logger.warning(
-                    "Publishing round %s of run %s failed (%s); try %d of %d in %.1f s",
-                    server_round, run_id, reason, attempt_no + 1, self.publish_attempts, wait,
+                    "Publishing %s failed (%s); try %d of %d in %.1f s",
+                    what, reason, attempt_no + 1, self.publish_attempts, wait,
                 )  # fmt: skip
                 time.sleep(wait)
             except IntegrityError:
-                if attempt_no > 1 and self._round_exists(run_id, server_round):
+                if attempt_no > 1 and written():
                     return  # an earlier try committed, then lost its connection before it heard so
                 raise
 
     def _round_exists(self, run_id: str, server_round: int) -> bool:
         with self._sessions() as s:
             return s.get(Round, (run_id, server_round)) is not None
-
-    def _publish(
-        self,
-        run_id: str,
-        server_round: int,
-        stats: dict[str, Any],
-        model: bytes | None,
-        tracked: int,
-        nodes: list[NodeEvent],
-        attempt: str | None,
-        server_state: bytes | None,
-    ) -> None:
-        now = datetime.now(UTC)
-        with self._tx() as s:
-            if attempt is not None:
-                run = s.get(Run, run_id, with_for_update=True)
-                if run is None or run.attempt != attempt:
-                    owner = run.attempt if run else None
-                    raise StaleWriterError(
-                        f"run {run_id} is owned by Flower run {owner}, not {attempt}: round {server_round} "
-                        "not published"
-                    )
-            s.add(
-                Round(
-                    run_id=run_id,
-                    round=server_round,
-                    tracked=tracked,
-                    **{k: stats[k] for k in _ROUND_FIELDS if k in stats},
-                )
-            )
-            if model is not None:
-                s.add(
-                    PublishedModel(
-                        run_id=run_id,
-                        round=server_round,
-                        data=model,
-                        size=len(model),
-                        tracked=tracked,
-                        checksum=hashlib.sha256(model).hexdigest(),
-                    )
-                )
-            if server_state is not None:  # only the latest is kept: a resume continues from the last round
-                s.merge(ServerState(run_id=run_id, round=server_round, data=server_state))
-            for ev in nodes:
-                node = s.get(Node, str(ev.node_id)) or Node(
-                    node_id=str(ev.node_id), rounds_joined=0, failures=0, rejected=0, bytes_up=0, bytes_down=0
-                )
-                s.add(node)
-                node.last_seen = now
-                node.bytes_up += ev.bytes_up
-                node.bytes_down += ev.bytes_down
-                for attr in (
-                    "profile",
-                    "partition_id",
-                    "budget_bytes",
-                    "state_bytes",
-                    "peak_bytes",
-                    "trainer",
-                    "k",
-                ):
-                    if getattr(ev, attr) is not None:
-                        setattr(node, attr, getattr(ev, attr))
-                if ev.outcome == "accepted":
-                    node.rounds_joined += 1
-                elif ev.outcome == "rejected":
-                    node.rejected += 1
-                    node.last_error = (ev.error or "")[:2000]
-                else:
-                    node.failures += 1
-                    node.last_error = (ev.error or "")[:2000]
 
     def finish_run(
         self, run_id: str, status: str, error: str | None = None, attempt: str | None = None
