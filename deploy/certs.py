@@ -59,7 +59,8 @@ def create_certificates(
     )
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # private from the start
+    paths["key"].unlink(missing_ok=True)  # a new key in a new file: never an old file's mode or a link
+    fd = os.open(paths["key"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(_key_pem(key))
     return paths

@@ -116,6 +116,9 @@ def read_or_create_token(path: Path) -> str:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
         logger.warning("Created a random admin token in %s", path)
+    info = path.stat()
+    if info.st_mode & 0o077 or info.st_uid != os.geteuid():
+        raise ValueError(f"the admin token file {path} must be private to this user (mode 0600)")
     token = path.read_text().strip()
     if len(token) < 16:
         raise ValueError(f"the admin token in {path} is shorter than 16 characters")

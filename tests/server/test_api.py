@@ -232,6 +232,9 @@ def test_refuses_a_placeholder_secret_in_any_environment(environment, tmp_path, 
     assert len(made) >= 32 and (tmp_path / "admin-token").read_text() == made
     assert (tmp_path / "admin-token").stat().st_mode & 0o777 == 0o600
     assert Settings(environment=environment).admin == made
+    (tmp_path / "admin-token").chmod(0o644)  # readable by others: refused, not used
+    with pytest.raises(ValueError, match="private"):
+        Settings(environment=environment)
 
 
 def test_a_published_api_needs_read_tokens_outside_development(tmp_path):
