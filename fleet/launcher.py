@@ -11,14 +11,16 @@ launchers instead:
 
 - `dropfleet-serverapp` / `dropfleet-clientapp`: Flower's own `flwr-serverapp` /
   `flwr-clientapp`, except that the FAB is installed only after
-  `fleet/app_signing.verify` accepted the run's signature for this FAB and this
-  run config. A refused run fails with the reason (the ServerApp's run is marked
-  failed; a ClientApp replies with an error), and none of its code is imported.
+  `fleet/app_signing.verify` accepted the run's signature for this FAB and these
+  run-config overrides (checked before the FAB is unzipped). A refused run
+  fails with the reason (the ServerApp's run is marked failed; a ClientApp
+  replies with an error), and none of its code is imported.
 - every other task type: refused without starting anything.
 
-The trusted keys come from DROPFLEET_APP_TRUSTED_KEYS (a file of OpenSSH
-Ed25519 public keys). Without it every app is refused, unless the fleet was
-started for development (DROPFLEET_ALLOW_UNSIGNED_APPS=1).
+The trusted keys come from `--trusted-app-keys FILE` (OpenSSH Ed25519 public
+keys), passed to the task processes as DROPFLEET_APP_TRUSTED_KEYS; a
+development fleet gives `--allow-unsigned-apps` instead. Exactly one of the two
+flags is required, and inherited values of those variables are cleared first.
 
 Flower's processes are wrapped by replacing two module attributes each
 (`install_from_fab` and the call that yields the run with its config
