@@ -4,7 +4,7 @@ All runs train in lockstep on the same batches (same seed, same epochs), and
 every step of every run is timed back to back, so the step-time ratios are
 measured side by side and machine noise hits all runs alike.
 
-    python bench/centralized.py            # 10 epochs, the README's numbers
+    python bench/centralized.py            # 10 epochs, the numbers in docs/benchmarks.md
     python bench/centralized.py --quick    # 1 epoch on 12k examples (CI smoke)
 """
 

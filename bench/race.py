@@ -13,7 +13,7 @@ device's next message spans the rounds it missed.
 Variants (`VARIANTS`): dense FedAvg (Flower's, fp32; its bytes are also shown
 counted at fp16), top-k FedAvg with error feedback both ways (fp16 values, and
 STC's ternary values), DropBack as in the paper, and `dropback-momentum` (the
-accuracy-per-byte levers, README); `EXTRA` variants run when named.
+accuracy-per-byte levers, docs/benchmarks.md); `EXTRA` variants run when named.
 
 Per participation and variant, over seeds: accuracy at rounds 10/20/30
 (median), payload bytes up and down per round, bits per parameter per
@@ -61,7 +61,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 # Run by name only (--variants): not part of the default race.
 EXTRA: dict[str, dict[str, object]] = {
-    # a calmer server step for a mixed fleet with partial participation (README, bench/levers.py --mix)
+    # a calmer server step for a mixed fleet with partial participation (docs/benchmarks.md; levers.py --mix)
     "dropback-momentum, momentum 0.2, lr to 0.005": {
         "strategy": "dropback-momentum",
         "server-momentum": 0.2,

@@ -4,7 +4,7 @@ A private Docker engine (host networking only, its own data root, stopped by
 its PID) builds a base image from Debian packages, then both images exactly
 as users build them (plus the base-image and wheel-source build args), and
 runs `docker-compose up` on the file `dropfleet compose --network host`
-generates — what the README's quick start says. Marked `e2e`: `make
+generates — the steps docs/operations.md gives. Marked `e2e`: `make
 test-e2e` (which CI runs) and skipped when the tools are missing.
 """
 

@@ -72,7 +72,7 @@ def test_a_run_survives_dropout_and_kill_9_of_superlink_api_and_serverapp(tmp_pa
         # 2. The SuperLink dies and comes back on its --database; the nodes reconnect.
         wait_for_round(store, run_id, 2)
         # Between pushes: a SuperLink killed while the ServerApp pushes a round's messages loses
-        # Flower's push session (kept in its memory) and fails the run (ObjectPushError; README:
+        # Flower's push session (kept in its memory) and fails the run (ObjectPushError; docs/operations.md:
         # resume it). Round 3's few small messages are pushed well within this pause.
         time.sleep(3)
         kill(state, "superlink")
