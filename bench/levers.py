@@ -31,17 +31,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from dropfleet.fleet.config import PRESETS
-
 
 def preset(changes: dict[str, object]) -> dict[str, object]:
-    """`dropback-momentum`'s levers spelled out under `strategy = "dropback"`, with `changes`.
-
-    The preset itself only fills keys left at their defaults, so a change back
-    to a default value (server step 1, no update memory) needs the levers spelled out.
-    """
-    levers = {name.replace("_", "-"): value for name, value in PRESETS["dropback-momentum"].items()}
-    return {"strategy": "dropback", **levers, **changes}
+    """`dropback-momentum` with `changes`: a key the run sets wins over the recipe (fleet/config.py)."""
+    return {"strategy": "dropback-momentum", **changes}
 
 
 # The accuracy levers of `dropback-momentum`, spelled out so that its byte levers can vary.

@@ -1,13 +1,20 @@
-"""The run configuration, parsed once and validated with the bad key named.
+"""The run configuration: one pydantic model, every bad key named.
 
 Values come from `[tool.flwr.app.config]` in pyproject.toml, overridable per
-run with `flwr run . --run-config "key=value ..."`.
+run with `flwr run . --run-config "key=value ..."` (or `POST /v1/runs`). Keys
+are grouped below by concern: the run, the devices' training, the data, the
+wire, the server's merge, the fleet's bounds, the operator's paths.
+
+A strategy's recipe (`PRESETS`) fills only the keys the run leaves unset:
+pyproject.toml gives them the sentinel `""`, so an explicit value — even one
+equal to the paper's default — always wins.
 """
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dropfleet.common.codec import MAX_VALUE, PRECISIONS
 from dropfleet.common.data import PARTITIONERS
@@ -18,10 +25,12 @@ from dropfleet.common.models import MODELS
 from dropfleet.common.server_opt import OPTIMIZERS
 from dropfleet.common.sparse import num_weights
 
-STRATEGIES = ("dropback", "dropback-momentum", "fedavg", "topk-ef")
+STRATEGIES = ("dropback-momentum", "dropback", "fedavg", "topk-ef")
 SPARSE_DROPBACK = ("dropback", "dropback-momentum")
-# What `strategy = "dropback-momentum"` sets wherever the run leaves these keys at their defaults:
-# the levers that won the accuracy-per-byte sweep (bench/levers.py; README "Accuracy per byte").
+DEFAULT_STRATEGY = "dropback-momentum"
+# Each strategy's recipe for the keys a run leaves unset (`""` in pyproject.toml). "dropback-momentum"
+# holds the levers that won the accuracy-per-byte race (bench/race.py, docs/benchmarks.md);
+# "dropback" is the paper's scheme: the field defaults below.
 PRESETS: dict[str, dict[str, object]] = {
     "dropback-momentum": {
         "aggregation": "tracked-mean",
@@ -35,6 +44,20 @@ PRESETS: dict[str, dict[str, object]] = {
         "value_precision": "int4",
     }
 }
+# The keys a recipe may fill; only these take the sentinel.
+RECIPE_KEYS = (
+    "aggregation",
+    "server_momentum",
+    "server_learning_rate",
+    "update_memory_rounds",
+    "learning_rate_schedule",
+    "uplink_coding",
+    "uplink_precision",
+    "downlink_coding",
+    "value_precision",
+)
+# The server step of FedAvgM: a recipe's momentum and step are dropped when the run picks adam or yogi.
+_MOMENTUM_ONLY = ("server_momentum", "server_learning_rate")
 # Keys only the operator sets (pyproject, `dropfleet simulate`), never a REST caller: paths on the
 # server or on every board, and the run's signature, which the API computes itself. They are not
 # stored with a run either (`GET /runs` would show them to every reader).
@@ -46,196 +69,190 @@ UPLINK_CODINGS = ("delta", "change")
 DOWNLINK_CODINGS = ("whole", "delta")
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    num_server_rounds: int = 5
-    strategy: str = "dropback"
-    model_id: str = "mlp-90k"
-    seed: int = 0
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+Positive = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class RunConfig(BaseModel):
+    """One run's settings, typed and range-checked; cross-key rules in `_check_combinations`."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        alias_generator=_kebab,
+        validate_by_name=True,
+        validate_by_alias=True,
+    )
+
+    # The run
+    num_server_rounds: int = Field(5, ge=1)
+    strategy: Literal[STRATEGIES] = DEFAULT_STRATEGY
+    model_id: Literal[tuple(MODELS)] = "mlp-90k"
+    seed: int = Field(0, ge=0, lt=2**63)
+    resume_run: str = Field("", pattern=r"^(\d{1,20})?$")  # a store run id: continue from its last round
+    # The devices' training
     global_k: float = 0.1  # below 1: a fraction of the model's N; else a count
-    min_k: int = 100
-    local_epochs: int = 1
-    learning_rate: float = 0.1
-    learning_rate_schedule: str = "constant"
+    min_k: int = Field(100, ge=1)
+    max_k: int = Field(0, ge=0)  # most tracked weights a device may send; 0: the largest a profile allows
+    local_epochs: int = Field(1, ge=1)
+    learning_rate: Positive = 0.1
+    learning_rate_schedule: Literal[LR_SCHEDULES] = "constant"
     final_learning_rate: float = 0.02
-    batch_size: int = 32
-    freeze_epochs: int = 0
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    value_precision: str = "fp16"
-    uplink_coding: str = "delta"
-    uplink_precision: str = ""
-    downlink_coding: str = "whole"
-    downlink_grid_exponent: int = -10
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.5
-    min_available_nodes: int = 2
-    min_train_nodes: int = 2
-    max_short_rounds: int = 3
-    round_timeout: float = 600.0
+    batch_size: int = Field(32, ge=1)
+    freeze_epochs: int = Field(0, ge=0)
+    # The data
+    partitioner: Literal[PARTITIONERS] = "dirichlet"
+    alpha: Positive = 0.5
+    train_subset: int = Field(0, ge=0)
+    max_examples: int = Field(100_000, ge=1)
+    # The wire
+    value_precision: Literal[tuple(PRECISIONS)] = "fp16"
+    uplink_coding: Literal[UPLINK_CODINGS] = "delta"
+    uplink_precision: Literal[("", *PRECISIONS)] = ""  # "": value-precision
+    downlink_coding: Literal[DOWNLINK_CODINGS] = "whole"
+    downlink_grid_exponent: int = Field(-10, ge=GRID_EXPONENTS.start, lt=GRID_EXPONENTS.stop)
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_abs_value: Positive = 1000.0
+    # The server's merge
+    aggregation: Literal[RULES] = "mean"
+    trim_fraction: float = Field(0.1, ge=0, lt=0.5)
+    clip_norm: float = Field(0.0, ge=0)
+    server_optimizer: Literal[OPTIMIZERS] = "momentum"
+    server_momentum: Fraction = 0.0
+    server_learning_rate: Positive = 1.0
+    server_beta1: Fraction = 0.9
+    server_beta2: Fraction = 0.99
+    server_tau: Positive = 0.001
+    update_memory_rounds: int = Field(0, ge=0)  # 0: off; else replay a device's latest update that long
+    update_memory_bytes: int = Field(256 * 1024 * 1024, ge=1)  # the memory's cap (oldest forgotten first)
+    # The fleet and its rounds
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(0.5, ge=0, le=1)
+    min_available_nodes: int = Field(2, ge=1)
+    min_train_nodes: int = Field(2, ge=1)
+    max_short_rounds: int = Field(3, ge=1)
+    round_timeout: Positive = 600.0
     fleet_mix: str = "mcu-512k,pi-zero-512m,pi4-4g,jetson-8g"
-    max_payload_bytes: int = 16 * 1024 * 1024
-    max_examples: int = 100_000
-    max_k: int = 0
-    max_abs_value: float = 1000.0
+    # The operator's (OPERATOR_KEYS): paths travel with the run, so they reach ClientApps on every
+    # machine (a Ray cluster's raylets do not pass on the environment of whoever started them);
+    # "" falls back to the environment.
     results_file: str = "results/{run_id}.jsonl"
     store_url: str = ""
-    aggregation: str = "mean"
-    trim_fraction: float = 0.1
-    clip_norm: float = 0.0
-    server_optimizer: str = "momentum"
-    server_momentum: float = 0.0
-    server_learning_rate: float = 1.0
-    server_beta1: float = 0.9
-    server_beta2: float = 0.99
-    server_tau: float = 0.001
-    update_memory_rounds: int = 0  # 0: off; else replay a device's latest update for that many rounds
-    update_memory_bytes: int = 256 * 1024 * 1024  # the memory's server-wide cap (oldest forgotten first)
-    train_subset: int = 0
-    # Travel with the run, so they reach ClientApps on every machine (a Ray cluster's raylets
-    # do not pass on the environment of whoever started them): "" falls back to the environment.
     fashion_mnist_dir: str = ""
     message_audit: str = ""
-    resume_run: str = ""
     # The operator's signature of the app and this config; checked before any code runs (fleet/launcher.py).
     app_signature: str = ""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "RunConfig":
-        """Parse Flower's run config (kebab-case keys); unknown keys are errors."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(f"unknown run-config key {key!r}; known: {sorted(known)}")
-            f = known[key]
-            want = type(getattr(cls(), f.name))
-            if want is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, want) or isinstance(value, bool):
-                raise ConfigError(f"run-config {key!r} must be {want.__name__}, got {value!r}")
-            if want is float and not math.isfinite(value):
-                raise ConfigError(f"run-config {key!r} must be a finite number, got {value!r}")
-            values[f.name] = value
-        defaults = cls()
-        for name, value in PRESETS.get(values.get("strategy", defaults.strategy), {}).items():
-            momentum_only = name in ("server_momentum", "server_learning_rate")
-            if momentum_only and values.get("server_optimizer", "momentum") != "momentum":
-                continue  # the preset's step belongs to the momentum optimizer the run replaced
-            if values.get(name, getattr(defaults, name)) == getattr(defaults, name):
-                values[name] = value
-        config = cls(**values)
-        config.validate()
-        return config
+        """Parse Flower's run config (kebab-case keys); raises `ConfigError` naming each bad key."""
+        known = sorted(_kebab(n) for n in cls.model_fields)
+        unknown = [f"unknown run-config key {key!r}; known: {known}" for key in raw if key not in known]
+        if unknown:
+            raise ConfigError("\n".join(unknown))
+        try:
+            return cls.model_validate(dict(raw))
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
 
-    def validate(self) -> None:
-        checks = [
-            ("num-server-rounds", self.num_server_rounds >= 1),
-            ("strategy", self.strategy in STRATEGIES),
-            ("model-id", self.model_id in MODELS),
-            ("seed", 0 <= self.seed < 2**63),
-            (
-                "global-k",
-                0 < self.global_k < 1 or (self.global_k >= 1 and self.global_k == int(self.global_k)),
-            ),
-            ("min-k", self.min_k >= 1),
-            ("local-epochs", self.local_epochs >= 1),
-            ("learning-rate", 0 < self.learning_rate < float("inf")),
-            ("learning-rate-schedule", self.learning_rate_schedule in LR_SCHEDULES),
-            (
-                "final-learning-rate",
-                self.learning_rate_schedule == "constant"
-                or 0 < self.final_learning_rate <= self.learning_rate,
-            ),
-            ("batch-size", self.batch_size >= 1),
-            ("freeze-epochs", self.freeze_epochs >= 0),
-            ("partitioner", self.partitioner in PARTITIONERS),
-            ("alpha", self.alpha > 0),
-            ("value-precision", self.value_precision in PRECISIONS),
-            ("uplink-coding", self.uplink_coding in UPLINK_CODINGS),
-            ("uplink-precision", self.uplink_precision in ("", *PRECISIONS)),
-            ("downlink-coding", self.downlink_coding in DOWNLINK_CODINGS),
-            ("downlink-grid-exponent", self.downlink_grid_exponent in GRID_EXPONENTS),
-            ("fraction-train", 0 < self.fraction_train <= 1),
-            ("fraction-evaluate", 0 <= self.fraction_evaluate <= 1),
-            ("min-available-nodes", self.min_available_nodes >= 1),
-            ("min-train-nodes", self.min_train_nodes >= 1),
-            ("max-short-rounds", self.max_short_rounds >= 1),
-            ("round-timeout", self.round_timeout > 0),
-            ("max-payload-bytes", self.max_payload_bytes >= 1024),
-            ("max-examples", self.max_examples >= 1),
-            ("max-k", self.max_k >= 0),
-            (
-                "max-abs-value",
-                0
-                < self.max_abs_value
-                <= min(MAX_VALUE.get(p, math.inf) for p in (self.value_precision, self.uplink_values)),
-            ),
-            ("train-subset", self.train_subset >= 0),
-            ("aggregation", self.aggregation in RULES),
-            ("trim-fraction", 0 <= self.trim_fraction < 0.5),
-            ("clip-norm", self.clip_norm >= 0),
-            ("server-optimizer", self.server_optimizer in OPTIMIZERS),
-            ("server-momentum", 0 <= self.server_momentum < 1),
-            ("server-learning-rate", 0 < self.server_learning_rate < float("inf")),
-            ("server-beta1", 0 <= self.server_beta1 < 1),
-            ("server-beta2", 0 <= self.server_beta2 < 1),
-            ("server-tau", 0 < self.server_tau < float("inf")),
-            ("update-memory-rounds", self.update_memory_rounds >= 0),
-            ("update-memory-bytes", self.update_memory_bytes >= 1),
-            (
-                "resume-run",
-                self.resume_run == "" or (self.resume_run.isdigit() and len(self.resume_run) <= 20),
-            ),
-        ]
-        choices = {
-            "strategy": STRATEGIES,
-            "model-id": tuple(MODELS),
-            "partitioner": PARTITIONERS,
-            "value-precision": PRECISIONS,
-            "aggregation": RULES,
-            "learning-rate-schedule": LR_SCHEDULES,
-            "uplink-coding": UPLINK_CODINGS,
-            "uplink-precision": PRECISIONS,
-            "downlink-coding": DOWNLINK_CODINGS,
-            "server-optimizer": OPTIMIZERS,
-        }
-        for key, ok in checks:
-            if not ok:
-                value = getattr(self, key.replace("-", "_"))
-                known = f"; known: {', '.join(choices[key])}" if key in choices else ""
-                raise ConfigError(f"run-config {key!r} has an invalid value: {value!r}{known}")
-        if self.uses_server_optimizer and self.strategy not in SPARSE_DROPBACK:
-            raise ConfigError("run-config 'server-*' keys need strategy 'dropback'")
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        """Fill the recipe keys the run left unset (absent or `""`) from its strategy's recipe."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        strategy = _given(data, "strategy", DEFAULT_STRATEGY)
+        recipe = PRESETS.get(strategy, {}) if isinstance(strategy, str) else {}
+        momentum_step = _given(data, "server_optimizer", "momentum") == "momentum"
+        for name in RECIPE_KEYS:
+            key = next((k for k in (_kebab(name), name) if k in data), None)
+            if key is not None and data[key] != "":
+                continue  # set by the run: it wins
+            key = key or name
+            if name in recipe and (momentum_step or name not in _MOMENTUM_ONLY):
+                data[key] = recipe[name]
+            elif name == "uplink_precision":
+                data[key] = ""  # follows value-precision
+            else:
+                data[key] = cls.model_fields[name].default
+        return data
+
+    @field_validator("global_k")
+    @classmethod
+    def _k_is_a_fraction_or_a_count(cls, value: float) -> float:
+        if not (0 < value < 1 or (value >= 1 and value == int(value))):
+            raise ValueError("a fraction of the model's weights (0 < k < 1) or a whole count (>= 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "RunConfig":
+        problems = list(self._combination_problems())
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def _combination_problems(self) -> list[str]:
+        sparse = self.strategy in SPARSE_DROPBACK
+        problems = []
+        if self.learning_rate_schedule == "cosine" and not (
+            0 < self.final_learning_rate <= self.learning_rate
+        ):
+            problems.append(
+                f"run-config 'final-learning-rate' has an invalid value: {self.final_learning_rate!r} "
+                f"(a cosine decay heads from 'learning-rate' {self.learning_rate!r} down to it, above 0)"
+            )
+        largest = min(MAX_VALUE.get(p, math.inf) for p in (self.value_precision, self.uplink_values))
+        if self.max_abs_value > largest:
+            problems.append(
+                f"run-config 'max-abs-value' has an invalid value: {self.max_abs_value!r} "
+                f"(at most {largest:g} under {self.value_precision!r})"
+            )
+        if self.uses_server_optimizer and not sparse:
+            problems.append("run-config 'server-*' keys need strategy 'dropback'")
         if self.server_optimizer != "momentum" and self.server_momentum:
-            raise ConfigError(
+            problems.append(
                 f"run-config 'server-momentum' belongs to server-optimizer 'momentum'; "
                 f"{self.server_optimizer!r} keeps its first moment with 'server-beta1'"
             )
-        if self.update_memory_rounds and self.strategy not in SPARSE_DROPBACK:
-            raise ConfigError("run-config 'update-memory-rounds' needs strategy 'dropback'")
-        if self.uplink_coding != "delta" and self.strategy not in SPARSE_DROPBACK:
-            raise ConfigError("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
+        if self.update_memory_rounds and not sparse:
+            problems.append("run-config 'update-memory-rounds' needs strategy 'dropback'")
+        if self.uplink_coding != "delta" and not sparse:
+            problems.append("run-config 'uplink-coding' other than 'delta' needs strategy 'dropback'")
         if self.downlink_coding == "delta":
-            if self.strategy not in SPARSE_DROPBACK:
-                raise ConfigError("run-config 'downlink-coding' 'delta' needs strategy 'dropback'")
-            if self.value_precision not in DELTA_LEVELS:
-                raise ConfigError(
+            if not sparse:
+                problems.append("run-config 'downlink-coding' 'delta' needs strategy 'dropback'")
+            elif self.value_precision not in DELTA_LEVELS:
+                problems.append(
                     f"run-config 'downlink-coding' 'delta' codes each version's change at "
-                    f"{' or '.join(DELTA_LEVELS)} ('value-precision'), not {self.value_precision!r}"
+                    f"{' or '.join(DELTA_LEVELS)} ('value-precision'), not {self.value_precision!r}; "
+                    "for another precision set 'downlink-coding' to 'whole'"
                 )
         if "ternary" in (self.value_precision, self.uplink_values) and not (
             self.strategy == "topk-ef"
             or (self.uplink_coding == "change" and self.value_precision != "ternary")
         ):
-            raise ConfigError(
+            problems.append(
                 "ternary values (STC's signs at the mean magnitude) are for strategy 'topk-ef' or a "
                 "DropBack uplink with 'uplink-coding' 'change'; a global tracked set holds whole deltas"
             )
-        if self.resume_run and self.strategy not in SPARSE_DROPBACK:
-            raise ConfigError(
+        if self.resume_run and not sparse:
+            problems.append(
                 "run-config 'resume-run' needs strategy 'dropback' (the dense baseline keeps no checkpoint)"
             )
+        return problems
 
     @property
     def global_k_count(self) -> int:
@@ -274,3 +291,35 @@ class RunConfig:
     @property
     def profiles(self) -> list[str]:
         return [p.strip() for p in self.fleet_mix.split(",") if p.strip()]
+
+
+def _given(data: Mapping[str, Any], name: str, default: object) -> object:
+    """A key's raw value under its kebab-case or Python name, else `default`."""
+    return data.get(_kebab(name), data.get(name, default))
+
+
+_TYPE_NAMES = {"float_type": "float", "int_type": "int", "string_type": "str", "bool_type": "bool"}
+
+
+def _describe(exc: ValidationError) -> str:
+    """One line per bad key, in the words of the run config (kebab-case keys, its own choices)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        key = _kebab(str(error["loc"][0])) if error["loc"] else ""
+        kind, value = error["type"], error.get("input")
+        if kind == "extra_forbidden":
+            known = sorted(_kebab(n) for n in RunConfig.model_fields)
+            lines.append(f"unknown run-config key {key!r}; known: {known}")
+        elif kind in _TYPE_NAMES or (kind.endswith("_type") and key):
+            lines.append(f"run-config {key!r} must be {_TYPE_NAMES.get(kind, kind)}, got {value!r}")
+        elif kind == "finite_number":
+            lines.append(f"run-config {key!r} must be a finite number, got {value!r}")
+        elif kind == "literal_error":
+            choices = [c for c in get_args(RunConfig.model_fields[key.replace("-", "_")].annotation) if c]
+            lines.append(f"run-config {key!r} has an invalid value: {value!r}; known: {', '.join(choices)}")
+        elif not key:  # the cross-key rules: their own sentences
+            lines.append(str(error["ctx"]["error"]) if "ctx" in error else error["msg"])
+        else:
+            reason = str(error["ctx"]["error"]) if kind == "value_error" else error["msg"].lower()
+            lines.append(f"run-config {key!r} has an invalid value: {value!r} ({reason})")
+    return "\n".join(lines)

@@ -78,7 +78,7 @@ def _serve(
         run_id=run_id,
         attempt=attempt,
         resumed_after=checkpoint.round if checkpoint else None,
-        header=_header(run_id, attempt, config, context),
+        header=_header(run_id, attempt, config),
     )
     try:
         check_run(context.run_config)  # device profiles and data, before any round
@@ -92,7 +92,7 @@ def _serve(
         recorder.close()
 
 
-def _header(run_id: str, attempt: str, config: RunConfig, context: Context) -> dict[str, object]:
+def _header(run_id: str, attempt: str, config: RunConfig) -> dict[str, object]:
     versions = {name: _version(name) for name in ("dropfleet", "flwr", "torch", "numpy")}
     versions["python"] = platform.python_version()
     return {
@@ -102,7 +102,8 @@ def _header(run_id: str, attempt: str, config: RunConfig, context: Context) -> d
         "model_id": config.model_id,
         "seed": config.seed,
         "num_rounds": config.num_server_rounds,
-        "config": dict(context.run_config),
+        # As the run resolved it: the strategy's recipe filled in where the run config left `""`.
+        "config": config.model_dump(by_alias=True),
         "versions": versions,
     }
 

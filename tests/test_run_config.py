@@ -16,7 +16,7 @@ def test_pyproject_config_matches_the_defaults():
     raw = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     parsed = RunConfig.from_mapping(raw)
     assert parsed == RunConfig()
-    assert set(raw) == {f.replace("_", "-") for f in RunConfig.__dataclass_fields__}
+    assert set(raw) == {f.replace("_", "-") for f in RunConfig.model_fields}
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
     assert rates[0] == pytest.approx(0.1) and all(a > b for a, b in itertools.pairwise(rates))
     assert rates[-1] > 0.02 and config.learning_rate_at(11) == pytest.approx(0.02)
     assert rates[4] + rates[6] == pytest.approx(0.12)  # symmetric about the middle of the run
-    assert RunConfig().learning_rate_at(7) == 0.1  # constant by default
+    assert RunConfig(strategy="dropback").learning_rate_at(7) == 0.1  # constant in the paper's scheme
 
 
 @pytest.mark.parametrize(
@@ -82,11 +82,14 @@ def test_cosine_schedule_decays_from_the_learning_rate_toward_the_final_one():
         ({"server-beta1": 1.0}, "'server-beta1'"),
         ({"server-tau": 0.0}, "'server-tau'"),
         ({"downlink-coding": "diff"}, "'downlink-coding'.*known: whole, delta"),
-        ({"downlink-coding": "delta"}, "int8 or int4 .'value-precision'., not 'fp16'"),
+        (
+            {"downlink-coding": "delta", "value-precision": "fp16"},
+            "int8 or int4 .'value-precision'., not 'fp16",
+        ),
         ({"downlink-coding": "delta", "strategy": "topk-ef", "value-precision": "int8"}, "needs strategy"),
         ({"downlink-grid-exponent": 1}, "'downlink-grid-exponent'"),
         ({"value-precision": "ternary"}, "ternary values"),
-        ({"uplink-precision": "ternary"}, "ternary values"),  # whole deltas at one magnitude
+        ({"uplink-precision": "ternary", "strategy": "dropback"}, "ternary values"),  # whole deltas
     ],
 )
 def test_new_knobs_are_checked(raw, needle):
@@ -94,7 +97,7 @@ def test_new_knobs_are_checked(raw, needle):
         RunConfig.from_mapping(raw)
 
 
-def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_changed():
+def test_dropback_momentum_presets_the_winning_levers_unless_a_key_was_set():
     config = RunConfig.from_mapping({"strategy": "dropback-momentum"})
     assert (
         config.aggregation,
@@ -137,3 +140,57 @@ def test_dropback_momentum_with_adam_keeps_the_other_levers():
     # the preset's server step is FedAvgM's: Yogi keeps its own eta's default
     yogi = RunConfig.from_mapping({"strategy": "dropback-momentum", "server-optimizer": "yogi"})
     assert (yogi.server_learning_rate, yogi.update_memory_rounds) == (1.0, 10)
+
+
+def test_the_default_is_the_winning_recipe_and_the_papers_scheme_is_one_switch_away():
+    winner = RunConfig.from_mapping({"strategy": "dropback-momentum"})
+    assert RunConfig() == RunConfig.from_mapping({}) == winner
+    assert (RunConfig().strategy, RunConfig().aggregation, RunConfig().downlink_coding) == (
+        "dropback-momentum",
+        "tracked-mean",
+        "delta",
+    )
+    paper = RunConfig.from_mapping({"strategy": "dropback"})
+    assert (paper.value_precision, paper.uplink_coding, paper.update_memory_rounds) == ("fp16", "delta", 0)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "name"),
+    [
+        ("aggregation", "mean", "aggregation"),  # equal to the paper's default: still the user's
+        ("server-momentum", 0.0, "server_momentum"),
+        ("update-memory-rounds", 0, "update_memory_rounds"),
+        ("learning-rate-schedule", "constant", "learning_rate_schedule"),
+        ("value-precision", "int8", "value_precision"),
+    ],
+)
+def test_an_explicit_value_always_wins_over_the_recipe(key, value, name):
+    config = RunConfig.from_mapping({"strategy": "dropback-momentum", key: value})
+    assert getattr(config, name) == value
+    assert getattr(RunConfig(**{name: value}), name) == value  # by Python name too
+
+
+def test_the_sentinel_takes_the_strategys_recipe():
+    sentinel = {"aggregation": "", "server-momentum": "", "value-precision": ""}
+    mine = RunConfig.from_mapping({"strategy": "dropback-momentum", **sentinel})
+    paper = RunConfig.from_mapping({"strategy": "dropback", **sentinel})
+    assert (mine.aggregation, mine.server_momentum, mine.value_precision) == ("tracked-mean", 0.4, "int4")
+    assert (paper.aggregation, paper.server_momentum, paper.value_precision) == ("mean", 0.0, "fp16")
+    with pytest.raises(ConfigError, match="'trim-fraction' must be float"):  # only recipe keys take it
+        RunConfig.from_mapping({"trim-fraction": ""})
+
+
+def test_every_bad_key_is_named_at_once():
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_mapping({"seed": -1, "model-id": "gpt", "alpha": "x", "learning-rate": float("nan")})
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 4
+    for key in ("'seed'", "'model-id'", "'alpha'", "'learning-rate'"):
+        assert sum(key in line for line in lines) == 1
+
+
+def test_keys_are_kebab_case_and_the_config_is_frozen():
+    with pytest.raises(ConfigError, match="unknown run-config key 'global_k'"):
+        RunConfig.from_mapping({"global_k": 3000})
+    with pytest.raises(ValueError):
+        RunConfig().seed = 3  # type: ignore[misc]

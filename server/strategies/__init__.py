@@ -9,8 +9,8 @@ from dropfleet.server.strategies.fedavg import DenseFedAvg
 from dropfleet.server.strategies.topk_ef import TopKFedAvg
 
 REGISTRY: dict[str, type[FleetStrategy]] = {
+    "dropback-momentum": SparseDropBack,  # the paper's strategy with fleet/config.py's winning recipe
     "dropback": SparseDropBack,
-    "dropback-momentum": SparseDropBack,  # the same strategy with fleet/config.py's preset
     "fedavg": DenseFedAvg,
     "topk-ef": TopKFedAvg,
 }

@@ -67,7 +67,7 @@ def test_unknown_profile_and_mix():
 
 def test_availability_is_reproducible_and_near_the_profile_rate():
     profile = get_profile("mcu-512k")
-    config = RunConfig()
+    config = RunConfig(strategy="dropback")
     draws = [is_available(profile, config, r, p) for r in range(50) for p in range(20)]
     assert draws == [is_available(profile, config, r, p) for r in range(50) for p in range(20)]
     assert 0.85 < np.mean(draws) < 0.95
@@ -75,7 +75,7 @@ def test_availability_is_reproducible_and_near_the_profile_rate():
 
 @pytest.mark.parametrize("profile_name", FLEET)
 def test_a_device_never_exceeds_its_budget(profile_name):
-    config = RunConfig(train_subset=400, partitioner="iid")
+    config = RunConfig(strategy="dropback", train_subset=400, partitioner="iid")
     profile = get_profile(profile_name)
     train, _ = local_data(config, 0, 10)
     # Start from a global set larger than any device's k: it must be trimmed.
@@ -89,11 +89,11 @@ def test_a_device_never_exceeds_its_budget(profile_name):
 
 
 def _random_model(k, seed):
-    return random_sparse_model(k, seed, RunConfig().seed)
+    return random_sparse_model(k, seed, RunConfig(strategy="dropback").seed)
 
 
 def test_empty_global_model_starts_training():
-    config = RunConfig(train_subset=300, partitioner="iid")
+    config = RunConfig(strategy="dropback", train_subset=300, partitioner="iid")
     train, val = local_data(config, 1, 10)
     assert len(train) == 270 and len(val) == 30
     update = train_sparse(SparseModel.empty("mlp-90k", 0), train, get_profile("mcu-512k"), config, 1)
@@ -102,7 +102,7 @@ def test_empty_global_model_starts_training():
 
 
 def test_a_device_streams_by_choice_within_the_same_budget():
-    config = RunConfig(train_subset=300, partitioner="iid")
+    config = RunConfig(strategy="dropback", train_subset=300, partitioner="iid")
     train, _ = local_data(config, 2, 10)
     start = merge_sparse([(_random_model(3_000, s), 1.0) for s in range(2)], 4_000)
     profile = get_profile("pi4-4g")
@@ -114,7 +114,7 @@ def test_a_device_streams_by_choice_within_the_same_budget():
 
 
 def test_a_global_model_of_another_architecture_is_refused():
-    config = RunConfig(train_subset=100, partitioner="iid")
+    config = RunConfig(strategy="dropback", train_subset=100, partitioner="iid")
     train, _ = local_data(config, 0, 10)
     with pytest.raises(ConfigError, match="the run trains 'mlp-90k'"):
         train_sparse(SparseModel.empty("lenet-300-100", 0), train, get_profile("pi4-4g"), config, 1)

@@ -28,7 +28,15 @@ def started_store(url: str, replied: list[int], seed: int = 0) -> tuple[Store, l
 
 
 def config(**overrides: object) -> RunConfig:
-    return RunConfig(**{"resume_run": "7", "num_server_rounds": ROUNDS, "min_train_nodes": 2, **overrides})
+    return RunConfig(
+        **{
+            "strategy": "dropback",
+            "resume_run": "7",
+            "num_server_rounds": ROUNDS,
+            "min_train_nodes": 2,
+            **overrides,
+        }
+    )
 
 
 def test_resume_reads_the_last_published_round_and_fences_the_old_attempt(store_url):
@@ -124,7 +132,10 @@ def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_id
     straight.migrate()
     straight.start_run("5", "dropback", "mlp-90k", 0, ROUNDS, {}, attempt="5")
     recorder = RoundRecorder("dropback", ROUNDS, None, store=straight, run_id="5", attempt="5")
-    want = run_rounds(SparseDropBack(RunConfig(num_server_rounds=ROUNDS, **settings), recorder), (1, 2, 3))
+    want = run_rounds(
+        SparseDropBack(RunConfig(strategy="dropback", num_server_rounds=ROUNDS, **settings), recorder),
+        (1, 2, 3),
+    )
     recorder.close()
 
     store = Store(store_url)
@@ -132,10 +143,14 @@ def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_id
     first = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="6", attempt="6")
     first.finish_round(0, 0.1, 2.3)  # round 0, as the ServerApp publishes it
     assert (
-        run_rounds(SparseDropBack(RunConfig(num_server_rounds=ROUNDS, **settings), first), (1, 2)) == want[:2]
+        run_rounds(
+            SparseDropBack(RunConfig(strategy="dropback", num_server_rounds=ROUNDS, **settings), first),
+            (1, 2),
+        )
+        == want[:2]
     )
     first.close()
-    resumed_config = RunConfig(num_server_rounds=ROUNDS, resume_run="6", **settings)
+    resumed_config = RunConfig(strategy="dropback", num_server_rounds=ROUNDS, resume_run="6", **settings)
     ckpt = resume(store, resumed_config, attempt="9")
     assert ckpt.round == 2 and ckpt.server_state is not None
     second = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="6", attempt="9", resumed_after=2)

@@ -23,8 +23,8 @@ from dropfleet.server.validation import allowed_k
 from tests.factories import N_MLP
 from tests.server.messages import content, model, raw_record, reply, with_value
 
-FP32 = RunConfig(global_k=3000, value_precision="fp32")
-FP16 = RunConfig(global_k=3000, value_precision="fp16")
+FP32 = RunConfig(strategy="dropback", global_k=3000, value_precision="fp32")
+FP16 = RunConfig(strategy="dropback", global_k=3000, value_precision="fp16")
 GOOD_NODES = (11, 12, 13)
 
 
@@ -142,9 +142,10 @@ def good_round(server_round):
 
 def test_the_k_a_device_may_send_comes_from_the_profiles_or_max_k():
     assert 20_000 < allowed_k(FP32) < N_MLP  # jetson-8g's budget spent on k by streaming
-    assert allowed_k(RunConfig(max_k=5000)) == 5000
+    assert allowed_k(RunConfig(strategy="dropback", max_k=5000)) == 5000
     s = SparseDropBack(
-        RunConfig(max_k=2000, global_k=3000, value_precision="fp32"), sparse_strategy().recorder
+        RunConfig(strategy="dropback", max_k=2000, global_k=3000, value_precision="fp32"),
+        sparse_strategy().recorder,
     )
     s.aggregate_train(1, [*good(), reply(50, content(model(2100, 50), k=2100))])
     assert "declared k 2100 > the 2000" in s.recorder.current(1).failures[0]

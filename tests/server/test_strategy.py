@@ -19,7 +19,7 @@ from dropfleet.server.strategies import SparseDropBack
 from tests.server.messages import content, model, raw_record, reply
 
 N = 89_610
-CONFIG = RunConfig(global_k=3000, value_precision="fp32")
+CONFIG = RunConfig(strategy="dropback", global_k=3000, value_precision="fp32")
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def test_merges_good_replies_like_the_reference():
     good = [(node, model(2000, node)) for node in (11, 12, 13)]
     arrays, metrics = s.aggregate_train(1, [reply(n, content(m, examples=100 * n)) for n, m in good])
     published = decode(record_payload(arrays))
-    want = merge_sparse([(m, 100.0 * n) for n, m in good], CONFIG.global_k)
+    want = merge_sparse([(m, 100.0 * n) for n, m in good], CONFIG.global_k_count)
     assert published.num_tracked == want.num_tracked == 3000
     for a, b in zip(published.tensors, want.tensors, strict=True):
         assert np.array_equal(a.indices, b.indices) and np.array_equal(a.values, b.values)
@@ -51,7 +51,13 @@ def test_server_momentum_publishes_the_reference_step_over_rounds():
     from dropfleet.common.merge import combine, from_positions, top_k
     from dropfleet.common.server_opt import ServerMomentum
 
-    config = RunConfig(global_k=3000, value_precision="fp32", aggregation="tracked-mean", server_momentum=0.5)
+    config = RunConfig(
+        strategy="dropback",
+        global_k=3000,
+        value_precision="fp32",
+        aggregation="tracked-mean",
+        server_momentum=0.5,
+    )
     s = SparseDropBack(config, RoundRecorder("dropback", 3, None, Console(file=io.StringIO())))
     reference = ServerMomentum(N, 0.5, 1.0)
     published = SparseModel.empty(config.model_id, config.seed)
@@ -72,7 +78,13 @@ def test_server_momentum_publishes_the_reference_step_over_rounds():
 def test_change_coded_replies_resolve_against_the_global_sent_and_stale_ones_are_rejected():
     from dropfleet.common.uplink import encode_change, resolve
 
-    config = RunConfig(global_k=3000, value_precision="fp32", uplink_coding="change", uplink_precision="int8")
+    config = RunConfig(
+        strategy="dropback",
+        global_k=3000,
+        value_precision="fp32",
+        uplink_coding="change",
+        uplink_precision="int8",
+    )
     s = SparseDropBack(config, RoundRecorder("dropback", 3, None, Console(file=io.StringIO())))
     sent = s.global_model
     good = [(node, encode_change(model(2000, node), sent, 1, "int8")[0]) for node in (11, 12, 13)]
@@ -199,7 +211,11 @@ def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
     from dropfleet.common.merge import from_positions, next_global
 
     config = RunConfig(
-        global_k=3000, value_precision="fp32", aggregation="tracked-mean", update_memory_rounds=5
+        strategy="dropback",
+        global_k=3000,
+        value_precision="fp32",
+        aggregation="tracked-mean",
+        update_memory_rounds=5,
     )
     s = SparseDropBack(config, RoundRecorder("dropback", 4, None, Console(file=io.StringIO())))
     first = {n: model(2000, n) for n in (11, 12, 13)}
