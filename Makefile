@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data test-deps demo test test-e2e test-all lint proto locks compose bench bench-quick clean
+.PHONY: install data test-deps demo test test-slow test-e2e test-all lint proto locks compose bench bench-quick clean
 
 install: $(STAMP) data
 
@@ -64,6 +64,11 @@ test: install test-deps
 # installed into a prefix joining a fleet. About 15 minutes; CI runs it after `make test`.
 test-e2e: install
 	$(PY) -m pytest -q -s -m e2e
+
+# The tests marked slow (whole simulations, a fleet killed and restarted, the Deployment Engine
+# end to end, the edge kit into a fresh prefix): about 10 minutes; CI runs them after `make test`.
+test-slow: install test-deps
+	$(PY) -m pytest -q -m "slow and not e2e"
 
 test-all: install
 	$(PY) -m pytest -q

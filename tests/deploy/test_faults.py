@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from dropfleet.common.codec import decode
 from dropfleet.server.store import Store
@@ -34,6 +35,7 @@ def kill(state: Path, name: str) -> None:
     os.killpg(json.loads((state / "pids" / f"{name}.json").read_text())["pid"], signal.SIGKILL)
 
 
+@pytest.mark.slow  # minutes of kills and restarts: `make test-slow` (CI runs it)
 def test_a_run_survives_dropout_and_kill_9_of_superlink_api_and_serverapp(tmp_path):
     state = tmp_path / "fleet"
     link_port = free_port()

@@ -34,6 +34,7 @@ def _run(tmp_path: Path, nodes: int, **config) -> tuple[list[dict], list[dict]]:
     return written["rounds"], read_jsonl(audit)
 
 
+@pytest.mark.slow  # a whole simulation: `make test-slow` (CI runs it)
 def test_mixed_fleet_trains_with_sparse_messages_only(tmp_path):
     """The accuracy-per-byte levers end to end (the paper's scheme runs in the process-fleet tests)."""
     rounds, audit = _run(
@@ -112,6 +113,7 @@ def test_simulate_refuses_bad_input_before_starting_anything(tmp_path, args, nee
     assert not home.exists() and processes_mentioning(str(home)) == []  # no SuperLink, no Ray
 
 
+@pytest.mark.slow  # a whole simulation: `make test-slow` (CI runs it)
 def test_simulate_exits_non_zero_with_the_reason_when_the_run_fails(tmp_path):
     """Every reply is over max-payload-bytes, so the run fails after one short round; flwr run exits 0."""
     results = tmp_path / "{run_id}.jsonl"
@@ -127,6 +129,11 @@ def test_simulate_exits_non_zero_with_the_reason_when_the_run_fails(tmp_path):
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "failed: RunFailedError" in last and "acceptable replies" in last, last
     [path] = list(tmp_path.glob("*.jsonl"))  # one file per run, named by its run id
+    # Only dropfleet's own lines on screen; Flower's and Ray's beside the results, named in the error.
+    log = path.with_suffix(".log")
+    assert f"(Flower's and Ray's output: {log})" in last and "Starting Flower Simulation" in log.read_text()
+    assert "initial model" in done.stdout and f"Flower's and Ray's log: {log}" in done.stdout
+    assert "INFO" not in done.stdout + done.stderr.split("the last lines of")[0] and "USDT" not in done.stdout
     written = read_results(path)
     assert (
         path.stem == written["header"]["run_id"] and written["header"]["config"]["max-payload-bytes"] == 1024
