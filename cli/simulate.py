@@ -1,8 +1,15 @@
-"""`dropfleet simulate`: `flwr run .` on Flower's Simulation Engine, checked first, judged by its results."""
+"""`dropfleet simulate`: `flwr run .` on Flower's Simulation Engine, checked first, judged by its results.
 
+It prints its own lines only: the run, one line per round (read from the results
+file as the ServerApp writes it) and where the results went. Flower's, Ray's
+and the ServerApp's output goes to a log beside the results file (`--verbose`:
+also to the screen, as `flwr run` prints it); a failure shows the log's tail.
+"""
+
+import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -13,8 +20,8 @@ from dropfleet.common.models import MODELS
 from dropfleet.fleet.config import STRATEGIES
 from dropfleet.fleet.flower_env import PROJECT_ROOT
 from dropfleet.server.preflight import check_run
-from dropfleet.server.reporting import read_results
-from dropfleet.server.simulation import check_ray_cluster, run_simulation
+from dropfleet.server.reporting import read_results, round_line
+from dropfleet.server.simulation import check_ray_cluster, log_tail, run_simulation
 
 
 def simulate(
@@ -45,10 +52,18 @@ def simulate(
             "or, without --ray-address, init-args-num-cpus=4",
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="show Flower's and Ray's output live (it always goes to the run's log)"
+        ),
+    ] = False,
 ) -> None:
     """Train on Flower's Simulation Engine (`flwr run .`) and print each round.
 
-    Exits 0 only when the run finished; otherwise non-zero with the reason on the last line.
+    Flower's and Ray's output goes to a log beside the results file (RESULTS with
+    the suffix .log). Exits 0 only when the run finished; otherwise non-zero with
+    the reason on the last line, after the log's last lines.
     """
     template = str(results.resolve()) if results else str(PROJECT_ROOT / "results" / "{run_id}.jsonl")
     run_config: dict[str, object] = {"results-file": template}
@@ -88,18 +103,91 @@ def simulate(
             )
     except (ConfigError, DatasetError) as exc:
         exit_with(2, str(exc))
+    table = RoundTable(template, log_path_for(template), nodes, show_rounds=not verbose)
     sim = run_simulation(
-        nodes, run_config, flwr_home.resolve(), ray_address=ray_address, federation=federation or ()
+        nodes,
+        run_config,
+        flwr_home.resolve(),
+        ray_address=ray_address,
+        federation=federation or (),
+        log_file=table.log_template,
+        echo=verbose,
+        on_output=table.update,
     )
+    table.poll()  # the rounds written after flwr's last line
     if sim.run_id is None:
-        exit_with(sim.code or 1, "flwr run did not start a run (see its output above)")
+        fail(sim.code or 1, "flwr run did not start a run", sim.log, show_tail=not verbose)
     path = Path(template.replace("{run_id}", sim.run_id))
     end = read_results(path)["end"] if path.exists() else None
     if end is None:
-        exit_with(1, f"run {sim.run_id} ended without recording an outcome in {path}")
+        fail(1, f"run {sim.run_id} ended without recording an outcome in {path}", sim.log, not verbose)
     if end["status"] != "finished":
-        exit_with(1, f"run {sim.run_id} {end['status']}: {end['error']}")
+        fail(1, f"run {sim.run_id} {end['status']}: {end['error']}", sim.log, show_tail=not verbose)
     console.print(f"run {sim.run_id} finished; results in {path}")
+
+
+def log_path_for(results: str) -> str:
+    """The run's log beside its results file: the same name with the suffix .log (`{run_id}` kept)."""
+    path = Path(results)
+    log = path.with_suffix(".log")
+    return str(log if log != path else path.with_name(path.name + ".flwr.log"))  # never the results
+
+
+class RoundTable:
+    """The run's lines: where its log is once the run starts, then each round as the results file gets it.
+
+    Reads the results file from where it ended before this run (a run appends
+    to a file it shares), only whole lines, on each line of Flower's output.
+    """
+
+    def __init__(self, template: str, log_template: str, nodes: int, show_rounds: bool) -> None:
+        self.template, self.log_template = template, log_template
+        self.nodes, self.show_rounds = nodes, show_rounds
+        self.path: Path | None = None
+        fixed = Path(template)
+        self.offset = fixed.stat().st_size if "{run_id}" not in template and fixed.is_file() else 0
+
+    def update(self, _line: str, run_id: str | None) -> None:
+        if run_id is None:
+            return
+        if self.path is None:
+            self.path = Path(self.template.replace("{run_id}", run_id))
+            log = self.log_template.replace("{run_id}", run_id)
+            console.print(
+                f"run {run_id} started on {self.nodes} simulated devices; Flower's and Ray's log: {log}"
+            )
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.show_rounds or self.path is None:
+            return
+        try:
+            with self.path.open("rb") as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+        except FileNotFoundError:
+            return  # the ServerApp has not written its header yet
+        whole = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+        self.offset += whole
+        for raw in chunk[:whole].splitlines():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(line, dict) and line.get("type") == "round":
+                console.print(round_line(line))
+
+
+def fail(code: int, reason: str, log: Path | None, show_tail: bool = True) -> NoReturn:
+    """Exit with `reason` naming the run's log, after the log's last lines (unless they were shown live)."""
+    if log is not None:
+        tail = log_tail(log) if show_tail else []
+        if tail:
+            typer.echo(f"the last lines of {log}:", err=True)
+            for line in tail:
+                typer.echo(f"  {line}", err=True)
+        reason = f"{reason} (Flower's and Ray's output: {log})"
+    exit_with(code, reason)
 
 
 def parse_value(value: str) -> object:

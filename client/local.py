@@ -48,7 +48,7 @@ class LocalUpdate:
     state_bytes: int  # kept between steps
     budget_bytes: int
     trainer: str  # the plan's mode: dense, streaming or streaming-blocks
-    peak_bytes: int | None  # measured in the round's first step (None: the profiler was busy)
+    peak_bytes: int | None  # a first step's, measured once per plan in this process (None: profiler busy)
 
 
 @cache
@@ -105,7 +105,8 @@ def train_sparse(
     resident: each layer (or row block) is regenerated from the seed and the
     tracked set when it runs (the same training; slower; see
     `StreamingDropBack` on ties). The first step's peak is measured and
-    reported (logged when it exceeds the budget).
+    reported (logged when it exceeds the budget): once per plan, first batch
+    and starting set in this process (`PeakProbe`'s key), then reused.
     """
     if global_model.model_id != config.model_id:
         raise ConfigError(
@@ -115,12 +116,17 @@ def train_sparse(
     steps_per_epoch = -(-len(data) // config.batch_size)
     freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
     seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
+    # What the first step's memory depends on; rounds that repeat it reuse its measured peak.
+    step_key = (
+        plan.mode, plan.k, plan.block_weights, global_model.model_id, global_model.init_scheme,
+        global_model.num_tracked, min(config.batch_size, len(data)),
+    )  # fmt: skip
     if plan.streaming:
         trainer = StreamingDropBack(
             global_model.model_id, global_model.seed, plan.k, lr, freeze, block_weights=plan.block_weights
         )
         trainer.load(global_model)
-        probe = PeakProbe(lambda: held_bytes(trainer))
+        probe = PeakProbe(lambda: held_bytes(trainer), step_key)
         loss = train_epochs(trainer, trainer, data, config.local_epochs, config.batch_size, seed, probe)
         update, state_bytes = trainer.to_sparse(), trainer.state_bytes()
     else:
@@ -128,7 +134,7 @@ def train_sparse(
         load_deltas_(model, global_model)
         opt = DropBack(model.parameters(), lr=lr, k=plan.k, freeze_after=freeze)
         opt.set_tracked(initial_at_tracked(global_model))
-        probe = PeakProbe(lambda: held_bytes(model, opt))
+        probe = PeakProbe(lambda: held_bytes(model, opt), step_key)
         loss = train_epochs(model, opt, data, config.local_epochs, config.batch_size, seed, probe)
         update = sparse_from_optimizer(model, opt, global_model.seed, global_model.model_id)
         state_bytes = opt.state_bytes()

@@ -9,6 +9,7 @@ states its peak as `fixed + bytes_per_tracked * k` (`DropBack.footprint`,
 the peak `measure_step_peak` finds in real steps.
 """
 
+import os
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,10 @@ TRAINERS: tuple[str, ...] = get_args(TrainingMode)
 # for backward, their gradients, and pooling indices (measured: 1.25x on the CNN).
 ACTIVATION_FACTOR = 1.5
 IMAGE_SHAPE = (1, 28, 28)
+# Kineto, the profiler's native layer, writes two "USDT ... profiler_start/stop" lines to stderr
+# per session unless its log level is above all of its levels (6: USDT is 5, ERROR 4). It reads
+# the level once, when the process first profiles; a user's own setting is kept.
+KINETO_QUIET = ("KINETO_LOG_LEVEL", "6")
 
 
 @dataclass(frozen=True)
@@ -132,8 +137,10 @@ def measure_step_peak(step: Callable[[], object]) -> int:
     CPU tensor allocation and free, in time order); NumPy and Python memory
     from tracemalloc. The two peaks are added, an upper bound: they need not
     coincide, and tracemalloc also counts what other threads of the process
-    allocate meanwhile. Needs `can_measure()`.
+    allocate meanwhile. Needs `can_measure()`. Kineto's per-session lines stay off
+    stderr (`KINETO_QUIET`) unless this process profiled before or the user set its level.
     """
+    os.environ.setdefault(*KINETO_QUIET)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         tracemalloc.start()
         try:

@@ -7,17 +7,20 @@ machine without internet and leaves nothing behind:
 - a project-local FLWR_HOME whose config.toml names the local simulation
   connection and the fleet size,
 - the managed local SuperLink that `flwr run` starts (and leaves running) is
-  stopped afterwards.
+  stopped afterwards;
+- with a log file, Flower's, Ray's and the ServerApp's output is kept there
+  (colours stripped) instead of, or as well as, passed through.
 """
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,49 @@ def stop_managed_superlink(flwr_home: Path, timeout: float = 10.0) -> list[int]:
 class Simulated:
     code: int  # `flwr run`'s exit code (0 even when the run itself failed: read the results)
     run_id: str | None  # the Flower run id it printed
+    log: Path | None = None  # where its output went, when run_simulation was given a log file
+
+
+# Flower colours its log lines even into a pipe; a log file is read with grep and less.
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class RunLog:
+    """A run's output in a file, named by its run id: `{run_id}` in the template is replaced.
+
+    Until the run id is known the file has a provisional name (`pending-PID` for
+    the id); `name_run` renames it. Each line is flushed as it comes: the file
+    can be followed (`tail -f`) while the run goes on. A run overwrites a log
+    of the same name.
+    """
+
+    def __init__(self, template: str | Path) -> None:
+        self.template = str(template)
+        self.path = Path(self.template.replace("{run_id}", f"pending-{os.getpid()}"))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = self.path.open("w", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        self._fh.write(_ANSI.sub("", line))
+        self._fh.flush()
+
+    def name_run(self, run_id: str) -> None:
+        final = Path(self.template.replace("{run_id}", run_id))
+        if final != self.path:
+            os.replace(self.path, final)  # the open handle keeps writing to the renamed file
+            self.path = final
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def log_tail(path: Path, lines: int = 20) -> list[str]:
+    """The last `lines` non-blank lines of a run's log ([] when it is missing)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    return [x for x in text.splitlines() if x.strip()][-lines:]
 
 
 _RAY_PROBE = """
@@ -118,8 +164,15 @@ def run_simulation(
     timeout: float | None = None,
     ray_address: str | None = None,
     federation: Sequence[str] = (),
+    log_file: str | Path | None = None,
+    echo: bool = True,
+    on_output: Callable[[str, str | None], None] | None = None,
 ) -> Simulated:
     """`flwr run . --stream` on a fresh local simulation, its output passed through.
+
+    With `log_file` (`{run_id}` in it is replaced: `RunLog`) the output also goes
+    there, and with `echo` False only there. `on_output` is called after each
+    line with the line and the run id known so far (None until `flwr run` names it).
 
     With `ray_address`, the Simulation Engine attaches to that Ray cluster (RAY_ADDRESS:
     Ray fails rather than start a private one); otherwise
@@ -151,19 +204,29 @@ def run_simulation(
         cmd += ["--run-config", overrides]
     run_id = None
     deadline = None if timeout is None else time.monotonic() + timeout
+    log = RunLog(log_file) if log_file is not None else None
     try:
         with subprocess.Popen(
             cmd, env=env, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if log is not None:
+                    log.write(line)
                 if run_id is None and (match := STARTED_RUN.search(line)):
                     run_id = match.group(1)
+                    if log is not None:
+                        log.name_run(run_id)
+                if on_output is not None:
+                    on_output(line, run_id)
                 if deadline is not None and time.monotonic() > deadline:
                     proc.kill()
                     raise subprocess.TimeoutExpired(cmd, timeout or 0)
-            return Simulated(proc.wait(), run_id)
+            return Simulated(proc.wait(), run_id, log.path if log is not None else None)
     finally:
+        if log is not None:
+            log.close()
         stop_managed_superlink(flwr_home)

@@ -1,5 +1,9 @@
 """Each trainer's stated step footprint against the peak measured in real steps on real data."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +24,7 @@ from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.layout import model_layout
 from dropfleet.common.sparse import SparseModel, SparseTensor, initial_at_tracked, load_deltas_
 from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.train import PeakProbe
 
 # A stated footprint may be loose (it must hold for any batch), but not absurdly.
 LOOSENESS = 1.6
@@ -144,3 +149,36 @@ def test_held_bytes_counts_a_storage_once():
     assert held_bytes(t, view, arr, [t], {"x": view}) == 4000
     model = seeded_model("mlp-90k", 0)
     assert held_bytes(model) == 4 * model_layout("mlp-90k").numel
+
+
+def test_a_probe_with_a_key_measures_once_per_process_and_reuses_the_peak():
+    calls = []
+
+    def held():
+        calls.append(1)
+        return 1000
+
+    def step():
+        return torch.ones(250_000).sum()
+
+    first = PeakProbe(held, key=("test-probe", 1))
+    first.measure(step)
+    assert first.peak_bytes is not None and first.peak_bytes >= 1_000_000 + 1000
+    again = PeakProbe(held, key=("test-probe", 1))
+    with profile():  # the profiler busy: a fresh measurement could not run, the known peak is reused
+        again.measure(step)
+    assert again.peak_bytes == first.peak_bytes and len(calls) == 1
+    other = PeakProbe(held, key=("test-probe", 2))
+    other.measure(step)
+    assert other.peak_bytes is not None and len(calls) == 2
+
+
+def test_measuring_keeps_the_profilers_native_log_off_stderr():
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    code = (
+        "import torch; from dropfleet.common.footprint import measure_step_peak; "
+        "print(measure_step_peak(lambda: torch.ones(1000)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and int(done.stdout) >= 4000, done.stderr
+    assert "USDT" not in done.stderr and "profiler_start" not in done.stderr, done.stderr
