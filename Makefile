@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --require-hashes -r requirements.lock
-	$(PY) -m pip install -q --no-deps -e .
+	@# setuptools' notes on an editable install go to a log (shown if the install fails)
+	@$(PY) -m pip install -q --no-deps -e . >$(VENV)/install-editable.log 2>&1 || { cat $(VENV)/install-editable.log; exit 1; }
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist, unless the user points
