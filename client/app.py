@@ -1,11 +1,16 @@
 """The Flower ClientApp: a device that trains DropBack under its memory budget.
 
 Thin by design: unpack the message, call client/local.py, pack the reply.
+One round on a device: `train` reads the run's config, finds the run's
+strategy in fleet/strategies.py, checks the instruction carries that
+strategy's records, loads the device's data and hands a `Job` to the
+strategy's trainer here (`dropback_trainer`, `fedavg_trainer`,
+`topk_trainer`); `evaluate_global` the same with its evaluator.
 A refusal (budget too small, device unavailable this round, bad global model)
 is an error reply with a clear reason, which the server logs and counts.
 """
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
@@ -29,7 +34,7 @@ from dropfleet.common.layer_init import seeded_model
 from dropfleet.common.layout import model_layout
 from dropfleet.common.sparse import SparseModel, dense_deltas
 from dropfleet.common.topk import zeros
-from dropfleet.common.train import evaluate
+from dropfleet.common.train import EvalResult, evaluate
 from dropfleet.common.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
@@ -53,6 +58,7 @@ from dropfleet.fleet.replies import (
     EvaluateReply,
     TrainReply,
 )
+from dropfleet.fleet.strategies import StrategySpec, spec
 
 # Node state of the sparsified-FedAvg baseline (kept across rounds by Flower).
 TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
@@ -142,37 +148,75 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+@dataclass(frozen=True)
+class Job:
+    """What a trainer is handed: the run's config, this device, its data and the round."""
+
+    config: RunConfig
+    profile: DeviceProfile
+    partition_id: int
+    server_round: int
+    train_data: Split
+    val_data: Split
+
+
+def _unexpected(msg: Message, strategy: StrategySpec) -> str | None:
+    """Why an instruction is not one of the run's strategy's (None: it is)."""
+    carried = list(msg.content.array_records)
+    if len(carried) == 1 and carried[0] in strategy.records:
+        return None
+    return f"strategy {strategy.name!r} sends one of {list(strategy.records)}, this instruction {carried}"
+
+
+def _job(msg: Message, context: Context, training: bool) -> tuple[StrategySpec, Job] | Message:
+    """The run's strategy and this round's job, or the refusal to send instead."""
     config = RunConfig.from_mapping(context.run_config)
+    strategy = spec(config.strategy)
     partition_id, num_partitions, profile = _node(context, config)
     server_round = int(msg.content["config"].get("server-round", 0))
-    if not is_available(profile, config, server_round, partition_id):
-        return _refuse(msg, UNAVAILABLE, f"{profile.name} node {partition_id} unavailable this round")
+    where = f"{profile.name} node {partition_id}"
+    if training and not is_available(profile, config, server_round, partition_id):
+        return _refuse(msg, UNAVAILABLE, f"{where} unavailable this round")
+    unexpected = _unexpected(msg, strategy)
+    if unexpected is not None:
+        return _refuse(msg, BAD_REQUEST, f"{where}: {unexpected}")
     try:
-        train_data, _ = local_data(config, partition_id, num_partitions, _data_dir(context))
+        train_data, val_data = local_data(config, partition_id, num_partitions, _data_dir(context))
     except DropfleetError as exc:
-        return _refuse(msg, BAD_REQUEST, f"{profile.name} node {partition_id}: {exc}")
-    if DENSE_RECORD in msg.content.array_records:
-        state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
-        new_state, loss = train_dense(state, train_data, config, server_round)
-        reply = TrainReply(ArrayRecord(new_state), len(train_data), loss, DENSE_RECORD)
-        return Message(reply.to_record(), reply_to=msg)
-    if TOPK_RECORD in msg.content.array_records or TOPK_MODEL_RECORD in msg.content.array_records:
-        try:
-            return _train_topk(msg, context, config, train_data, profile, partition_id, server_round)
-        except DropfleetError as exc:
-            return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
+        return _refuse(msg, BAD_REQUEST, f"{where}: {exc}")
+    return strategy, Job(config, profile, partition_id, server_round, train_data, val_data)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    found = _job(msg, context, training=True)
+    if isinstance(found, Message):
+        return found
+    strategy, job = found
     try:
-        global_model, held = _global_model(msg, context, config, server_round)
-        streaming = context.node_config.get("streaming", False)  # stream even when the dense step fits
-        if not isinstance(streaming, bool):
-            raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
-        update = train_sparse(global_model, train_data, profile, config, server_round, streaming)
-        residual = _residual(context.state.array_records.get(UPLINK_RESIDUAL))
-        payload, residual = uplink_payload(update.model, global_model, config, server_round, residual)
+        return strategy.train_handler()(msg, context, job)
     except DropfleetError as exc:
-        return _refuse(msg, _refusal_code(exc), f"{profile.name} node {partition_id}: {exc}")
+        return _refuse(msg, _refusal_code(exc), f"{job.profile.name} node {job.partition_id}: {exc}")
+
+
+def fedavg_trainer(msg: Message, context: Context, job: Job) -> Message:
+    """The dense baseline: train the whole model it was sent."""
+    state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
+    new_state, loss = train_dense(state, job.train_data, job.config, job.server_round)
+    reply = TrainReply(ArrayRecord(new_state), len(job.train_data), loss, DENSE_RECORD)
+    return Message(reply.to_record(), reply_to=msg)
+
+
+def dropback_trainer(msg: Message, context: Context, job: Job) -> Message:
+    """DropBack under the device's budget, from the global set it was sent (whole or a delta)."""
+    config = job.config
+    global_model, held = _global_model(msg, context, config, job.server_round)
+    streaming = context.node_config.get("streaming", False)  # stream even when the dense step fits
+    if not isinstance(streaming, bool):
+        raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
+    update = train_sparse(global_model, job.train_data, job.profile, config, job.server_round, streaming)
+    residual = _residual(context.state.array_records.get(UPLINK_RESIDUAL))
+    payload, residual = uplink_payload(update.model, global_model, config, job.server_round, residual)
     if config.uplink_coding == "change":  # O(k): the unsent error at this device's tracked positions
         context.state[UPLINK_RESIDUAL] = ArrayRecord(
             {"positions": Array(residual[0]), "values": Array(residual[1])}
@@ -188,28 +232,20 @@ def train(msg: Message, context: Context) -> Message:
         state_bytes=update.state_bytes,
         peak_bytes=update.peak_bytes,
         budget_bytes=update.budget_bytes,
-        profile=profile.name,
-        partition_id=partition_id,
+        profile=job.profile.name,
+        partition_id=job.partition_id,
         trainer=update.trainer,
     )
     return Message(reply.to_record(), reply_to=msg)
 
 
-def _train_topk(
-    msg: Message,
-    context: Context,
-    config: RunConfig,
-    train_data: Split,
-    profile: DeviceProfile,
-    partition_id: int,
-    server_round: int,
-) -> Message:
+def topk_trainer(msg: Message, context: Context, job: Job) -> Message:
     """The sparsified-FedAvg baseline: the dense model and residual live in this node's state.
 
     The server sends the update to its current version, preceded by the ones this node
     missed, or the whole model when the node holds none it can update from.
     """
-    records, state = msg.content.array_records, context.state
+    config, records, state = job.config, msg.content.array_records, context.state
     if TOPK_STATE not in state.array_records:  # version 0: the seeded model, no residual yet
         model = seeded_model(config.model_id, config.seed)
         state[TOPK_STATE] = ArrayRecord({n: Array(p.detach().numpy()) for n, p in model.named_parameters()})
@@ -231,39 +267,47 @@ def _train_topk(
             for name, delta in dense_deltas(update).items():
                 weights[name] += delta
     residual = {n: a.numpy().copy() for n, a in state[TOPK_RESIDUAL].items()}
-    payload, residual, loss, k = train_topk(weights, residual, train_data, profile, config, server_round)
+    payload, residual, loss, k = train_topk(
+        weights, residual, job.train_data, job.profile, config, job.server_round
+    )
     state[TOPK_STATE] = ArrayRecord({n: Array(a) for n, a in weights.items()})
     state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in residual.items()})
     state[TOPK_META] = ConfigRecord({"version": version})
     reply = TrainReply(
         arrays=payload_record(payload),
-        num_examples=len(train_data),
+        num_examples=len(job.train_data),
         train_loss=loss,
         array_key=SPARSE_RECORD,
         k=k,
-        profile=profile.name,
-        partition_id=partition_id,
+        profile=job.profile.name,
+        partition_id=job.partition_id,
     )
     return Message(reply.to_record(), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_mapping(context.run_config)
-    partition_id, num_partitions, _ = _node(context, config)
+    found = _job(msg, context, training=False)
+    if isinstance(found, Message):
+        return found
+    strategy, job = found
+    evaluator = strategy.evaluate_handler()
+    if evaluator is None:
+        return _refuse(msg, BAD_REQUEST, f"strategy {strategy.name!r} evaluates on the server only")
     try:
-        train_data, val_data = local_data(config, partition_id, num_partitions, _data_dir(context))
+        result = evaluator(msg, context, job)
     except DropfleetError as exc:
         return _refuse(msg, BAD_REQUEST, str(exc))
-    if DENSE_RECORD in msg.content.array_records:
-        model = seeded_model(config.model_id, config.seed)
-        model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())
-        result = evaluate(model, val_data)
-    else:
-        try:
-            global_model, _ = _global_model(msg, context, config, 0)  # evaluated, not kept
-            result = evaluate_sparse(global_model, val_data, train_data)
-        except DropfleetError as exc:
-            return _refuse(msg, BAD_REQUEST, str(exc))
     reply = EvaluateReply(num_examples=result.examples, eval_loss=result.loss, eval_accuracy=result.accuracy)
     return Message(reply.to_record(), reply_to=msg)
+
+
+def fedavg_evaluator(msg: Message, context: Context, job: Job) -> EvalResult:
+    model = seeded_model(job.config.model_id, job.config.seed)
+    model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())
+    return evaluate(model, job.val_data)
+
+
+def dropback_evaluator(msg: Message, context: Context, job: Job) -> EvalResult:
+    global_model, _ = _global_model(msg, context, job.config, 0)  # evaluated, not kept
+    return evaluate_sparse(global_model, job.val_data, job.train_data)

@@ -9,6 +9,7 @@ from dropfleet.client.app import TOPK_META, train
 from dropfleet.common.codec import decode, encode
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.records import SPARSE_RECORD, TOPK_RECORD, pack_sparse, pack_topk_update, sparse_payload
+from dropfleet.fleet.replies import BAD_REQUEST
 from tests.factories import random_sparse_model
 
 RUN_CONFIG = {"train-subset": 200, "partitioner": "iid"}
@@ -23,9 +24,10 @@ def instruction(record_name: str, record, server_round: int, identity) -> Messag
     )
 
 
-def context(**node_config: object) -> Context:
+def context(run_config: dict[str, object] | None = None, **node_config: object) -> Context:
     node = {"partition-id": 0, "num-partitions": 10, "profile": "pi-zero-512m", **node_config}
-    return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=dict(RUN_CONFIG))
+    run = {**RUN_CONFIG, **(run_config or {})}
+    return Context(run_id=1, node_id=5, node_config=node, state=RecordDict(), run_config=run)
 
 
 def run(msg: Message, ctx: Context, identity) -> Message:
@@ -54,7 +56,7 @@ def test_a_node_reports_its_trainer_and_measured_peak_within_its_budget(task_ide
 
 
 def test_a_topk_node_keeps_its_model_and_refuses_an_update_it_cannot_apply(task_identity):
-    ctx = context()
+    ctx = context({"strategy": "topk-ef"})
     empty = encode(SparseModel.empty("mlp-90k", 0), "fp16")
     first = run(instruction(TOPK_RECORD, pack_topk_update(empty, 0), 1, task_identity), ctx, task_identity)
     sent = decode(sparse_payload(first.content))
@@ -66,6 +68,20 @@ def test_a_topk_node_keeps_its_model_and_refuses_an_update_it_cannot_apply(task_
     stale = run(instruction(TOPK_RECORD, pack_topk_update(update, 5), 3, task_identity), ctx, task_identity)
     assert stale.has_error() and "out of sync" in stale.error.reason
     assert ctx.state[TOPK_META]["version"] == 1  # refused: nothing changed
+
+
+def test_a_node_trains_what_the_runs_strategy_sends_and_refuses_anything_else(task_identity):
+    """The run's `strategy` picks the trainer (fleet/strategies.py), not the record that arrived."""
+    empty = encode(SparseModel.empty("mlp-90k", 0), "fp16")
+    topk = instruction(TOPK_RECORD, pack_topk_update(empty, 0), 1, task_identity)
+    seed_only = pack_sparse(SparseModel.empty("mlp-90k", 0), "fp16")
+    sparse = instruction(SPARSE_RECORD, seed_only, 1, task_identity)
+    for msg, strategy in ((topk, "dropback"), (sparse, "topk-ef"), (sparse, "fedavg")):
+        ctx = context({"strategy": strategy})
+        reply = run(msg, ctx, task_identity)
+        assert reply.has_error() and reply.error.code == BAD_REQUEST, strategy
+        assert f"strategy {strategy!r} sends one of" in reply.error.reason
+        assert TOPK_META not in ctx.state  # nothing trained, nothing kept
 
 
 def test_a_malformed_streaming_switch_is_refused(task_identity):
