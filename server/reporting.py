@@ -2,7 +2,6 @@
 
 import json
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -99,7 +98,7 @@ def check_results_file(path: Path) -> None:
 
 
 class RoundRecorder:
-    """Collects what the strategy sees in a round and emits one report per round."""
+    """Reports each finished round once (`record`): the results file, the screen and the store."""
 
     def __init__(
         self,
@@ -143,6 +142,32 @@ class RoundRecorder:
         self._task = self._progress.add_task("rounds", total=num_rounds, completed=resumed_after or 0)
         self._progress.start()
 
+    def record(
+        self, stats: RoundStats, model: bytes | None = None, server_state: bytes | None = None
+    ) -> RoundStats:
+        """Report a finished round, once: the results file, the screen, and the store with its
+        global model (and the strategy's server optimizer state)."""
+        self.history.append(stats)
+        if self.store is not None:
+            self.store.publish_round(
+                self.run_id,
+                stats.round,
+                stats.report(),
+                model,
+                stats.global_tracked,
+                stats.fleet_events(),
+                attempt=self.attempt,
+                server_state=server_state,
+            )
+        self._write({"type": "round", "run_id": self.run_id, **stats.report()})
+        self._print(stats)
+        if stats.round:
+            self._progress.advance(self._task)
+            self._progress.refresh()
+        return stats
+
+    # For callers without a strategy (tools, tests): fill a round in place, then `finish_round`.
+    # The ServerApp's strategies build each round's RoundStats themselves and call `record`.
     def current(self, server_round: int) -> RoundStats:
         if self._current.round != server_round:
             self._current = RoundStats(round=server_round, strategy=self.strategy)
@@ -157,30 +182,12 @@ class RoundRecorder:
         model: bytes | None = None,
         server_state: bytes | None = None,
     ) -> RoundStats:
-        """Close the round: report it, and publish it with its global model (and the strategy's
-        server optimizer state) to the store."""
+        """`record` the round `current` holds, with its accuracy and loss."""
         stats = self.current(server_round)
         stats.accuracy, stats.loss = accuracy, loss
         stats.seconds = round(time.monotonic() - self._started, 3)
-        self.history.append(stats)
-        if self.store is not None:
-            self.store.publish_round(
-                self.run_id,
-                server_round,
-                stats.report(),
-                model,
-                stats.global_tracked,
-                stats.fleet_events(),
-                attempt=self.attempt,
-                server_state=server_state,
-            )
-        self._write({"type": "round", "run_id": self.run_id, **stats.report()})
-        self._print(stats)
-        if server_round:
-            self._progress.advance(self._task)
-            self._progress.refresh()
         self._current = RoundStats(round=-1, strategy=self.strategy)
-        return stats
+        return self.record(stats, model, server_state)
 
     def end(self, status: str, error: str | None = None) -> None:
         """The results file's last line: how the run (or this attempt of it) ended."""
@@ -195,20 +202,15 @@ class RoundRecorder:
         self._progress.stop()
 
     def _print(self, s: RoundStats) -> None:
-        self.console.print(round_line(s.report()))
-
-
-def round_line(r: Mapping[str, Any]) -> str:
-    """One round as the report prints it (rich markup): from `RoundStats.report()` or a results
-    file's `round` line, so that `dropfleet simulate` prints the same table from the file."""
-    if r["round"] == 0:
-        accuracy, loss = 100 * r["accuracy"], r["loss"]
-        return f"[bold]{r['strategy']}[/] initial model: accuracy {accuracy:.2f}%, loss {loss:.4f}"
-    fed = f"{100 * r['fed_accuracy']:.2f}%" if r.get("fed_accuracy") is not None else "-"
-    replayed = r.get("replayed") or 0
-    return (
-        f"round {r['round']:>3}  acc {100 * r['accuracy']:6.2f}%  loss {r['loss']:.4f}  fed-acc {fed:>7}  "
-        f"replied {r['replied']}/{r['sampled']} failed {r['failed']} rejected {r['rejected']}  "
-        f"up {r['bytes_up']:,} B  down {r['bytes_down']:,} B  tracked {r['global_tracked']:,}  "
-        f"churn {100 * r['churn']:.1f}%{f'  replayed {replayed}' if replayed else ''}  {r['seconds']:.1f}s"
-    )
+        if s.round == 0:
+            self.console.print(
+                f"[bold]{s.strategy}[/] initial model: accuracy {100 * s.accuracy:.2f}%, loss {s.loss:.4f}"
+            )
+            return
+        fed = f"{100 * s.fed_accuracy:.2f}%" if s.fed_accuracy is not None else "-"
+        self.console.print(
+            f"round {s.round:>3}  acc {100 * s.accuracy:6.2f}%  loss {s.loss:.4f}  fed-acc {fed:>7}  "
+            f"replied {s.replied}/{s.sampled} failed {s.failed} rejected {s.rejected}  "
+            f"up {s.bytes_up:,} B  down {s.bytes_down:,} B  tracked {s.global_tracked:,}  "
+            f"churn {100 * s.churn:.1f}%{f'  replayed {s.replayed}' if s.replayed else ''}  {s.seconds:.1f}s"
+        )

@@ -1,9 +1,23 @@
-"""Federated DropBack: merge the devices' sparse models, publish the global top-K tracked set."""
+"""Federated DropBack ("dropback", and "dropback-momentum" with fleet/config.py's recipe).
 
+Its steps of the round (server/strategies/base.py plays them in order):
+`configure_train` / `configure_evaluate` send each node the global tracked set,
+whole or (delta downlink) as the change since the version the node holds;
+`aggregate_train` takes the screened replies (`check_reply`: the sparse wire
+format against the global sent this round), settles what each node holds,
+and merges: the update memory's replays, then `common/merge.next_global` (the
+rule, clipping, the server optimizer, the global top-K), publishing the new
+global as the next round's version. A round with fewer than
+`min-train-nodes` acceptable replies keeps the global (`Trained.short`).
+"""
+
+from dataclasses import replace
 from logging import INFO, WARNING
+from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
+from flwr.serverapp import Grid
 from torch import nn
 
 from dropfleet.common.codec import decode
@@ -17,7 +31,6 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     GLOBAL_DELTA_RECORD,
     GLOBAL_DELTA_STYPE,
-    SPARSE_RECORD,
     pack_sparse,
     payload_record,
     record_payload,
@@ -25,11 +38,11 @@ from dropfleet.fleet.records import (
 from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.checkpoint import Checkpoint
 from dropfleet.server.reporting import RoundRecorder
-from dropfleet.server.strategies.base import Evaluation, train_metrics
-from dropfleet.server.strategies.sparse_replies import SparseReplies
+from dropfleet.server.strategies.base import Evaluation, FleetStrategy, Trained, reinstruct
+from dropfleet.server.validation import AcceptedUpdate, allowed_k, validate_sparse_reply
 
 
-class SparseDropBack(SparseReplies):
+class SparseDropBack(FleetStrategy):
     """Merges sparse DropBack replies and publishes the global top-K tracked set.
 
     Between the merge and the top K, an optional server optimizer
@@ -59,10 +72,8 @@ class SparseDropBack(SparseReplies):
         evaluation: Evaluation | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        super().__init__(
-            config, recorder, evaluation, checkpoint.round if checkpoint else 0, arrayrecord_key=SPARSE_RECORD
-        )
-        self.checkpoint = checkpoint
+        super().__init__(config, recorder, evaluation, checkpoint)
+        self.max_k = allowed_k(config)
         self.server_opt = server_optimizer(config) if config.uses_server_optimizer else None
         if checkpoint is not None and self.server_opt is not None:
             if checkpoint.server_state is not None:
@@ -83,7 +94,6 @@ class SparseDropBack(SparseReplies):
             self.downlink = DownlinkPublisher(first, config.value_precision)
         if checkpoint is not None:  # the published bytes exactly, not re-encoded
             self.global_model, self.payload = checkpoint.model, checkpoint.payload
-            self.short_rounds = checkpoint.short_rounds
             if (
                 self.downlink is not None
             ):  # what devices rebuild (the same values for a delta run's checkpoint)
@@ -110,12 +120,18 @@ class SparseDropBack(SparseReplies):
         self.global_model = decode(self.payload, self.config.max_payload_bytes)
         return record
 
+    def configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        return self.tailor(super().configure_train(server_round, arrays, grid))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        return self.tailor(super().configure_evaluate(server_round, arrays, grid))
+
     def tailor(self, messages: list[Message]) -> list[Message]:
         """Delta downlink: each node gets the change since the version it holds (or the whole set)."""
         if self.downlink is None:
             return messages
         return [
-            self.instruction(
+            reinstruct(
                 m,
                 GLOBAL_DELTA_RECORD,
                 payload_record(
@@ -125,43 +141,22 @@ class SparseDropBack(SparseReplies):
             for m in messages
         ]
 
-    def _settle_nodes(self, server_round: int, replies: list[Message]) -> None:
-        """What each node holds after this round's replies.
-
-        Delta downlink: an accepted reply's node kept this round's version; a
-        rejected one, or one that says it is lost, gets the whole set next
-        time. Update memory: a rejected reply drops its node's kept update
-        (an unavailable device's error reply keeps it, to be replayed).
-        """
-        accepted = set(self.accepted_nodes)
-        for m in replies:
-            node = m.metadata.src_node_id
-            if node in accepted:
-                if self.downlink is not None:
-                    self.held[node] = server_round
-                continue
-            rejected = not m.has_error()
-            if rejected or m.error.code == OUT_OF_SYNC:
-                self.held.pop(node, None)
-            if rejected and self.memory is not None:
-                self.memory.forget(node)
-
-    def merge(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def check_reply(self, content: RecordDict, server_round: int) -> AcceptedUpdate:
         # The global sent in round r is version r: change-coded replies are against it.
-        updates = self.accept(server_round, replies, self.global_model, version=server_round)
-        stats = self.recorder.current(server_round)
-        self._settle_nodes(server_round, replies)
-        if updates is None:
-            stats.global_tracked = self.global_model.num_tracked
+        return validate_sparse_reply(content, self.global_model, self.config, self.max_k, server_round)
+
+    def aggregate_train(self, server_round: int, replies: list[Message]) -> Trained[Any]:
+        trained = super().aggregate_train(server_round, replies)
+        self._settle_nodes(server_round, replies, set(trained.nodes))
+        if len(trained.updates) < self.config.min_train_nodes:
             if self.downlink is not None:  # the same set, as the version the next round sends
                 self.downlink.republish(server_round + 1)
-            return None, None
+            return replace(trained, short=True, global_tracked=self.global_model.num_tracked)
         previous = self.global_model
+        updates = trained.updates
         merging = [(u.model, float(u.num_examples)) for u in updates]
         if self.memory is not None:
-            fresh = zip(self.accepted_nodes, updates, strict=True)
+            fresh = zip(trained.nodes, updates, strict=True)
             merging = self.memory.augment(
                 server_round, previous, [(node, u.model, float(u.num_examples)) for node, u in fresh]
             )
@@ -177,18 +172,41 @@ class SparseDropBack(SparseReplies):
         if self.downlink is not None:
             self.downlink.publish(merged, server_round + 1)
         arrays = self._publish_model(merged)
-        stats.churn = churn(previous, self.global_model)
-        stats.global_tracked = self.global_model.num_tracked
-        stats.replayed = len(merging) - len(updates)
+        replayed = len(merging) - len(updates)
         log(
             INFO,
             "Round %s: merged %s updates (%s replayed from the update memory) into %s tracked weights",
             server_round,
             len(merging),
-            stats.replayed,
-            stats.global_tracked,
+            replayed,
+            self.global_model.num_tracked,
         )
-        return arrays, train_metrics(stats, [u.reply for u in updates])
+        return trained.merged(
+            arrays,
+            self.global_model.num_tracked,
+            churn=churn(previous, self.global_model),
+            replayed=replayed,
+        )
+
+    def _settle_nodes(self, server_round: int, replies: list[Message], accepted: set[int]) -> None:
+        """What each node holds after this round's replies.
+
+        Delta downlink: an accepted reply's node kept this round's version; a
+        rejected one, or one that says it is lost, gets the whole set next
+        time. Update memory: a rejected reply drops its node's kept update
+        (an unavailable device's error reply keeps it, to be replayed).
+        """
+        for m in replies:
+            node = m.metadata.src_node_id
+            if node in accepted:
+                if self.downlink is not None:
+                    self.held[node] = server_round
+                continue
+            rejected = not m.has_error()
+            if rejected or m.error.code == OUT_OF_SYNC:
+                self.held.pop(node, None)
+            if rejected and self.memory is not None:
+                self.memory.forget(node)
 
     def model_for_evaluation(self, arrays: ArrayRecord) -> nn.Module:
         model = materialize(self.global_model)

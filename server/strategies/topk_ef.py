@@ -1,7 +1,19 @@
-"""The sparsified-FedAvg baseline: dense models, top-k updates with error feedback both ways."""
+"""The sparsified-FedAvg baseline ("topk-ef"): dense models, top-k updates with error feedback both ways.
+
+Its steps of the round (server/strategies/base.py plays them in order):
+`configure_train` sends each node the update to the current version, after
+the ones it missed, or the whole dense model (`tailor`); `aggregate_train`
+takes the screened replies (`check_reply`: sparse top-k updates), notes the
+version each accepted node now holds, averages the updates and sends the top
+global-k of that plus the server's residual as the next version. Devices do
+not evaluate (fleet/strategies.py): the server evaluates the dense model.
+"""
+
+from dataclasses import replace
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -15,11 +27,11 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import TOPK_MODEL_RECORD, TOPK_RECORD, pack_topk_model, pack_topk_update
 from dropfleet.fleet.replies import OUT_OF_SYNC
 from dropfleet.server.reporting import RoundRecorder
-from dropfleet.server.strategies.base import Evaluation, train_metrics
-from dropfleet.server.strategies.sparse_replies import SparseReplies
+from dropfleet.server.strategies.base import Evaluation, FleetStrategy, Trained, reinstruct
+from dropfleet.server.validation import AcceptedUpdate, allowed_k, validate_sparse_reply
 
 
-class TopKFedAvg(SparseReplies):
+class TopKFedAvg(FleetStrategy):
     """Clients keep the dense global model and their residual in their node state
     and send back the top-k of their update (k from their memory budget, as a
     DropBack device); the server averages them, adds its own residual and
@@ -28,12 +40,14 @@ class TopKFedAvg(SparseReplies):
     this one, or the whole dense model when that is smaller or it holds no
     version the server knows of (a new client, or one that reported itself
     out of sync), so the baseline also runs on a fleet whose devices miss rounds.
+    A round with fewer than `min-train-nodes` acceptable replies keeps the model.
     """
 
     def __init__(
         self, config: RunConfig, recorder: RoundRecorder, evaluation: Evaluation | None = None
     ) -> None:
-        super().__init__(config, recorder, evaluation, arrayrecord_key=TOPK_RECORD)
+        super().__init__(config, recorder, evaluation)
+        self.max_k = allowed_k(config)
         model = seeded_model(config.model_id, config.seed)
         self.weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
         self.residual = zeros(config.model_id)
@@ -50,10 +64,8 @@ class TopKFedAvg(SparseReplies):
     def initial_arrays(self) -> ArrayRecord:
         return pack_topk_update(self.update, self.version)
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        return []  # a baseline for the byte race: the server evaluates the global model centrally
+    def configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
+        return self.tailor(super().configure_train(server_round, arrays, grid))
 
     def tailor(self, messages: list[Message]) -> list[Message]:
         """Catch-up content for nodes that do not hold the version before this one."""
@@ -68,10 +80,10 @@ class TopKFedAvg(SparseReplies):
                 earlier = [self.history[v] for v in missed]
                 if sum(map(len, earlier)) + len(self.update) <= self.dense_bytes:
                     out.append(
-                        self.instruction(m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier))
+                        reinstruct(m, TOPK_RECORD, pack_topk_update(self.update, self.version, earlier))
                     )
                     continue
-            out.append(self.instruction(m, TOPK_MODEL_RECORD, self._dense_model()))
+            out.append(reinstruct(m, TOPK_MODEL_RECORD, self._dense_model()))
         return out
 
     def _dense_model(self) -> ArrayRecord:
@@ -95,17 +107,19 @@ class TopKFedAvg(SparseReplies):
             if not reachable:  # and so is every older one: a catch-up needs all versions since
                 del self.history[v]
 
-    def merge(
-        self, server_round: int, replies: list[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def check_reply(self, content: RecordDict, server_round: int) -> AcceptedUpdate:
+        return validate_sparse_reply(content, self.expected, self.config, self.max_k)
+
+    def aggregate_train(self, server_round: int, replies: list[Message]) -> Trained[Any]:
         for m in replies:
             if m.has_error() and m.error.code == OUT_OF_SYNC:
                 self.held.pop(m.metadata.src_node_id, None)  # it gets the whole model next time
-        updates = self.accept(server_round, replies, self.expected)
-        for node in self.accepted_nodes:
+        trained = super().aggregate_train(server_round, replies)
+        for node in trained.nodes:
             self.held[node] = self.version  # it applied what it was sent, then trained
-        if updates is None:
-            return None, None
+        updates = trained.updates
+        if len(updates) < self.config.min_train_nodes:
+            return replace(trained, short=True)
         mean = merge_sparse(
             [(u.model, float(u.num_examples)) for u in updates],
             sum(u.model.num_tracked for u in updates),  # keep every entry: a plain average
@@ -123,9 +137,7 @@ class TopKFedAvg(SparseReplies):
         self.version += 1
         self.history[self.version] = self.update
         self._prune_history()
-        stats = self.recorder.current(server_round)
-        stats.global_tracked = received.num_tracked
-        return pack_topk_update(self.update, self.version), train_metrics(stats, [u.reply for u in updates])
+        return trained.merged(pack_topk_update(self.update, self.version), received.num_tracked)
 
     def model_for_evaluation(self, arrays: ArrayRecord) -> nn.Module:
         model = seeded_model(self.config.model_id, self.config.seed)

@@ -1,7 +1,17 @@
 """Real Flower reply messages for strategy tests (what a SuperNode would hand the ServerApp)."""
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from dropfleet.fleet.records import SPARSE_ARRAY, SPARSE_RECORD, SPARSE_STYPE, pack_sparse
@@ -63,3 +73,39 @@ def with_value(sparse, value):
     t = next(t for t in sparse.tensors if t.count)
     t.values[0] = np.float32(value)
     return sparse
+
+
+def round_of(server_round, trained=None, evaluated=None):
+    """A round's stats as the strategy's round loop assembles them from its steps' values."""
+    from dropfleet.server.strategies.base import NOT_EVALUATED, Screened, Trained, round_stats
+
+    trained = trained if trained is not None else Trained(Screened(accepted=[]))
+    return round_stats("test", server_round, [], [], trained, evaluated or NOT_EVALUATED)
+
+
+class ScriptedGrid:
+    """A Flower Grid whose nodes answer from a script, in process: `answer(node, instruction)`
+    gives a reply's content, an `Error`, or None (the node stays silent)."""
+
+    def __init__(self, nodes, answer):
+        self.nodes, self.answer, self.sent = list(nodes), answer, []
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            node = m.metadata.dst_node_id
+            answer = self.answer(node, m)
+            if answer is None:
+                continue
+            server_round = int(m.metadata.group_id)
+            if isinstance(answer, Error):
+                replies.append(reply(node, error=answer, server_round=server_round))
+            else:
+                replies.append(
+                    reply(node, answer, server_round=server_round, message_type=m.metadata.message_type)
+                )
+        return replies

@@ -1,5 +1,7 @@
 """Resume checkpoints: what a restarted ServerApp reads back, and the fence against the old one."""
 
+from dataclasses import replace
+
 import pytest
 
 from dropfleet.common.codec import encode
@@ -7,7 +9,7 @@ from dropfleet.common.errors import ConfigError, StaleWriterError
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import resume
-from dropfleet.server.reporting import RoundRecorder
+from dropfleet.server.reporting import RoundRecorder, RoundStats
 from dropfleet.server.store import Store
 from dropfleet.server.strategies import SparseDropBack
 from tests.factories import random_sparse_model
@@ -109,7 +111,7 @@ def test_the_strategy_starts_from_the_checkpoint_bytes_and_round(store_url, tmp_
 )
 def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_identity, optimizer):
     """Rounds 1-3 straight through, or 1-2 then a restart from the store: round 3 publishes the same bytes."""
-    from tests.server.messages import content, model, reply
+    from tests.server.messages import content, model, reply, round_of
 
     settings = {"global_k": 3000, "value_precision": "fp32", "aggregation": "tracked-mean", **optimizer}
 
@@ -121,9 +123,12 @@ def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_id
     def run_rounds(strategy, rounds):
         out = []
         for r in rounds:
-            arrays, _ = strategy.aggregate_train(r - strategy.round_offset, replies(r))  # Flower's round
-            strategy.recorder.finish_round(
-                r, 0.5, 1.0, strategy.published_payload(arrays), strategy.published_state()
+            trained = strategy.aggregate_train(r, replies(r))
+            arrays = trained.arrays
+            strategy.recorder.record(
+                replace(round_of(r, trained), accuracy=0.5, loss=1.0),  # what publish adds: evaluation
+                strategy.published_payload(arrays),
+                strategy.published_state(),
             )
             out.append(record_payload(arrays))
         return out
@@ -141,7 +146,7 @@ def test_a_resumed_run_continues_the_server_optimizer_exactly(store_url, task_id
     store = Store(store_url)
     store.start_run("6", "dropback", "mlp-90k", 0, ROUNDS, {}, attempt="6")
     first = RoundRecorder("dropback", ROUNDS, None, store=store, run_id="6", attempt="6")
-    first.finish_round(0, 0.1, 2.3)  # round 0, as the ServerApp publishes it
+    first.record(RoundStats(round=0, strategy="dropback", accuracy=0.1, loss=2.3))  # as the loop does
     assert (
         run_rounds(
             SparseDropBack(RunConfig(strategy="dropback", num_server_rounds=ROUNDS, **settings), first),

@@ -70,8 +70,7 @@ def play(strategy, server_round, ctxs, nodes, identity):
         identity.node_id = node
         replies.append(train(m, ctxs[node]))
     identity.node_id = 0
-    strategy.aggregate_train(server_round - strategy.round_offset, replies)  # Flower counts from 1
-    assert strategy.recorder.current(server_round).rejected == 0
+    assert strategy.aggregate_train(server_round, replies).screened.rejected == 0
     return sent, replies
 
 

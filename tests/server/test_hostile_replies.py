@@ -21,7 +21,7 @@ from dropfleet.server.reporting import RoundRecorder
 from dropfleet.server.strategies import DenseFedAvg, SparseDropBack, TopKFedAvg
 from dropfleet.server.validation import allowed_k
 from tests.factories import N_MLP
-from tests.server.messages import content, model, raw_record, reply, with_value
+from tests.server.messages import content, model, raw_record, reply, round_of, with_value
 
 FP32 = RunConfig(strategy="dropback", global_k=3000, value_precision="fp32")
 FP16 = RunConfig(strategy="dropback", global_k=3000, value_precision="fp16")
@@ -42,8 +42,9 @@ def good(precision="fp32"):
 
 
 def published(strategy, replies, server_round=1):
-    arrays, _ = strategy.aggregate_train(server_round, replies)
-    return record_payload(arrays)
+    """The model the round publishes, and the round's stats."""
+    trained = strategy.aggregate_train(server_round, replies)
+    return record_payload(trained.arrays), round_of(server_round, trained)
 
 
 def hostile_cases():
@@ -112,25 +113,24 @@ def hostile_cases():
 def test_a_hostile_reply_is_rejected_and_changes_nothing(case):
     config, bad = hostile_cases()[case]
     precision = config.value_precision
-    clean = published(sparse_strategy(config), good(precision))
-    s = sparse_strategy(config)
-    assert published(s, [*good(precision), reply(99, bad)]) == clean
-    stats = s.recorder.current(1)
+    clean, _ = published(sparse_strategy(config), good(precision))
+    payload, stats = published(sparse_strategy(config), [*good(precision), reply(99, bad)])
+    assert payload == clean
     assert stats.rejected == 1 and stats.replied == 3
     assert "unreadable reply" not in stats.failures[0]  # a named rule refused it, not the safety net
     assert [e.node_id for e in stats.node_events if e.outcome == "rejected"] == [99]
 
 
 def test_a_reply_to_another_round_and_repeated_replies_are_rejected():
-    clean = published(sparse_strategy(), good())
-    s = sparse_strategy()
+    clean, _ = published(sparse_strategy(), good())
     stale = reply(21, content(model(2000, 21)), server_round=1)
     twice = [
         reply(22, content(model(2000, 22)), server_round=2),
         reply(22, content(model(2000, 23)), server_round=2),
     ]
-    assert published(s, [*good_round(2), stale, *twice], server_round=2) == clean
-    reasons = " | ".join(s.recorder.current(2).failures)
+    payload, stats = published(sparse_strategy(), [*good_round(2), stale, *twice], server_round=2)
+    assert payload == clean
+    reasons = " | ".join(stats.failures)
     assert "not the current round 2" in reasons and "more than one reply" in reasons
 
 
@@ -147,8 +147,8 @@ def test_the_k_a_device_may_send_comes_from_the_profiles_or_max_k():
         RunConfig(strategy="dropback", max_k=2000, global_k=3000, value_precision="fp32"),
         sparse_strategy().recorder,
     )
-    s.aggregate_train(1, [*good(), reply(50, content(model(2100, 50), k=2100))])
-    assert "declared k 2100 > the 2000" in s.recorder.current(1).failures[0]
+    trained = s.aggregate_train(1, [*good(), reply(50, content(model(2100, 50), k=2100))])
+    assert "declared k 2100 > the 2000" in round_of(1, trained).failures[0]
 
 
 def test_hostile_evaluation_replies_do_not_stop_the_round():
@@ -162,7 +162,7 @@ def test_hostile_evaluation_replies_do_not_stop_the_round():
         )
 
     ok = {"num-examples": 100, "eval-loss": 0.5, "eval-accuracy": 0.8}
-    metrics = s.aggregate_evaluate(
+    evaluated = s.aggregate_evaluate(
         1,
         [
             ev(1, ok),
@@ -173,9 +173,9 @@ def test_hostile_evaluation_replies_do_not_stop_the_round():
             ev(6, ok, aaa=MetricRecord({"num-examples": 0})),
         ],
     )
-    assert metrics["eval-accuracy"] == pytest.approx((0.8 * 100 + 0.4 * 300) / 400)
-    stats = s.recorder.current(1)
-    assert stats.fed_accuracy == pytest.approx(0.5)
+    assert evaluated.fed_accuracy == pytest.approx((0.8 * 100 + 0.4 * 300) / 400)
+    stats = round_of(1, evaluated=evaluated)
+    assert stats.fed_accuracy == pytest.approx(0.5) and stats.rejected == 0  # training's count only
     assert sorted(e.node_id for e in stats.node_events if e.outcome == "rejected") == [3, 4, 5, 6]
 
 
@@ -194,7 +194,7 @@ def test_hostile_dense_replies_leave_fedavg_unchanged():
         return DenseFedAvg(FP32, RoundRecorder("fedavg", 3, None, Console(file=io.StringIO())))
 
     good_dense = [_dense(n, 100 * n) for n in GOOD_NODES]
-    clean, _ = strategy().aggregate_train(1, good_dense)
+    clean = strategy().aggregate_train(1, good_dense).arrays
     bad = [
         _dense(30, 100, **{"0.weight": np.full((100, 784), np.inf, np.float32)}),
         _dense(31, 100, **{"0.weight": np.zeros((3, 3), np.float32)}),
@@ -203,22 +203,22 @@ def test_hostile_dense_replies_leave_fedavg_unchanged():
         reply(34, RecordDict({DENSE_RECORD: good_dense[0].content.array_records[DENSE_RECORD]})),
     ]
     s = strategy()
-    arrays, metrics = s.aggregate_train(1, [*bad, *good_dense])
+    trained = s.aggregate_train(1, [*bad, *good_dense])
     for name in clean:
-        assert np.array_equal(arrays[name].numpy(), clean[name].numpy())
-    assert s.recorder.current(1).rejected == len(bad) and metrics["train-loss"] == pytest.approx(0.4)
+        assert np.array_equal(trained.arrays[name].numpy(), clean[name].numpy())
+    assert round_of(1, trained).rejected == len(bad) and trained.train_loss == pytest.approx(0.4)
 
 
 def test_topk_baseline_rejects_hostile_replies_too():
     def strategy():
         return TopKFedAvg(FP32, RoundRecorder("topk-ef", 3, None, Console(file=io.StringIO())))
 
-    clean, _ = strategy().aggregate_train(1, good())
+    clean = strategy().aggregate_train(1, good()).arrays
     s = strategy()
     bads = [reply(90 + i, c) for i, (_, c) in enumerate(hostile_cases().values())]
-    arrays, _ = s.aggregate_train(1, [*bads, *good()])
-    assert s.recorder.current(1).rejected == len(bads)
-    assert all(bytes(arrays[n].data) == bytes(clean[n].data) for n in ("model", "version"))
+    trained = s.aggregate_train(1, [*bads, *good()])
+    assert round_of(1, trained).rejected == len(bads)
+    assert all(bytes(trained.arrays[n].data) == bytes(clean[n].data) for n in ("model", "version"))
 
 
 # ----- property: arbitrary Flower reply records against the strategy -----------------------------
@@ -265,11 +265,10 @@ def arbitrary_content(draw):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(arbitrary_content(), st.sampled_from([1, 1, 1, 2])), min_size=1, max_size=4))
 def test_property_no_reply_shape_stops_a_round(extra):
-    clean = published(sparse_strategy(), good())
-    s = sparse_strategy()
+    clean, _ = published(sparse_strategy(), good())
     replies = [reply(100 + i, c, server_round=r) for i, (c, r) in enumerate(extra)]
-    arrays, _ = s.aggregate_train(1, [*replies, *good()])
-    stats = s.recorder.current(1)
+    trained = sparse_strategy().aggregate_train(1, [*replies, *good()])
+    stats = round_of(1, trained)
     assert not any("unreadable reply" in f for f in stats.failures)  # every rejection by a named rule
     if stats.replied == 3:
-        assert record_payload(arrays) == clean
+        assert record_payload(trained.arrays) == clean
