@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dropfleet.common.errors import ConfigError
-from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.config import PRESETS, RunConfig
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -194,3 +194,32 @@ def test_keys_are_kebab_case_and_the_config_is_frozen():
         RunConfig.from_mapping({"global_k": 3000})
     with pytest.raises(ValueError):
         RunConfig().seed = 3  # type: ignore[misc]
+
+
+def test_the_configuration_doc_shows_every_key_its_default_and_the_recipes():
+    doc = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
+    recipes, keys = doc.split("## The keys, by concern")
+
+    def rows(text):
+        found = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| `")]
+        names = [cells[0].strip(" `") for cells in found]
+        assert len(names) == len(set(names)), "a key listed twice"
+        return {name: [c.strip() for c in cells[1:]] for name, cells in zip(names, found, strict=True)}
+
+    raw = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    listed = rows(keys)
+    assert set(listed) == set(raw)
+    for key, default in raw.items():
+        shown = "recipe" if key in RECIPE else f"`{default}`" if default != "" else '`""`'
+        assert listed[key][0] == shown, key
+    recipe = rows(recipes)
+    assert set(recipe) == set(RECIPE)
+    for name, value in PRESETS["dropback-momentum"].items():
+        assert recipe[name.replace("_", "-")][0] == f"`{value}`", name
+    paper = RunConfig(strategy="dropback")
+    for key in RECIPE:
+        value = getattr(paper, key.replace("-", "_"))
+        assert recipe[key][1] == (f"`{value}`" if value != "" else "as `value-precision`"), key
+
+
+RECIPE = {name.replace("_", "-") for name in PRESETS["dropback-momentum"]}
