@@ -2,6 +2,7 @@
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -202,15 +203,20 @@ class RoundRecorder:
         self._progress.stop()
 
     def _print(self, s: RoundStats) -> None:
-        if s.round == 0:
-            self.console.print(
-                f"[bold]{s.strategy}[/] initial model: accuracy {100 * s.accuracy:.2f}%, loss {s.loss:.4f}"
-            )
-            return
-        fed = f"{100 * s.fed_accuracy:.2f}%" if s.fed_accuracy is not None else "-"
-        self.console.print(
-            f"round {s.round:>3}  acc {100 * s.accuracy:6.2f}%  loss {s.loss:.4f}  fed-acc {fed:>7}  "
-            f"replied {s.replied}/{s.sampled} failed {s.failed} rejected {s.rejected}  "
-            f"up {s.bytes_up:,} B  down {s.bytes_down:,} B  tracked {s.global_tracked:,}  "
-            f"churn {100 * s.churn:.1f}%{f'  replayed {s.replayed}' if s.replayed else ''}  {s.seconds:.1f}s"
-        )
+        self.console.print(round_line(s.report()))
+
+
+def round_line(r: Mapping[str, Any]) -> str:
+    """One round as the report prints it (rich markup): from `RoundStats.report()` or a results
+    file's `round` line, so that `dropfleet simulate` prints the same table from the file."""
+    if r["round"] == 0:
+        accuracy, loss = 100 * r["accuracy"], r["loss"]
+        return f"[bold]{r['strategy']}[/] initial model: accuracy {accuracy:.2f}%, loss {loss:.4f}"
+    fed = f"{100 * r['fed_accuracy']:.2f}%" if r.get("fed_accuracy") is not None else "-"
+    replayed = r.get("replayed") or 0
+    return (
+        f"round {r['round']:>3}  acc {100 * r['accuracy']:6.2f}%  loss {r['loss']:.4f}  fed-acc {fed:>7}  "
+        f"replied {r['replied']}/{r['sampled']} failed {r['failed']} rejected {r['rejected']}  "
+        f"up {r['bytes_up']:,} B  down {r['bytes_down']:,} B  tracked {r['global_tracked']:,}  "
+        f"churn {100 * r['churn']:.1f}%{f'  replayed {replayed}' if replayed else ''}  {r['seconds']:.1f}s"
+    )
