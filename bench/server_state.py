@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dropfleet.client.profiles import get_profile, plan_training
-from dropfleet.common.merge import from_positions
-from dropfleet.common.sparse import SparseModel, num_weights
+from dropfleet.common.sparse import SparseModel, from_positions, num_weights
 from dropfleet.common.update_memory import UpdateMemory
 from dropfleet.fleet.config import RunConfig
 

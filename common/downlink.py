@@ -39,8 +39,7 @@ from dropfleet.common.codec import (
 from dropfleet.common.errors import ConfigError, OutOfSyncError, WireFormatError
 from dropfleet.common.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES
 from dropfleet.common.layout import Layout, model_layout
-from dropfleet.common.merge import from_positions
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.sparse import SparseModel, from_positions
 from dropfleet.common.uplink import values_at
 from dropfleet.proto import sparse_model_pb2 as pb
 

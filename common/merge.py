@@ -28,7 +28,7 @@ import numpy as np
 
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.server_opt import ServerOptimizer
-from dropfleet.common.sparse import SparseModel, SparseTensor
+from dropfleet.common.sparse import SparseModel, from_positions
 
 RULES = ("mean", "tracked-mean", "median", "trimmed-mean")
 
@@ -146,19 +146,6 @@ def _robust(group: np.ndarray, values: np.ndarray, n_groups: int, trim: float, m
     keep = (rank >= cut[g]) & (rank < (counts - cut)[g])
     sums = np.bincount(g, weights=np.where(keep, v, 0.0), minlength=n_groups)
     return sums / (counts - 2 * cut)
-
-
-def from_positions(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> SparseModel:
-    """A model like `template` (id, seed, scheme) holding `values` (as float32) at sorted global positions."""
-    values = values.astype(np.float32)
-    b = template.layout.bounds(positions)
-    tensors = tuple(
-        SparseTensor(t.name, t.shape, positions[b[i] : b[i + 1]] - t.offset, values[b[i] : b[i + 1]])
-        for i, t in enumerate(template.layout.tensors)
-    )
-    return SparseModel(
-        seed=template.seed, model_id=template.model_id, tensors=tensors, init_scheme=template.init_scheme
-    )
 
 
 def churn(previous: SparseModel, current: SparseModel) -> float:

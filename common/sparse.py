@@ -129,6 +129,19 @@ class SparseModel:
         return cls(seed=seed, model_id=model_id, tensors=tensors)
 
 
+def from_positions(template: SparseModel, positions: np.ndarray, values: np.ndarray) -> SparseModel:
+    """A model like `template` (id, seed, scheme) holding `values` (as float32) at sorted global positions."""
+    values = values.astype(np.float32)
+    b = template.layout.bounds(positions)
+    tensors = tuple(
+        SparseTensor(t.name, t.shape, positions[b[i] : b[i + 1]] - t.offset, values[b[i] : b[i + 1]])
+        for i, t in enumerate(template.layout.tensors)
+    )
+    return SparseModel(
+        seed=template.seed, model_id=template.model_id, tensors=tensors, init_scheme=template.init_scheme
+    )
+
+
 def num_weights(model_id: str) -> int:
     """N: how many weights (parameters) a registered model has."""
     return model_layout(model_id).numel

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.merge import from_positions
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.sparse import SparseModel, from_positions
 
 logger = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024

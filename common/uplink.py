@@ -21,8 +21,7 @@ import numpy as np
 
 from dropfleet.common.codec import HeldSet, decode, encode
 from dropfleet.common.errors import ConfigError, WireFormatError
-from dropfleet.common.merge import from_positions
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.sparse import SparseModel, from_positions
 
 # Sorted global flat positions and float32 values: the unsent quantization error.
 Residual = tuple[np.ndarray, np.ndarray]

@@ -17,8 +17,7 @@ from dropfleet.common.downlink import (
     quantize_toward,
 )
 from dropfleet.common.errors import ConfigError, OutOfSyncError, PayloadTooLargeError, WireFormatError
-from dropfleet.common.merge import from_positions
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.sparse import SparseModel, from_positions
 from dropfleet.proto import sparse_model_pb2 as pb
 from tests.factories import N_MLP, random_sparse_model
 

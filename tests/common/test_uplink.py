@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from dropfleet.common.codec import HeldSet, decode, encode, read_rice_set, rice_set
 from dropfleet.common.errors import ConfigError, WireFormatError
-from dropfleet.common.merge import combine, from_positions
+from dropfleet.common.merge import combine
+from dropfleet.common.sparse import from_positions
 from dropfleet.common.uplink import NO_RESIDUAL, encode_change, resolve, values_at
 from dropfleet.proto import sparse_model_pb2 as pb
 from tests.factories import random_sparse_model

@@ -48,8 +48,9 @@ def test_merges_good_replies_like_the_reference():
 
 
 def test_server_momentum_publishes_the_reference_step_over_rounds():
-    from dropfleet.common.merge import combine, from_positions, top_k
+    from dropfleet.common.merge import combine, top_k
     from dropfleet.common.server_opt import ServerMomentum
+    from dropfleet.common.sparse import from_positions
 
     config = RunConfig(
         strategy="dropback",
@@ -242,7 +243,8 @@ def test_the_strategy_publishes_each_round_once_with_the_model_it_holds(tmp_path
 
 
 def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
-    from dropfleet.common.merge import from_positions, next_global
+    from dropfleet.common.merge import next_global
+    from dropfleet.common.sparse import from_positions
 
     config = RunConfig(
         strategy="dropback",
