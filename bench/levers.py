@@ -136,7 +136,6 @@ def run_one(
     import torch
 
     from dropfleet.client.local import is_available, local_data, train_dense, train_sparse, uplink_payload
-    from dropfleet.client.profiles import profile_for_partition
     from dropfleet.common.codec import HeldSet, decode, encode
     from dropfleet.common.data import load_fashion_mnist
     from dropfleet.common.downlink import DownlinkPublisher, GlobalSet, apply_delta
@@ -147,6 +146,7 @@ def run_one(
     from dropfleet.common.update_memory import UpdateMemory
     from dropfleet.common.uplink import NO_RESIDUAL, Residual, resolve
     from dropfleet.fleet.config import RunConfig
+    from dropfleet.fleet.profiles import profile_for_partition
     from dropfleet.server.strategies.dropback import server_optimizer
 
     torch.set_num_threads(1)

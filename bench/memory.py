@@ -144,7 +144,7 @@ _DEVICE_ROUND = """
 import json, sys, torch
 torch.set_num_threads(1)
 from dropfleet.client.local import local_data, train_sparse
-from dropfleet.client.profiles import get_profile
+from dropfleet.fleet.profiles import get_profile
 from dropfleet.common.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 stage, model_id, batch, profile, streaming_only = sys.argv[1:]

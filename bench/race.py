@@ -40,13 +40,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dropfleet.client.profiles import get_profile, plan_training
 from dropfleet.common.sparse import num_weights
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
 from dropfleet.deploy.topology import FleetSpec
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env
+from dropfleet.fleet.profiles import get_profile, plan_training
 from dropfleet.server.flower_control import is_live, run_status, start_run
 from dropfleet.server.reporting import read_results
 from dropfleet.server.simulation import run_simulation

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dropfleet.client.profiles import get_profile, plan_training
 from dropfleet.common.sparse import SparseModel, from_positions, num_weights
 from dropfleet.common.update_memory import UpdateMemory
 from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.profiles import get_profile, plan_training
 
 MIX = ("mcu-512k", "pi-zero-512m", "pi4-4g", "jetson-8g")
 

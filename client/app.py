@@ -26,7 +26,6 @@ from dropfleet.client.local import (
     train_topk,
     uplink_payload,
 )
-from dropfleet.client.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.common.data import Split
 from dropfleet.common.downlink import GlobalSet, apply_delta
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
@@ -37,6 +36,7 @@ from dropfleet.common.topk import zeros
 from dropfleet.common.train import EvalResult, evaluate
 from dropfleet.common.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.fleet.records import (
     DENSE_RECORD,
     GLOBAL_DELTA_RECORD,

@@ -10,7 +10,6 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.client.profiles import DeviceProfile, TrainingPlan, plan_training
 from dropfleet.common.codec import encode
 from dropfleet.common.data import (
     Split,
@@ -34,6 +33,7 @@ from dropfleet.common.topk import Dense, sparsify_with_feedback
 from dropfleet.common.train import EvalResult, PeakProbe, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.common.uplink import Residual, encode_change
 from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.profiles import DeviceProfile, TrainingPlan, plan_training
 
 VALIDATION_FRACTION = 0.1
 log = logging.getLogger(__name__)

@@ -28,11 +28,11 @@ from typing import Any
 
 import yaml
 
-from dropfleet.client.profiles import get_profile
 from dropfleet.common.errors import ConfigError
 from dropfleet.deploy.material import SIGNING_KEY
 from dropfleet.deploy.topology import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, topology
 from dropfleet.fleet.flower_env import OFFLINE_ENV
+from dropfleet.fleet.profiles import get_profile
 
 SERVER_IMAGE = "dropfleet-server:0.1.0"
 CLIENT_IMAGE = "dropfleet-client:0.1.0"

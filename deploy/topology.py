@@ -64,7 +64,7 @@ class FleetSpec:
             raise ConfigError(f"a fleet needs at least one node, got {self.nodes}")
         if not self.profiles:
             raise ConfigError("at least one device profile is needed")
-        from dropfleet.client.profiles import get_profile
+        from dropfleet.fleet.profiles import get_profile
 
         for p in self.profiles:
             get_profile(p)

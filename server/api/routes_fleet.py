@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
-from dropfleet.client.profiles import DeviceProfile, load_profiles
+from dropfleet.fleet.profiles import DeviceProfile, load_profiles
 from dropfleet.server.api.deps import StoreDep, require_read
 from dropfleet.server.api.schemas import NodeOut
 
@@ -55,5 +55,5 @@ def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
 
 @router.get("/profiles", response_model=list[DeviceProfile])
 def list_profiles() -> list[DeviceProfile]:
-    """The device profiles a node can run with (client/profiles.toml)."""
+    """The device profiles a node can run with (fleet/profiles.toml)."""
     return list(load_profiles().values())

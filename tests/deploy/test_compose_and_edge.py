@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dropfleet.client.profiles import get_profile
 from dropfleet.deploy.compose import DEFAULT_SPEC, render
 from dropfleet.deploy.locks import client_lock
 from dropfleet.deploy.topology import FleetSpec, local_layout, topology
+from dropfleet.fleet.profiles import get_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -1,4 +1,4 @@
-"""Device profiles (client/profiles.toml) and how a memory budget decides the trainer and k."""
+"""Device profiles (fleet/profiles.toml) and how a memory budget decides the trainer and k."""
 
 import tomllib
 from dataclasses import dataclass

@@ -4,17 +4,17 @@ import numpy as np
 import pytest
 
 from dropfleet.client.local import client_plan, is_available, local_data, train_sparse
-from dropfleet.client.profiles import (
+from dropfleet.common.errors import BudgetError, ConfigError
+from dropfleet.common.merge import merge_sparse
+from dropfleet.common.sparse import SparseModel
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.profiles import (
     get_profile,
     load_profiles,
     plan_training,
     profile_for_partition,
     trainer_footprint,
 )
-from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel
-from dropfleet.fleet.config import RunConfig
 from tests.factories import random_sparse_model
 
 N = 89_610
