@@ -172,27 +172,6 @@ def test_edge_install_script_is_valid_bash():
     assert helped.returncode == 0 and "--prefix" in helped.stdout
 
 
-@pytest.mark.slow
-def test_edge_install_script_in_a_fresh_prefix(tmp_path):
-    done = subprocess.run(
-        [
-            str(ROOT / "deploy" / "edge" / "install.sh"),
-            "--prefix",
-            str(tmp_path / "opt"),
-            "--etc",
-            str(tmp_path / "etc"),
-            "--no-systemd",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert (tmp_path / "opt" / "venv" / "bin" / "flower-supernode").exists()
-    assert (tmp_path / "etc" / "keys" / "node_key.pub").exists()
-    assert not (tmp_path / "opt" / "venv" / "lib" / "python3.11" / "site-packages" / "ray").exists()
-
-
 def test_every_environment_variable_in_compose_is_one_the_code_reads():
     from dropfleet.fleet.flower_env import OFFLINE_ENV
     from dropfleet.server.api.settings import Settings

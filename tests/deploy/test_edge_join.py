@@ -78,6 +78,8 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
         env=env,
     )
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
+    # The board's runtime only: no simulation engine (Ray) on a device.
+    assert not (prefix / "venv" / "lib" / "python3.11" / "site-packages" / "ray").exists()
     install_seconds = time.monotonic() - t0
 
     state = tmp_path / "fleet"
