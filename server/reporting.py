@@ -1,7 +1,6 @@
 """Per-round report: a progress display on screen, JSON lines for scripts, the store for the API."""
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -129,8 +128,6 @@ class RoundRecorder:
             kind = "header" if resumed_after is None else "resume"
             self._write({"type": kind, **(header or {}), "resumed_after": resumed_after, "at": _now()})
         self.history: list[RoundStats] = []
-        self._current = RoundStats(round=0, strategy=strategy)
-        self._started = time.monotonic()
         self._progress = Progress(
             TextColumn("[bold]round"),
             MofNCompleteColumn(),
@@ -166,29 +163,6 @@ class RoundRecorder:
             self._progress.advance(self._task)
             self._progress.refresh()
         return stats
-
-    # For callers without a strategy (tools, tests): fill a round in place, then `finish_round`.
-    # The ServerApp's strategies build each round's RoundStats themselves and call `record`.
-    def current(self, server_round: int) -> RoundStats:
-        if self._current.round != server_round:
-            self._current = RoundStats(round=server_round, strategy=self.strategy)
-            self._started = time.monotonic()
-        return self._current
-
-    def finish_round(
-        self,
-        server_round: int,
-        accuracy: float,
-        loss: float,
-        model: bytes | None = None,
-        server_state: bytes | None = None,
-    ) -> RoundStats:
-        """`record` the round `current` holds, with its accuracy and loss."""
-        stats = self.current(server_round)
-        stats.accuracy, stats.loss = accuracy, loss
-        stats.seconds = round(time.monotonic() - self._started, 3)
-        self._current = RoundStats(round=-1, strategy=self.strategy)
-        return self.record(stats, model, server_state)
 
     def end(self, status: str, error: str | None = None) -> None:
         """The results file's last line: how the run (or this attempt of it) ended."""

@@ -7,14 +7,14 @@ import pytest
 from rich.console import Console
 
 from dropfleet.common.errors import ConfigError
-from dropfleet.server.reporting import RoundRecorder, read_results
+from dropfleet.server.reporting import RoundRecorder, RoundStats, read_results
 
 
 def record(path, run_id: str, accuracy: float) -> None:
     recorder = RoundRecorder(
         "dropback", 1, path, Console(file=io.StringIO()), run_id=run_id, header={"run_id": run_id}
     )
-    recorder.finish_round(0, accuracy, 1.0)
+    recorder.record(RoundStats(round=0, strategy="dropback", accuracy=accuracy, loss=1.0))
     recorder.end("finished")
     recorder.close()
 

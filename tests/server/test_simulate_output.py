@@ -7,15 +7,18 @@ from rich.console import Console
 
 from dropfleet.cli import simulate
 from dropfleet.cli.simulate import RoundTable, log_path_for
-from dropfleet.server.reporting import RoundRecorder, round_line
+from dropfleet.server.reporting import RoundRecorder, RoundStats, round_line
 from dropfleet.server.simulation import RunLog, log_tail
 
 
 def _record(path, run_id: str, rounds: int, console: Console) -> None:
     recorder = RoundRecorder("dropback", rounds, path, console, run_id=run_id, header={"run_id": run_id})
     for r in range(rounds + 1):
-        recorder.current(r).sampled = recorder.current(r).replied = 3
-        recorder.finish_round(r, 0.5 + r / 10, 1.0 / (r + 1))
+        recorder.record(
+            RoundStats(
+                round=r, strategy="dropback", sampled=3, replied=3, accuracy=0.5 + r / 10, loss=1 / (r + 1)
+            )
+        )
     recorder.end("finished")
     recorder.close()
 
