@@ -30,8 +30,10 @@ from dropfleet.common.layout import TensorSlot, model_layout
 from dropfleet.common.models import build_model
 from dropfleet.common.sparse import SparseModel, SparseTensor
 
-# Bytes kept per tracked weight across steps: an int32 flat index and a float32 value.
-BYTES_PER_TRACKED = 8
+# What the streaming trainer keeps per tracked weight across steps: an int32 global flat
+# index and the float32 weight there (`state_bytes`). Not the dense optimizer's 12 B
+# (int64 index + w0: dropback.DENSE_STATE_BYTES_PER_TRACKED), nor a wire entry.
+STREAMING_STATE_BYTES_PER_TRACKED = 8
 # Regenerating with the NumPy reference makes ~100 B of temporaries per value (init_scheme.RANGE_CHUNK).
 NUMPY_REGEN_BYTES_PER_WEIGHT = 112
 # The block a device streams in when its budget needs blocks. Per-block Python and torch
@@ -44,7 +46,7 @@ DEFAULT_BLOCK_WEIGHTS = 8192
 # top-k's candidates (compiled: 1.5k buffers of 16 B; the NumPy reference: merge copies).
 STEP_BYTES_PER_LIVE_WEIGHT = {"compiled": 20, "numpy": 30}
 STEP_FIXED_BYTES = {"compiled": 64 * 1024, "numpy": 96 * 1024}
-STEP_BYTES_PER_TRACKED = {"compiled": 52, "numpy": 104}
+STREAMING_STEP_BYTES_PER_TRACKED = {"compiled": 52, "numpy": 104}
 
 
 class StreamingDropBack:
@@ -132,7 +134,7 @@ class StreamingDropBack:
 
     def state_bytes(self) -> int:
         """Bytes kept across steps: the tracked indices and values, nothing dense."""
-        return BYTES_PER_TRACKED * self.num_tracked
+        return STREAMING_STATE_BYTES_PER_TRACKED * self.num_tracked
 
     def footprint(self, activation_bytes: int) -> Footprint:
         """Peak bytes of one step of this trainer (any k), given the batch's activation bytes."""
@@ -150,7 +152,7 @@ class StreamingDropBack:
         fixed = STEP_BYTES_PER_LIVE_WEIGHT[select] * live + STEP_FIXED_BYTES[select] + activation_bytes
         if regen == "numpy":
             fixed += NUMPY_REGEN_BYTES_PER_WEIGHT * min(RANGE_CHUNK["numpy"], live)
-        return Footprint(fixed, STEP_BYTES_PER_TRACKED[select])
+        return Footprint(fixed, STREAMING_STEP_BYTES_PER_TRACKED[select])
 
     def freeze(self) -> None:
         """From now on only the tracked weights change and no selection runs."""

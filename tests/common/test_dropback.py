@@ -1,11 +1,16 @@
-"""DropBack optimizer: exact agreement with a naive reference, O(k) state, freezing."""
+"""DropBack: exact agreement with a naive reference, O(k) state, freezing, torch's optimizer shape."""
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from dropfleet.common.dropback import DropBack
+from dropfleet.common.dropback import (
+    DENSE_STATE_BYTES_PER_TRACKED,
+    FIXED_STATE_BYTES,
+    DropBack,
+    dropback_select,
+)
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.layer_init import seeded_model
 
@@ -190,9 +195,17 @@ def test_state_is_order_k_with_no_dense_copy():
         for v in st.values():
             if torch.is_tensor(v):
                 total += v.numel()
-    assert total == 2 * k  # indices + w0 at tracked positions, nothing else
-    assert opt.state_bytes() < 12 * k + 100
-    assert all(v.numel() < 78400 for st in sd["state"].values() for v in st.values())
+    assert total == 2 * k  # positions + w0 there, nothing else
+    assert opt.state_bytes() < DENSE_STATE_BYTES_PER_TRACKED * k + 100
+    tensors = [v for st in sd["state"].values() for v in st.values() if torch.is_tensor(v)]
+    assert all(v.numel() < 78400 for v in tensors)
+    # The optimizer-wide counters ride in the first parameter's state as plain scalars.
+    assert all(
+        isinstance(v, (int, float, bool))
+        for st in sd["state"].values()
+        for v in st.values()
+        if not torch.is_tensor(v)
+    )
 
 
 def test_state_dict_round_trip_continues_identically():
@@ -291,3 +304,217 @@ def test_set_tracked_trims_to_k_and_resets_the_rest():
 def test_invalid_hyperparameters_name_the_bad_value(kwargs, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("-", r"\-")):
         DropBack(seeded_model("mlp-90k", 0).parameters(), **kwargs)
+
+
+# ----- the optimizer in torch's shape -----------------------------------------------------
+
+
+def test_every_hyperparameter_is_in_defaults_and_each_group():
+    model = seeded_model("mlp-90k", 0)
+    params = list(model.parameters())
+    opt = DropBack([{"params": params[:2], "lr": 0.05}, {"params": params[2:]}], lr=0.1, k=50, freeze_after=3)
+    assert opt.defaults == {"lr": 0.1, "k": 50, "freeze_after": 3, "init_decay": None}
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.1]
+    assert all(g["k"] == 50 and g["freeze_after"] == 3 and g["init_decay"] is None for g in opt.param_groups)
+    assert (opt.k, opt.freeze_after, opt.init_decay) == (50, 3, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 0.1, "k": 0},
+        {"lr": 0.1, "k": -4},
+        {"lr": 0.1, "k": True},
+        {"lr": 0.0, "k": 5},
+        {"lr": "0.1", "k": 5},
+    ],
+)
+def test_bad_k_or_lr_is_a_value_error(kwargs):
+    with pytest.raises(ValueError, match="Invalid"):
+        DropBack(seeded_model("mlp-90k", 0).parameters(), **kwargs)
+
+
+def test_groups_may_set_lr_but_not_the_global_budget():
+    params = list(seeded_model("mlp-90k", 0).parameters())
+    with pytest.raises(ValueError, match=r"learning rate: -0\.5"):
+        DropBack([{"params": params[:2], "lr": -0.5}, {"params": params[2:]}], lr=0.1, k=5)
+    for name, value in (("k", 7), ("freeze_after", 2), ("init_decay", 0.9)):
+        with pytest.raises(ValueError, match=f"a param group cannot set {name}="):
+            DropBack([{"params": params[:2], name: value}, {"params": params[2:]}], lr=0.1, k=5)
+    opt = DropBack(params[:2], lr=0.1, k=5)
+    with pytest.raises(ValueError, match="pass every group to the constructor"):
+        opt.add_param_group({"params": params[2:]})
+
+
+def test_state_lives_per_parameter_in_self_state():
+    model = seeded_model("mlp-90k", 0)
+    w0 = [p.detach().clone().reshape(-1) for p in model.parameters()]
+    opt = DropBack(model.parameters(), lr=0.1, k=700)
+    params = list(model.parameters())
+    assert all(opt.state[p]["positions"].numel() == 0 for p in params)  # there before the first step
+    _train(model, opt, _batches(6))
+    assert set(opt.state) == set(params)
+    for p, q, offset, (local, _) in zip(params, w0, _offsets(model), opt.tracked(), strict=True):
+        st = opt.state[p]
+        pos = st["positions"]
+        assert pos.dtype == torch.int64 and st["initial"].dtype == torch.float32
+        assert torch.all(pos[1:] > pos[:-1])  # sorted, unique
+        idx = pos - offset  # flat positions: the parameter's offset plus its local index
+        assert bool((idx >= 0).all()) and bool((idx < p.numel()).all())
+        np.testing.assert_array_equal(local, idx.numpy())
+        assert torch.equal(st["initial"], q[idx])  # w0 at the tracked weights, bit for bit
+        untracked = torch.ones(p.numel(), dtype=torch.bool)
+        untracked[idx] = False
+        assert torch.equal(p.detach().reshape(-1)[untracked], q[untracked])
+    assert sum(opt.state[p]["positions"].numel() for p in params) == opt.num_tracked == 700
+    shared = opt.state[params[0]]
+    assert (shared["step"], shared["frozen"]) == (6, False) and shared["threshold"] > 0
+    assert opt.state_bytes() == FIXED_STATE_BYTES + DENSE_STATE_BYTES_PER_TRACKED * 700
+    # state_dict() is torch's own: the per-parameter state, keyed by position.
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    for i, p in enumerate(params):
+        assert sd["state"][i]["positions"] is opt.state[p]["positions"]
+
+
+def _select_inputs(seed=0, n=5000, k=300, n_tracked=300):
+    rng = np.random.default_rng(seed)
+    w0 = rng.standard_normal(n).astype(np.float32)
+    tracked = np.sort(rng.choice(n, n_tracked, replace=False))
+    weights = w0.copy()
+    weights[tracked] += rng.standard_normal(n_tracked).astype(np.float32) * 0.05
+    grads = rng.standard_normal(n).astype(np.float32)
+    return weights, grads, tracked, w0[tracked].copy(), k
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("init_decay", [None, 0.9])
+def test_dropback_select_is_pure(frozen, init_decay):
+    weights, grads, tracked, initial, k = _select_inputs()
+    copies = [a.copy() for a in (grads, tracked, initial)]
+    kwargs = {"lr": [(2000, 0.05), (5000, 0.2)], "k": k, "threshold": 0.01, "frozen": frozen}
+    runs = []
+    for _ in range(2):
+        w = weights.copy()
+        runs.append((w, dropback_select(w, grads, tracked, initial, init_decay=init_decay, **kwargs)))
+    (w1, a), (w2, b) = runs
+    assert w1.tobytes() == w2.tobytes() and not np.array_equal(w1, weights)  # weights: in place, documented
+    assert a.tracked.tobytes() == b.tracked.tobytes() and a.initial.tobytes() == b.initial.tobytes()
+    assert a.threshold == b.threshold
+    for arr, copy in zip((grads, tracked, initial), copies, strict=True):
+        assert arr.tobytes() == copy.tobytes()  # inputs other than weights are not written
+    assert a.tracked.size == k and np.all(np.diff(a.tracked) > 0)
+    if frozen:
+        assert np.array_equal(a.tracked, tracked) and a.threshold == 0.01
+        assert (a.initial is initial) == (init_decay is None)
+
+
+def test_dropback_select_keeps_the_top_k_and_resets_the_rest():
+    weights, grads, tracked, initial, k = _select_inputs(seed=3)
+    w0 = weights.copy()
+    w0[tracked] = initial
+    moved = weights - 0.1 * grads
+    out = weights.copy()
+    sel = dropback_select(out, grads, tracked, initial, lr=[(weights.size, 0.1)], k=k)
+    score = np.abs(moved - w0)
+    assert set(sel.tracked) == set(np.argsort(-score, kind="stable")[:k])
+    np.testing.assert_array_equal(sel.initial, w0[sel.tracked])
+    rest = np.setdiff1d(np.arange(weights.size), sel.tracked)
+    assert out[rest].tobytes() == w0[rest].tobytes()
+    np.testing.assert_allclose(out[sel.tracked], moved[sel.tracked], rtol=0, atol=1e-6)
+
+
+def test_dropback_select_breaks_ties_tracked_first_by_flat_index():
+    # Four weights tie at the k-th score: two tracked (1, 4) and two entrants (2, 5); k=2 keeps
+    # weight 0 (highest) and one of the tied: tracked go first, lowest index first, so 5 stays.
+    weights = np.zeros(6, np.float32)
+    weights[[1, 4]] = 0.5
+    grads = np.array([-3.0, 0.0, -1.0, 0.0, 0.0, -1.0], np.float32)
+    tracked, initial = np.array([1, 4]), np.zeros(2, np.float32)
+    sel = dropback_select(weights, grads, tracked, initial, lr=[(6, 0.5)], k=2)
+    assert list(sel.tracked) == [0, 5]
+    assert list(weights) == [1.5, 0.0, 0.0, 0.0, 0.0, 0.5]
+
+
+def test_zero_grad_honours_set_to_none():
+    model = seeded_model("mlp-90k", 0)
+    opt = DropBack(model.parameters(), lr=0.1, k=100)
+    x, y = _batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.zero_grad(set_to_none=False)
+    for p in model.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    opt.zero_grad()  # the default keeps the flat gradient buffer
+    assert all(p.grad is not None for p in model.parameters())
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_set_to_none_trains_exactly_like_the_flat_buffer():
+    batches = _batches(6)
+    runs = []
+    for set_to_none in (False, True):
+        model = seeded_model("mlp-90k", 0)
+        opt = DropBack(model.parameters(), lr=0.1, k=300)
+        loss_fn = nn.CrossEntropyLoss()
+        for x, y in batches:
+            opt.zero_grad(set_to_none=set_to_none)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        runs.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(*runs)
+
+
+@pytest.mark.parametrize("kwargs", [{"freeze_after": 8}, {"init_decay": 0.9}, {}])
+def test_state_dict_round_trip_through_torch_save_resumes_identically(tmp_path, kwargs):
+    batches = _batches(16)
+    a_model = seeded_model("mlp-90k", 0)
+    a = DropBack(a_model.parameters(), lr=0.1, k=600, **kwargs)
+    _train(a_model, a, batches[:6])
+    torch.save({"model": a_model.state_dict(), "opt": a.state_dict()}, tmp_path / "ckpt.pt")
+    saved = a.state_dict()
+    before = {
+        i: {key: (v.clone() if torch.is_tensor(v) else v) for key, v in st.items()}
+        for i, st in saved["state"].items()
+    }
+    _train(a_model, a, batches[6:])
+    # An earlier state_dict() is a snapshot: the steps since replaced the state, never wrote it.
+    for i, st in before.items():
+        assert saved["state"][i].keys() == st.keys()
+        for key, v in st.items():
+            assert (
+                torch.equal(saved["state"][i][key], v) if torch.is_tensor(v) else saved["state"][i][key] == v
+            )
+    ckpt = torch.load(tmp_path / "ckpt.pt")
+    b_model = seeded_model("mlp-90k", 0)
+    b_model.load_state_dict(ckpt["model"])
+    b = DropBack(b_model.parameters(), lr=0.5, k=5)  # groups' hyperparameters come from the checkpoint
+    b.load_state_dict(ckpt["opt"])
+    assert (b.k, b.param_groups[0]["lr"], b.init_decay) == (600, 0.1, kwargs.get("init_decay"))
+    assert all(b.state[p]["positions"].dtype == torch.int64 for p in b_model.parameters())
+    _train(b_model, b, batches[6:])
+    for p, q in zip(a_model.parameters(), b_model.parameters(), strict=True):
+        assert p.detach().numpy().tobytes() == q.detach().numpy().tobytes()
+    assert (a.steps, a.frozen) == (b.steps, b.frozen) == (16, "freeze_after" in kwargs)
+    for p, q in zip(a_model.parameters(), b_model.parameters(), strict=True):
+        assert torch.equal(a.state[p]["positions"], b.state[q]["positions"])
+
+
+def test_load_state_dict_refuses_a_corrupt_tracked_set():
+    model = seeded_model("mlp-90k", 0)
+    opt = DropBack(model.parameters(), lr=0.1, k=50)
+    _train(model, opt, _batches(2))
+    sd = opt.state_dict()
+    bad = {**sd, "state": {**sd["state"], 1: {**sd["state"][1], "positions": torch.tensor([78405, 78403])}}}
+    bad["state"][1]["initial"] = torch.zeros(2)
+    with pytest.raises(ValueError, match="parameter 1: loaded positions are not sorted"):
+        DropBack(seeded_model("mlp-90k", 0).parameters(), lr=0.1, k=50).load_state_dict(bad)
+    out_of_range = {
+        **sd,
+        "state": {**sd["state"], 1: {"positions": torch.tensor([3]), "initial": torch.zeros(1)}},
+    }
+    with pytest.raises(ValueError, match=r"parameter 1: .* in \[78400, 78500\)"):
+        DropBack(seeded_model("mlp-90k", 0).parameters(), lr=0.1, k=50).load_state_dict(out_of_range)
+    nan_bar = {**sd, "state": {**sd["state"], 0: {**sd["state"][0], "threshold": float("nan")}}}
+    with pytest.raises(ValueError, match="loaded counters out of range"):
+        DropBack(seeded_model("mlp-90k", 0).parameters(), lr=0.1, k=50).load_state_dict(nan_bar)

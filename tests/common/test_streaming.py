@@ -13,7 +13,7 @@ from dropfleet.common.sparse import (
     materialize,
     sparse_from_optimizer,
 )
-from dropfleet.common.streaming import BYTES_PER_TRACKED, StreamingDropBack
+from dropfleet.common.streaming import STREAMING_STATE_BYTES_PER_TRACKED, StreamingDropBack
 from dropfleet.common.train import evaluate, train_epochs
 from tests.factories import random_sparse_model
 
@@ -51,7 +51,7 @@ def test_streaming_matches_the_ordinary_optimizer_bit_for_bit(fmnist_train):
     trainer, got = streamed(data)
     assert got.num_tracked == K
     assert_identical(ordinary(data), got)
-    assert trainer.state_bytes() == BYTES_PER_TRACKED * K
+    assert trainer.state_bytes() == STREAMING_STATE_BYTES_PER_TRACKED * K
 
 
 def test_streaming_from_a_global_model_larger_than_k_and_frozen(fmnist_train):
