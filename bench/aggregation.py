@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel, SparseTensor
+from dropfleet.common.aggregate.merge import merge_sparse
+from dropfleet.common.model.sparse import SparseModel, SparseTensor
 
 
 def updates(n: int, m: int, k: int, rng: np.random.Generator) -> list[tuple[SparseModel, float]]:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dropfleet.common.data import load_fashion_mnist
-from dropfleet.common.dropback import DropBack
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.train import evaluate
+from dropfleet.common.device.data import load_fashion_mnist
+from dropfleet.common.device.dropback import DropBack
+from dropfleet.common.device.train import evaluate
+from dropfleet.common.model.layer_init import seeded_model
 
 MODEL_ID = "mlp-90k"
 

@@ -136,15 +136,15 @@ def run_one(
     import torch
 
     from dropfleet.client.local import is_available, local_data, train_dense, train_sparse, uplink_payload
-    from dropfleet.common.codec import HeldSet, decode, encode
-    from dropfleet.common.data import load_fashion_mnist
-    from dropfleet.common.downlink import DownlinkPublisher, GlobalSet, apply_delta
-    from dropfleet.common.layer_init import seeded_model
-    from dropfleet.common.merge import next_global
-    from dropfleet.common.sparse import SparseModel, materialize, num_weights
-    from dropfleet.common.train import evaluate
-    from dropfleet.common.update_memory import UpdateMemory
-    from dropfleet.common.uplink import NO_RESIDUAL, Residual, resolve
+    from dropfleet.common.aggregate.merge import next_global
+    from dropfleet.common.aggregate.update_memory import UpdateMemory
+    from dropfleet.common.device.data import load_fashion_mnist
+    from dropfleet.common.device.train import evaluate
+    from dropfleet.common.model.layer_init import seeded_model
+    from dropfleet.common.model.sparse import SparseModel, materialize, num_weights
+    from dropfleet.common.wire.codec import HeldSet, decode, encode
+    from dropfleet.common.wire.downlink import DownlinkPublisher, GlobalSet, apply_delta
+    from dropfleet.common.wire.uplink import NO_RESIDUAL, Residual, resolve
     from dropfleet.fleet.config import RunConfig
     from dropfleet.fleet.profiles import profile_for_partition
     from dropfleet.server.strategies.dropback import server_optimizer

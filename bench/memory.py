@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from dropfleet.common import init_compiled
-from dropfleet.common.data import load_fashion_mnist
-from dropfleet.common.dropback import DropBack
-from dropfleet.common.footprint import activation_bytes, held_bytes, measure_step_peak
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.layout import model_layout
-from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
-from dropfleet.common.train import evaluate
+from dropfleet.common.device.data import load_fashion_mnist
+from dropfleet.common.device.dropback import DropBack
+from dropfleet.common.device.footprint import activation_bytes, held_bytes, measure_step_peak
+from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.device.train import evaluate
+from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.layout import model_layout
+from dropfleet.common.seed import init_compiled
 
 SMALL_BLOCK = 2048
 
@@ -145,7 +145,7 @@ import json, sys, torch
 torch.set_num_threads(1)
 from dropfleet.client.local import local_data, train_sparse
 from dropfleet.fleet.profiles import get_profile
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 stage, model_id, batch, profile, streaming_only = sys.argv[1:]
 config = RunConfig.from_mapping({"model-id": model_id, "batch-size": int(batch)})

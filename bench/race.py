@@ -40,7 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from dropfleet.common.sparse import num_weights
+from dropfleet.common.model.sparse import num_weights
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
 from dropfleet.deploy.topology import FleetSpec

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dropfleet.common.sparse import SparseModel, from_positions, num_weights
-from dropfleet.common.update_memory import UpdateMemory
+from dropfleet.common.aggregate.update_memory import UpdateMemory
+from dropfleet.common.model.sparse import SparseModel, from_positions, num_weights
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import get_profile, plan_training
 

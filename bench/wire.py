@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dropfleet.common.codec import encode, encode_positions, position_floor_bits
-from dropfleet.common.sparse import SparseModel, SparseTensor
+from dropfleet.common.model.sparse import SparseModel, SparseTensor
+from dropfleet.common.wire.codec import encode, encode_positions, position_floor_bits
 
 
 def main() -> None:

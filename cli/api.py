@@ -9,7 +9,7 @@ from dropfleet.cli.output import ApiUrl, AsJson, console, exit_with, from_api, p
 from dropfleet.common.errors import DropfleetError
 
 if TYPE_CHECKING:
-    from dropfleet.common.sparse import SparseModel
+    from dropfleet.common.model.sparse import SparseModel
 
 
 def api(
@@ -130,8 +130,8 @@ def model(
     as_json: AsJson = False,
 ) -> None:
     """Download a published global model, as its sparse bytes or as a dense PyTorch / ONNX model."""
-    from dropfleet.common.codec import decode
-    from dropfleet.common.export import FORMATS
+    from dropfleet.common.device.export import FORMATS
+    from dropfleet.common.wire.codec import decode
 
     if format not in FORMATS:
         exit_with(2, f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -167,15 +167,15 @@ def model(
 
 
 def _export_dense(decoded: "SparseModel", out: Path, format: str) -> None:
-    from dropfleet.common.data import load_fashion_mnist
-    from dropfleet.common.export import (
+    from dropfleet.common.device.data import load_fashion_mnist
+    from dropfleet.common.device.export import (
         calibration_split,
         dense_model,
         export_onnx,
         export_state_dict,
         has_batch_norm,
     )
-    from dropfleet.common.models import build_model
+    from dropfleet.common.model.registry import build_model
 
     calibration = None
     if has_batch_norm(build_model(decoded.model_id)):  # its statistics are re-estimated, as the server does

@@ -14,9 +14,9 @@ from typing import Annotated, NoReturn
 import typer
 
 from dropfleet.cli.output import console, exit_with
-from dropfleet.common.data import DATA_DIR_ENV
+from dropfleet.common.device.data import DATA_DIR_ENV
 from dropfleet.common.errors import ConfigError, DatasetError
-from dropfleet.common.models import MODELS
+from dropfleet.common.model.registry import MODELS
 from dropfleet.fleet.config import STRATEGIES
 from dropfleet.fleet.flower_env import PROJECT_ROOT
 from dropfleet.server.preflight import check_run

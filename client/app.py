@@ -26,15 +26,15 @@ from dropfleet.client.local import (
     train_topk,
     uplink_payload,
 )
-from dropfleet.common.data import Split
-from dropfleet.common.downlink import GlobalSet, apply_delta
+from dropfleet.common.device.data import Split
+from dropfleet.common.device.train import EvalResult, evaluate
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.layout import model_layout
-from dropfleet.common.sparse import SparseModel, dense_deltas
-from dropfleet.common.topk import zeros
-from dropfleet.common.train import EvalResult, evaluate
-from dropfleet.common.uplink import NO_RESIDUAL, Residual
+from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.layout import model_layout
+from dropfleet.common.model.sparse import SparseModel, dense_deltas
+from dropfleet.common.wire.downlink import GlobalSet, apply_delta
+from dropfleet.common.wire.topk import zeros
+from dropfleet.common.wire.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.fleet.records import (

@@ -10,28 +10,33 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.common.codec import encode
-from dropfleet.common.data import (
+from dropfleet.common.device.data import (
     Split,
     fashion_mnist_labels,
     load_device_data,
     load_fashion_mnist,
     partition_indices,
 )
-from dropfleet.common.dropback import DropBack
+from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
+from dropfleet.common.device.footprint import held_bytes
+from dropfleet.common.device.streaming import StreamingDropBack
+from dropfleet.common.device.train import (
+    EvalResult,
+    PeakProbe,
+    evaluate,
+    recalibrate_batch_norm,
+    train_epochs,
+)
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.footprint import held_bytes
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.sparse import (
+from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.sparse import (
     SparseModel,
     initial_at_tracked,
     load_deltas_,
-    sparse_from_optimizer,
 )
-from dropfleet.common.streaming import StreamingDropBack
-from dropfleet.common.topk import Dense, sparsify_with_feedback
-from dropfleet.common.train import EvalResult, PeakProbe, evaluate, recalibrate_batch_norm, train_epochs
-from dropfleet.common.uplink import Residual, encode_change
+from dropfleet.common.wire.codec import encode
+from dropfleet.common.wire.topk import Dense, sparsify_with_feedback
+from dropfleet.common.wire.uplink import Residual, encode_change
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import DeviceProfile, TrainingPlan, plan_training
 
@@ -200,7 +205,7 @@ def train_topk(
 
 def evaluate_sparse(global_model: SparseModel, data: Split, calibration: Split) -> EvalResult:
     """Evaluate the global model; batch-norm statistics come from this node's training data."""
-    from dropfleet.common.sparse import materialize
+    from dropfleet.common.model.sparse import materialize
 
     model = materialize(global_model)
     recalibrate_batch_norm(model, calibration)

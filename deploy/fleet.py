@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from dropfleet.common.data import check_fashion_mnist
+from dropfleet.common.device.data import check_fashion_mnist
 from dropfleet.common.errors import DropfleetError
 from dropfleet.deploy.material import Material, write_secret
 from dropfleet.deploy.material import create as create_material

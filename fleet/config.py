@@ -16,14 +16,14 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dropfleet.common.codec import MAX_VALUE, PRECISIONS
-from dropfleet.common.data import PARTITIONERS
-from dropfleet.common.downlink import DELTA_LEVELS, GRID_EXPONENTS
+from dropfleet.common.aggregate.merge import RULES
+from dropfleet.common.aggregate.server_opt import OPTIMIZERS
+from dropfleet.common.device.data import PARTITIONERS
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.merge import RULES
-from dropfleet.common.models import MODELS
-from dropfleet.common.server_opt import OPTIMIZERS
-from dropfleet.common.sparse import num_weights
+from dropfleet.common.model.registry import MODELS
+from dropfleet.common.model.sparse import num_weights
+from dropfleet.common.wire.codec import MAX_VALUE, PRECISIONS
+from dropfleet.common.wire.downlink import DELTA_LEVELS, GRID_EXPONENTS
 
 STRATEGIES = ("dropback-momentum", "dropback", "fedavg", "topk-ef")
 SPARSE_DROPBACK = ("dropback", "dropback-momentum")

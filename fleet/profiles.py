@@ -5,11 +5,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from dropfleet.common.dropback import DropBack
+from dropfleet.common.device.dropback import DropBack
+from dropfleet.common.device.footprint import Footprint, TrainingMode, activation_bytes
+from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
 from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.common.footprint import Footprint, TrainingMode, activation_bytes
-from dropfleet.common.layout import model_layout
-from dropfleet.common.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.model.layout import model_layout
 
 PROFILES_FILE = Path(__file__).with_name("profiles.toml")
 

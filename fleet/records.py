@@ -10,9 +10,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from dropfleet.common.codec import decode, encode
 from dropfleet.common.errors import WireFormatError
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import decode, encode
 
 SPARSE_RECORD = "sparse-model"
 SPARSE_ARRAY = "model"

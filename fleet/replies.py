@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from dropfleet.common.device.footprint import TRAINERS
 from dropfleet.common.errors import ReplyRejectedError
-from dropfleet.common.footprint import TRAINERS
 
 METRICS_RECORD = "metrics"
 DEVICE_RECORD = "device"

@@ -11,8 +11,8 @@ from importlib import metadata
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from dropfleet.common.data import load_fashion_mnist
-from dropfleet.common.export import calibration_split
+from dropfleet.common.device.data import load_fashion_mnist
+from dropfleet.common.device.export import calibration_split
 from dropfleet.fleet.config import OPERATOR_KEYS, RunConfig
 from dropfleet.server.checkpoint import Checkpoint, resume
 from dropfleet.server.preflight import check_run

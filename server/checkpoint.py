@@ -11,9 +11,9 @@ transaction, so it resumes exactly where the model does.
 
 from dataclasses import dataclass
 
-from dropfleet.common.codec import decode
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import decode
 from dropfleet.fleet.config import RunConfig
 from dropfleet.server.store import Store
 

@@ -8,7 +8,7 @@ device profile, after every round has failed on that device).
 
 from collections.abc import Mapping
 
-from dropfleet.common.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
+from dropfleet.common.device.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
 from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.fleet.config import REST_REFUSED_KEYS, RunConfig
 from dropfleet.fleet.profiles import get_profile, plan_training

@@ -21,11 +21,11 @@ from functools import cache
 import numpy as np
 from flwr.app import Message, RecordDict
 
-from dropfleet.common.codec import HeldSet, decode
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.sparse import SparseModel
-from dropfleet.common.uplink import resolve
+from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import HeldSet, decode
+from dropfleet.common.wire.uplink import resolve
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import load_profiles, plan_training
 from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, record_payload

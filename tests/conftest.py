@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dropfleet.common.data import Split, fashion_mnist_dir, load_fashion_mnist
+from dropfleet.common.device.data import Split, fashion_mnist_dir, load_fashion_mnist
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from dropfleet.common.layout import model_layout
-from dropfleet.common.sparse import SparseModel, sparse_from_dense_delta
+from dropfleet.common.model.layout import model_layout
+from dropfleet.common.model.sparse import SparseModel, sparse_from_dense_delta
 
 N_MLP = 89_610
 

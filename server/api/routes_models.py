@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from dropfleet.server.api.deps import StoreDep, require_read
 from dropfleet.server.api.routes_runs import RunId, get_run_or_404
 from dropfleet.server.api.schemas import ModelSummary, TensorSummary

@@ -42,9 +42,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
-from dropfleet.common.data import Split
+from dropfleet.common.device.data import Split
+from dropfleet.common.device.train import evaluate
 from dropfleet.common.errors import ReplyRejectedError, RunFailedError
-from dropfleet.common.train import evaluate
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_bytes
 from dropfleet.fleet.replies import EvaluateReply, TrainReply, weighted_mean

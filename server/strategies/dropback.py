@@ -20,13 +20,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from torch import nn
 
-from dropfleet.common.codec import decode
-from dropfleet.common.downlink import DownlinkPublisher, GlobalSet
-from dropfleet.common.merge import churn, next_global
-from dropfleet.common.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
-from dropfleet.common.sparse import SparseModel, materialize, num_weights
-from dropfleet.common.train import recalibrate_batch_norm
-from dropfleet.common.update_memory import UpdateMemory
+from dropfleet.common.aggregate.merge import churn, next_global
+from dropfleet.common.aggregate.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
+from dropfleet.common.aggregate.update_memory import UpdateMemory
+from dropfleet.common.device.train import recalibrate_batch_norm
+from dropfleet.common.model.sparse import SparseModel, materialize, num_weights
+from dropfleet.common.wire.codec import decode
+from dropfleet.common.wire.downlink import DownlinkPublisher, GlobalSet
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     GLOBAL_DELTA_RECORD,
@@ -46,11 +46,11 @@ class SparseDropBack(FleetStrategy):
     """Merges sparse DropBack replies and publishes the global top-K tracked set.
 
     Between the merge and the top K, an optional server optimizer
-    (`server-optimizer`: FedAvgM momentum, FedAdam or FedYogi; `common/server_opt.py`),
+    (`server-optimizer`: FedAvgM momentum, FedAdam or FedYogi; `common/aggregate/server_opt.py`),
     whose state is published with every round and continued by a resumed run.
 
     With `update-memory-rounds` the merge also replays each device's latest
-    accepted update in the rounds it sits out (MIFA; `common/update_memory.py`):
+    accepted update in the rounds it sits out (MIFA; `common/aggregate/update_memory.py`):
     server memory only, not checkpointed (a resumed run starts it empty). A
     refused reply drops its node's kept update.
 
@@ -59,7 +59,7 @@ class SparseDropBack(FleetStrategy):
     from here, never decoding the message again.
 
     With `downlink-coding = "delta"` each version is made by a
-    `DownlinkPublisher` (common/downlink.py) and every device is sent the
+    `DownlinkPublisher` (common/wire/downlink.py) and every device is sent the
     change since the version it holds: the version of its last accepted reply
     (a rejected reply, or a device reporting itself out of sync, gets the
     whole set next time). The global sent in round r is version r.

@@ -17,12 +17,12 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from dropfleet.common.codec import encode
-from dropfleet.common.layer_init import seeded_model
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel, dense_deltas
-from dropfleet.common.topk import sparsify_with_feedback, zeros
-from dropfleet.common.train import recalibrate_batch_norm
+from dropfleet.common.aggregate.merge import merge_sparse
+from dropfleet.common.device.train import recalibrate_batch_norm
+from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.sparse import SparseModel, dense_deltas
+from dropfleet.common.wire.codec import encode
+from dropfleet.common.wire.topk import sparsify_with_feedback, zeros
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import TOPK_MODEL_RECORD, TOPK_RECORD, pack_topk_model, pack_topk_update
 from dropfleet.fleet.replies import OUT_OF_SYNC

@@ -6,8 +6,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from dropfleet.client.app import TOPK_META, train
-from dropfleet.common.codec import decode, encode
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import decode, encode
 from dropfleet.fleet.records import SPARSE_RECORD, TOPK_RECORD, pack_sparse, pack_topk_update, sparse_payload
 from dropfleet.fleet.replies import BAD_REQUEST
 from tests.factories import random_sparse_model

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from dropfleet.deploy.compose import MIN_CONTAINER_BYTES
 from dropfleet.fleet.flower_env import flower_env, write_connection
 from tests.deploy.docker_engine import BASE_IMAGE, build_base_image, engine, missing_tools, wheel_server

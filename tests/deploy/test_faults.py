@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from dropfleet.server.store import Store
 from tests.deploy.test_fleet_e2e import fleet_up, run
 from tests.integration.procs import free_port, processes_mentioning

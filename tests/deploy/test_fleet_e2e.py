@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from tests.integration.procs import free_port, processes_mentioning
 
 DROPFLEET = str(Path(sys.executable).parent / "dropfleet")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from dropfleet.client.local import client_plan, is_available, local_data, train_sparse
+from dropfleet.common.aggregate.merge import merge_sparse
 from dropfleet.common.errors import BudgetError, ConfigError
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import (
     get_profile,

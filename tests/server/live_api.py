@@ -5,9 +5,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from dropfleet.common.codec import encode
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.aggregate.merge import merge_sparse
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import encode
 from dropfleet.server.store import Store
 from dropfleet.server.store.store import NodeEvent
 from tests.factories import random_sparse_model

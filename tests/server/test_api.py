@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from dropfleet.server.api.settings import Settings
 from tests.integration.procs import free_port, processes_mentioning, stop
 from tests.server.live_api import ADMIN, READER, fill, start_api

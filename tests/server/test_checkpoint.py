@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from dropfleet.common.codec import encode
 from dropfleet.common.errors import ConfigError, StaleWriterError
+from dropfleet.common.wire.codec import encode
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import record_payload
 from dropfleet.server.checkpoint import resume

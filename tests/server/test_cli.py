@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from tests.integration.procs import free_port, stop
 from tests.server.live_api import fill, start_api
 
@@ -56,8 +56,8 @@ def test_model_exports_as_a_torch_state_dict_and_onnx(api, tmp_path):
     import onnxruntime
     import torch
 
-    from dropfleet.common.export import dense_model
-    from dropfleet.common.models import build_model
+    from dropfleet.common.device.export import dense_model
+    from dropfleet.common.model.registry import build_model
 
     want = dense_model(decode(api.models[-1]))
     images = torch.randn(5, 1, 28, 28)
@@ -105,7 +105,7 @@ def test_fleet_restart_needs_a_fleet(tmp_path):
 
 
 def test_help_names_every_strategy_and_model():
-    from dropfleet.common.models import MODELS
+    from dropfleet.common.model.registry import MODELS
     from dropfleet.fleet.config import STRATEGIES
 
     text = subprocess.run(

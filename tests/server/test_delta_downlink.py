@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from rich.console import Console
 
 from dropfleet.client.app import GLOBAL_HELD, GLOBAL_HELD_META, evaluate_global, train
-from dropfleet.common.codec import decode
+from dropfleet.common.wire.codec import decode
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import (
     GLOBAL_DELTA_RECORD,

@@ -7,10 +7,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, MetricRecord, RecordDict
 from rich.console import Console
 
-from dropfleet.common.codec import decode, encode
+from dropfleet.common.aggregate.merge import merge_sparse
 from dropfleet.common.errors import RunFailedError
-from dropfleet.common.merge import merge_sparse
-from dropfleet.common.sparse import SparseModel
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.wire.codec import decode, encode
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import SPARSE_RECORD, pack_sparse, record_payload
 from dropfleet.fleet.replies import UNAVAILABLE
@@ -48,9 +48,9 @@ def test_merges_good_replies_like_the_reference():
 
 
 def test_server_momentum_publishes_the_reference_step_over_rounds():
-    from dropfleet.common.merge import combine, top_k
-    from dropfleet.common.server_opt import ServerMomentum
-    from dropfleet.common.sparse import from_positions
+    from dropfleet.common.aggregate.merge import combine, top_k
+    from dropfleet.common.aggregate.server_opt import ServerMomentum
+    from dropfleet.common.model.sparse import from_positions
 
     config = RunConfig(
         strategy="dropback",
@@ -77,7 +77,7 @@ def test_server_momentum_publishes_the_reference_step_over_rounds():
 
 
 def test_change_coded_replies_resolve_against_the_global_sent_and_stale_ones_are_rejected():
-    from dropfleet.common.uplink import encode_change, resolve
+    from dropfleet.common.wire.uplink import encode_change, resolve
 
     config = RunConfig(
         strategy="dropback",
@@ -243,8 +243,8 @@ def test_the_strategy_publishes_each_round_once_with_the_model_it_holds(tmp_path
 
 
 def test_update_memory_replays_a_missing_node_and_forgets_a_refused_one():
-    from dropfleet.common.merge import next_global
-    from dropfleet.common.sparse import from_positions
+    from dropfleet.common.aggregate.merge import next_global
+    from dropfleet.common.model.sparse import from_positions
 
     config = RunConfig(
         strategy="dropback",

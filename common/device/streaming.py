@@ -1,0 +1,358 @@
+"""Streaming DropBack: train without ever holding the dense weights.
+
+The ordinary mode (`DropBack` on a materialized model) keeps all N weights
+resident. Here a device keeps only the tracked set, k (index, value) pairs:
+each layer's weights are regenerated from the seed plus the tracked values
+just before the layer runs, forward and again in backward, and dropped right
+after. The backward pass scores that layer's weights exactly as `DropBack`
+does (|w - w0| after the SGD step: |lr g| for an untracked weight) and merges
+its candidates into a running top-k (`running_topk`: compiled, no per-block
+allocations, where numba is installed), so the selection streams over layers
+and the next tracked set is known when the backward pass ends.
+
+Peak weight memory is then about one layer (its weights, initial values and
+gradient) plus the tracked set, or one block of rows of a layer with
+`block_weights` (Linear/ReLU models); the price is regenerating every weight
+twice per step. Any other sequential model (convolutions, batch norm, PReLU)
+streams one layer at a time, recomputing each layer's forward in backward.
+"""
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+from dropfleet.common.device import running_topk
+from dropfleet.common.device.footprint import Footprint
+from dropfleet.common.errors import ConfigError
+from dropfleet.common.model.layout import TensorSlot, model_layout
+from dropfleet.common.model.registry import build_model
+from dropfleet.common.model.sparse import SparseModel, SparseTensor
+from dropfleet.common.seed import init_compiled
+from dropfleet.common.seed.init_scheme import RANGE_CHUNK, Backend, initial_range, initial_values
+
+# What the streaming trainer keeps per tracked weight across steps: an int32 global flat
+# index and the float32 weight there (`state_bytes`). Not the dense optimizer's 12 B
+# (int64 index + w0: dropback.DENSE_STATE_BYTES_PER_TRACKED), nor a wire entry.
+STREAMING_STATE_BYTES_PER_TRACKED = 8
+# Regenerating with the NumPy reference makes ~100 B of temporaries per value (init_scheme.RANGE_CHUNK).
+NUMPY_REGEN_BYTES_PER_WEIGHT = 112
+# The block a device streams in when its budget needs blocks. Per-block Python and torch
+# dispatch is what a block costs (bench/memory.py): 8,192 weights made a mlp-90k step
+# 5.0x SGD's at 0.48x its peak, 2,048 weights 8.4x at 0.40x.
+DEFAULT_BLOCK_WEIGHTS = 8192
+# A step's peak (measured against real steps in tests): per weight of the largest piece
+# materialized at once (w0, w, gradient, scores), a constant for the layer's output, bias
+# and interpreter temporaries, and per tracked weight what is kept plus the running
+# top-k's candidates (compiled: 1.5k buffers of 16 B; the NumPy reference: merge copies).
+STEP_BYTES_PER_LIVE_WEIGHT = {"compiled": 20, "numpy": 30}
+STEP_FIXED_BYTES = {"compiled": 64 * 1024, "numpy": 96 * 1024}
+STREAMING_STEP_BYTES_PER_TRACKED = {"compiled": 52, "numpy": 104}
+
+
+class StreamingDropBack:
+    """DropBack training of a Linear/ReLU model from a seed and k tracked weights.
+
+    Args:
+        model_id: a registered model made of Linear layers (e.g. ``mlp-90k``).
+        seed: the seed its initial weights are regenerated from.
+        k: the tracked budget.
+        lr: the SGD learning rate.
+        freeze_after: steps after which the tracked set is frozen (None: never).
+        block_weights: at most this many weights are materialized at once (a
+            block of rows of one layer); None: one whole layer at a time, which
+            computes exactly what `DropBack` computes. Smaller blocks sum a
+            layer's input gradient block by block, which differs in rounding.
+
+    Weights with equal scores at the k-th place (common: constant input
+    pixels give whole rows of equal gradients) are kept by one defined rule,
+    the weight scored earlier in the step first (`running_topk`), which the
+    compiled and NumPy paths share bit for bit. `DropBack` breaks such ties
+    its own way (tracked weights, then position): until the first tie the two
+    produce the same model bit for bit, afterwards they drift apart by that
+    choice only.
+
+    `backend` ("auto", "numpy", "compiled") picks how w0 is regenerated and
+    the top-k kept: compiled kernels where numba is installed, the NumPy
+    references otherwise or when asked (same bits, slower).
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        seed: int,
+        k: int,
+        lr: float,
+        freeze_after: int | None = None,
+        block_weights: int | None = None,
+        backend: Backend = "auto",
+    ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
+        if not 0.0 < lr < float("inf"):
+            raise ConfigError(f"Invalid learning rate: {lr!r} (must be finite and > 0)")
+        net = build_model(model_id)
+        if not isinstance(net, nn.Sequential):
+            raise ConfigError(f"streaming mode needs a sequential model, not {type(net).__name__}")
+        mlp = all(isinstance(m, (nn.Flatten, nn.Linear, nn.ReLU)) for m in net)
+        if block_weights is not None and not mlp:
+            raise ConfigError(f"row blocks need a Linear/ReLU model; {model_id!r} streams whole layers")
+        self.model_id, self.seed, self.k, self.lr = model_id, seed, k, lr
+        self.freeze_after = freeze_after
+        if block_weights is not None and block_weights < 1:
+            raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
+        self.block_weights = block_weights
+        self.backend = backend  # "numpy" forces the references (benchmarks, parity tests)
+        self._steps = 0
+        layout = model_layout(model_id)
+        self._tensors = layout.tensors
+        self.numel = layout.numel
+        self._layers = [(self._tensors[i], self._tensors[i + 1]) for i in range(0, len(self._tensors), 2)]
+        # Any other sequential model streams layer by layer: each module's parameters are placeholders
+        # without storage, supplied when the module runs (buffers such as batch-norm statistics stay).
+        self._net: nn.Sequential | None = None
+        if not mlp:
+            slots = iter(self._tensors)
+            self._modules = []
+            for module in net:
+                own = [(name, next(slots)) for name, _ in module.named_parameters(recurse=False)]
+                for name, p in module.named_parameters(recurse=False):
+                    module.register_parameter(name, nn.Parameter(torch.empty(p.shape, device="meta")))
+                self._modules.append((module, own))
+            self._net = net
+        # The whole persistent state: sorted global indices (int32) and the weights there.
+        self._set_tracked(torch.zeros(0, dtype=torch.int32), torch.zeros(0))
+        self._frozen = False
+        self._pending: running_topk.RunningTopK | running_topk.CompiledTopK | None = None
+        self._pending_values: Tensor | None = None  # frozen steps: the tracked values being updated
+        # The weights are not autograd leaves; this empty leaf makes autograd call our backward.
+        self._anchor = torch.zeros(0, requires_grad=True)
+
+    # ----- state ---------------------------------------------------------------------
+    @property
+    def num_tracked(self) -> int:
+        return int(self._index.numel())
+
+    def state_bytes(self) -> int:
+        """Bytes kept across steps: the tracked indices and values, nothing dense."""
+        return STREAMING_STATE_BYTES_PER_TRACKED * self.num_tracked
+
+    def footprint(self, activation_bytes: int) -> Footprint:
+        """Peak bytes of one step of this trainer (any k), given the batch's activation bytes."""
+        if self._net is not None:  # one module's parameters at a time
+            pieces = [sum(slot.numel for _, slot in own) for _, own in self._modules]
+        else:
+            pieces = [bias.numel for _, bias in self._layers]
+            for weight, _ in self._layers:
+                cols = int(np.prod(weight.shape[1:]))
+                rows = max(r1 - r0 for r0, r1 in self._row_blocks(weight))
+                pieces.append(rows * cols + (0 if self.block_weights else weight.shape[0]))
+        live = max(pieces)
+        regen = "compiled" if self.backend != "numpy" and init_compiled.kernel() is not None else "numpy"
+        select = "compiled" if self.backend != "numpy" and running_topk.kernel() is not None else "numpy"
+        fixed = STEP_BYTES_PER_LIVE_WEIGHT[select] * live + STEP_FIXED_BYTES[select] + activation_bytes
+        if regen == "numpy":
+            fixed += NUMPY_REGEN_BYTES_PER_WEIGHT * min(RANGE_CHUNK["numpy"], live)
+        return Footprint(fixed, STREAMING_STEP_BYTES_PER_TRACKED[select])
+
+    def freeze(self) -> None:
+        """From now on only the tracked weights change and no selection runs."""
+        self._frozen = True
+
+    def load(self, sparse: SparseModel) -> None:
+        """Start from a published model: w = w0 + delta, trimmed to the k farthest from w0."""
+        if (sparse.model_id, sparse.seed) != (self.model_id, self.seed):
+            raise ConfigError(
+                f"model {sparse.model_id!r} seed {sparse.seed} is not {self.model_id!r} seed {self.seed}"
+            )
+        index, value, score = [], [], []
+        for t, meta in zip(sparse.tensors, self._tensors, strict=True):
+            w0 = initial_values(
+                self.seed, t.name, meta.init, t.indices, sparse.init_scheme, backend=self.backend
+            )
+            w = torch.from_numpy(w0) + torch.from_numpy(t.values.astype(np.float32))
+            index.append(torch.from_numpy(t.indices.astype(np.int64)) + meta.offset)
+            value.append(w)
+            score.append((w - torch.from_numpy(w0)).abs())
+        idx, val, sc = torch.cat(index), torch.cat(value), torch.cat(score)
+        if idx.numel() > self.k:  # the same trim as DropBack.set_tracked: stable, farthest first
+            keep = torch.from_numpy(np.sort(np.argsort(-sc.numpy(), kind="stable")[: self.k]))
+            idx, val = idx[keep], val[keep]
+        self._set_tracked(idx.to(torch.int32), val.clone())
+
+    def to_sparse(self) -> SparseModel:
+        """The tracked set as a `SparseModel` (deltas w - w0, regenerated for k entries only)."""
+        tensors = []
+        index = self._index.to(torch.int64)
+        for meta in self._tensors:
+            mask = (index >= meta.offset) & (index < meta.end)
+            local = (index[mask] - meta.offset).numpy()
+            w0 = initial_values(self.seed, meta.name, meta.init, local, backend=self.backend)
+            tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
+        return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
+
+    def _set_tracked(self, index: Tensor, value: Tensor) -> None:
+        """The persistent state, and NumPy views of it for the per-block work."""
+        self._index, self._value = index, value
+        self._index_np, self._value_np = index.numpy(), value.numpy()
+
+    # ----- weights on demand -------------------------------------------------------------
+    def _tracked_slice(self, meta: TensorSlot, start: int, stop: int) -> slice:
+        """Where flat entries [start, stop) of one tensor lie in the (sorted) tracked index."""
+        lo, hi = np.searchsorted(self._index_np, (meta.offset + start, meta.offset + stop))
+        return slice(int(lo), int(hi))
+
+    def _weights(self, meta: TensorSlot, start: int, stop: int) -> tuple[Tensor, Tensor, slice]:
+        """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller,
+        and where those entries lie in the tracked set."""
+        w0 = np.empty(stop - start, np.float32)
+        initial_range(self.seed, meta.name, meta.init, start, w0, backend=self.backend)
+        w = w0.copy()
+        where = self._tracked_slice(meta, start, stop)
+        w[self._index_np[where] - (meta.offset + start)] = self._value_np[where]
+        return torch.from_numpy(w0), torch.from_numpy(w), where
+
+    def _row_blocks(self, meta: TensorSlot) -> list[tuple[int, int]]:
+        """Row ranges of a weight matrix holding at most `block_weights` weights each."""
+        rows, cols = meta.shape[0], int(np.prod(meta.shape[1:]))
+        step = rows if self.block_weights is None else max(1, self.block_weights // cols)
+        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+    # ----- training ----------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits; with grad enabled, backward streams the step's selection."""
+        if self._net is not None:
+            for module, own in self._modules:
+                x = _StreamedModule.apply(x, self._anchor, self, module, own) if own else module(x)
+            return x
+        h = x.reshape(x.shape[0], -1)
+        for i, (weight, bias) in enumerate(self._layers):
+            h = _StreamedLinear.apply(h, self._anchor, self, weight, bias)
+            if i < len(self._layers) - 1:
+                h = torch.relu(h)
+        return h
+
+    __call__ = forward
+
+    # The model and its optimizer are one object, used the way a training loop uses both:
+    # zero_grad() opens a step, loss.backward() scores layer by layer, step() commits.
+    def train(self, mode: bool = True) -> "StreamingDropBack":
+        if self._net is not None:
+            self._net.train(mode)  # batch norm: batch statistics, or the running ones
+        return self
+
+    def eval(self) -> "StreamingDropBack":
+        return self.train(False)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Open a step (the freeze decision is made here: backward must know it)."""
+        if not self._frozen and self.freeze_after is not None and self._steps >= self.freeze_after:
+            self.freeze()
+        self._pending = running_topk.make(self.k, self.backend)
+        self._pending_values = self._value.clone() if self._frozen else None
+
+    def step(self) -> None:
+        """Commit what the last backward pass streamed."""
+        if self._pending is None:
+            raise ConfigError("step() without zero_grad() and backward() first")
+        if self._frozen:
+            self._set_tracked(self._index, self._pending_values)
+        else:
+            index, value = self._pending.result()
+            self._set_tracked(torch.from_numpy(index.astype(np.int32)), torch.from_numpy(value))
+        self._pending, self._pending_values = None, None
+        self._steps += 1
+
+    def _absorb(self, meta: TensorSlot, start: int, grad: Tensor, w0: Tensor, where: slice) -> None:
+        """Score weights [start, start + len) of a tensor (tracked at `where`) after the SGD step;
+        offer them to the top-k."""
+        step = grad.reshape(-1).mul_(-self.lr).numpy()  # in place: a block's temporaries make the peak
+        local = self._index_np[where].astype(np.int64) - (meta.offset + start)
+        moved = self._value_np[where] + step[local]
+        if self._frozen:
+            self._pending_values[where] = torch.from_numpy(moved)
+            return
+        self._pending.offer(meta.offset + start, step, w0.numpy(), local, moved)
+
+
+class _StreamedLinear(torch.autograd.Function):
+    """y = x W^T + b with W regenerated block by block in forward and again in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        anchor: Tensor,
+        owner: StreamingDropBack,
+        weight: TensorSlot,
+        bias: TensorSlot,
+    ) -> Tensor:
+        cols = x.shape[1]
+        _, b, _ = owner._weights(bias, 0, bias.shape[0])
+        y = torch.empty(x.shape[0], weight.shape[0])
+        for r0, r1 in owner._row_blocks(weight):
+            _, w, _ = owner._weights(weight, r0 * cols, r1 * cols)
+            y[:, r0:r1] = torch.addmm(b[r0:r1], x, w.view(r1 - r0, cols).t())
+        ctx.save_for_backward(x)
+        ctx.owner, ctx.weight, ctx.bias = owner, weight, bias
+        return y
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        owner, cols = ctx.owner, x.shape[1]
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        for r0, r1 in owner._row_blocks(ctx.weight):
+            w0, w, where = owner._weights(ctx.weight, r0 * cols, r1 * cols)
+            g = grad_out[:, r0:r1]
+            if grad_x is not None:
+                grad_x += g @ w.view(r1 - r0, cols)
+            owner._absorb(ctx.weight, r0 * cols, g.t() @ x, w0, where)
+            del w0, w
+        b0, _, where = owner._weights(ctx.bias, 0, ctx.bias.shape[0])
+        owner._absorb(ctx.bias, 0, grad_out.sum(0), b0, where)
+        return grad_x, None, None, None, None
+
+
+class _StreamedModule(torch.autograd.Function):
+    """Any layer with its parameters regenerated in forward, and again in backward to differentiate it.
+
+    Backward recomputes the layer's forward from its saved input (activation
+    checkpointing, one layer at a time) on copies of its buffers, so batch-norm
+    running statistics are updated once per step, as without streaming.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        x: Tensor,
+        anchor: Tensor,
+        owner: StreamingDropBack,
+        module: nn.Module,
+        own: list[tuple[str, TensorSlot]],
+    ) -> Tensor:
+        params = {name: owner._weights(slot, 0, slot.numel)[1].view(slot.shape) for name, slot in own}
+        y = torch.func.functional_call(module, params, (x,))
+        ctx.save_for_backward(x)
+        ctx.owner, ctx.module, ctx.own = owner, module, own
+        return y
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        owner, module, own = ctx.owner, ctx.module, ctx.own
+        regenerated = [owner._weights(slot, 0, slot.numel) for _, slot in own]
+        params = {
+            name: w.view(slot.shape).requires_grad_()
+            for (name, slot), (_, w, _) in zip(own, regenerated, strict=True)
+        }
+        buffers = {name: b.clone() for name, b in module.named_buffers()}
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            y = torch.func.functional_call(module, {**params, **buffers}, (x,))
+            inputs = [x, *params.values()] if ctx.needs_input_grad[0] else list(params.values())
+            grads = torch.autograd.grad(y, inputs, grad_out)
+        grad_x = grads[0] if ctx.needs_input_grad[0] else None
+        for (_, slot), (w0, _, where), grad in zip(own, regenerated, grads[-len(own) :], strict=True):
+            owner._absorb(slot, 0, grad, w0, where)
+        return grad_x, None, None, None, None
