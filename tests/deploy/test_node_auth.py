@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -27,6 +28,7 @@ def online_nodes(state: Path) -> list[dict]:
     return [n for n in json.loads(out[out.index("{") :])["nodes"] if n["status"] == "online"]
 
 
+@pytest.mark.slow  # node auth also guards every fleet in make test; this one probes it alone
 def test_only_registered_supernodes_connect(tmp_path):
     state = tmp_path / "fleet"
     link = free_port()
