@@ -13,10 +13,14 @@ install: $(STAMP) data
 
 # Pinned dependencies (requirements.lock, every file's hash checked) into a project-local
 # venv; torch is the CPU wheel (torch==2.13.0), anything else would pull a multi-GB CUDA build.
+# The CPU torch wheel: from a local wheel folder when PIP_FIND_LINKS names one, else from
+# PyTorch's CPU index (as the images and the edge kit do); PyPI's x86_64 torch is the CUDA build.
+TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),,--extra-index-url https://download.pytorch.org/whl/cpu)
+
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --require-hashes -r requirements.lock
+	$(PY) -m pip install -q $(TORCH_SOURCE) --require-hashes -r requirements.lock
 	@# setuptools' notes on an editable install go to a log (shown if the install fails)
 	@$(PY) -m pip install -q --no-deps -e . >$(VENV)/install-editable.log 2>&1 || { cat $(VENV)/install-editable.log; exit 1; }
 	touch $(STAMP)
@@ -67,7 +71,7 @@ test-e2e: install
 	$(PY) -m pytest -q -s -m e2e
 
 # The tests marked slow (whole simulations, a fleet killed and restarted, the Deployment Engine
-# end to end, the edge kit into a fresh prefix): about 10 minutes; CI runs them after `make test`.
+# end to end, node auth probed alone): about 12 minutes; CI runs them after `make test`.
 test-slow: install test-deps
 	$(PY) -m pytest -q -m "slow and not e2e"
 
