@@ -13,7 +13,9 @@ from rich.table import Column, Table
 from dropfleet.cli.api_client import API_URL_ENV, DEFAULT_API_URL, ApiClient, ApiError
 
 T = TypeVar("T")
-ApiUrl = Annotated[str | None, typer.Option("--api", help=f"API URL (default: ${API_URL_ENV}, else {DEFAULT_API_URL})")]
+ApiUrl = Annotated[
+    str | None, typer.Option("--api", help=f"API URL (default: ${API_URL_ENV}, else {DEFAULT_API_URL})")
+]
 AsJson = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 StateDir = Annotated[Path, typer.Option(help="where PID files, logs, certificates and the store live")]
 # Piped (no terminal to fit), tables take the width they need: ids and errors are never cut.
