@@ -132,9 +132,9 @@ class FleetStrategy:
 
     It defines `initial_arrays`, `check_reply` and `model_for_evaluation`, and
     overrides `aggregate_train` (calling it here first, for the screened
-    replies) to merge; `configure_train` / `configure_evaluate` where a node's
-    instruction differs from the rest; `published_payload` / `published_state`
-    where the store keeps what a resumed run continues from.
+    replies) to merge; `tailor` where a node's instruction differs from the
+    rest; `published_payload` / `published_state` where the store keeps what a
+    resumed run continues from.
     """
 
     def __init__(
@@ -229,7 +229,11 @@ class FleetStrategy:
         """The round's training instructions: the global model to a sample of the nodes."""
         nodes = _sample(grid, self.config.fraction_train, self.config.min_train_nodes, self.config)
         log(INFO, "Round %s: sampled %s nodes to train", server_round, len(nodes))
-        return self._instructions(nodes, arrays, server_round, MessageType.TRAIN)
+        return self.tailor(self._instructions(nodes, arrays, server_round, MessageType.TRAIN))
+
+    def tailor(self, messages: list[Message]) -> list[Message]:
+        """Per-node instructions where a node needs other content than the rest (default: none)."""
+        return messages
 
     def aggregate_train(self, server_round: int, replies: list[Message]) -> Trained[Any]:
         """The screened replies, merged into nothing: a strategy merges `Trained.updates`."""
@@ -242,7 +246,7 @@ class FleetStrategy:
         if self.spec.evaluator is None or not self.config.fraction_evaluate:
             return []
         nodes = _sample(grid, self.config.fraction_evaluate, 1, self.config)
-        return self._instructions(nodes, arrays, server_round, MessageType.EVALUATE)
+        return self.tailor(self._instructions(nodes, arrays, server_round, MessageType.EVALUATE))
 
     def aggregate_evaluate(self, server_round: int, replies: list[Message]) -> Evaluated:
         """The examples-weighted federated loss and accuracy of the acceptable evaluation replies."""

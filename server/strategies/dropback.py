@@ -1,8 +1,8 @@
 """Federated DropBack ("dropback", and "dropback-momentum" with fleet/config.py's recipe).
 
 Its steps of the round (server/strategies/base.py plays them in order):
-`configure_train` / `configure_evaluate` send each node the global tracked set,
-whole or (delta downlink) as the change since the version the node holds;
+`tailor` sends each node the global tracked set, whole or (delta downlink) as
+the change since the version the node holds;
 `aggregate_train` takes the screened replies (`check_reply`: the sparse wire
 format against the global sent this round), settles what each node holds,
 and merges: the update memory's replays, then `common/merge.next_global` (the
@@ -17,7 +17,6 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 from torch import nn
 
 from dropfleet.common.aggregate.merge import churn, next_global
@@ -119,12 +118,6 @@ class SparseDropBack(FleetStrategy):
         # Keep exactly what devices will decode (values quantized to the wire precision).
         self.global_model = decode(self.payload, self.config.max_payload_bytes)
         return record
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
-        return self.tailor(super().configure_train(server_round, arrays, grid))
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
-        return self.tailor(super().configure_evaluate(server_round, arrays, grid))
 
     def tailor(self, messages: list[Message]) -> list[Message]:
         """Delta downlink: each node gets the change since the version it holds (or the whole set)."""

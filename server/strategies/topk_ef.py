@@ -1,8 +1,8 @@
 """The sparsified-FedAvg baseline ("topk-ef"): dense models, top-k updates with error feedback both ways.
 
 Its steps of the round (server/strategies/base.py plays them in order):
-`configure_train` sends each node the update to the current version, after
-the ones it missed, or the whole dense model (`tailor`); `aggregate_train`
+`tailor` sends each training node the update to the current version, after
+the ones it missed, or the whole dense model; `aggregate_train`
 takes the screened replies (`check_reply`: sparse top-k updates), notes the
 version each accepted node now holds, averages the updates and sends the top
 global-k of that plus the server's residual as the next version. Devices do
@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message, RecordDict
-from flwr.serverapp import Grid
 from torch import nn
 
 from dropfleet.common.aggregate.merge import merge_sparse
@@ -63,9 +62,6 @@ class TopKFedAvg(FleetStrategy):
 
     def initial_arrays(self) -> ArrayRecord:
         return pack_topk_update(self.update, self.version)
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> list[Message]:
-        return self.tailor(super().configure_train(server_round, arrays, grid))
 
     def tailor(self, messages: list[Message]) -> list[Message]:
         """Catch-up content for nodes that do not hold the version before this one."""
