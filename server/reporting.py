@@ -1,11 +1,14 @@
 """Per-round report: a progress display on screen, JSON lines for scripts, the store for the API."""
 
+import errno
 import json
+import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -76,25 +79,40 @@ def read_results(path: str | Path) -> dict[str, Any]:
     }
 
 
-def check_results_file(path: Path) -> None:
-    """A run appends to its results file and never truncates it: an existing file must be one.
+def open_results_file(path: Path) -> TextIO:
+    """The results file, opened once for appending: a run never truncates it, and never writes
+    through a symbolic link or into another kind of file.
 
-    Anything else (a database, a log, a key) is refused before a byte is written to it.
+    The checks are made on the open file itself (no window between a check and a later open by
+    name): a symlink, a directory, a FIFO or device, or an existing file whose first line is not
+    a dropfleet results line (a database, a log, a key) is refused before a byte is written.
     """
-    if not path.exists():
-        return
-    if not path.is_file():
-        raise ConfigError(f"results-file {path} is not a regular file")
-    with path.open("rb") as fh:
-        first = fh.readline(4096)
-    if not first.strip():
-        return  # empty
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        line = json.loads(first)
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        why = {errno.ELOOP: "is a symbolic link", errno.EISDIR: "is not a regular file"}.get(
+            exc.errno, f"cannot be opened ({exc.strerror})"
+        )
+        raise ConfigError(f"results-file {path} {why}: refused") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"results-file {path} is not a regular file")
+        first = os.pread(fd, 4096, 0).split(b"\n", 1)[0]
+        if first.strip() and not _is_results_line(first):
+            raise ConfigError(f"results-file {path} exists and is not a dropfleet results file: refused")
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_results_line(raw: bytes) -> bool:
+    try:
+        line = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        line = None
-    if not isinstance(line, dict) or line.get("type") not in ("header", "resume", "round", "end"):
-        raise ConfigError(f"results-file {path} exists and is not a dropfleet results file: refused")
+        return False
+    return isinstance(line, dict) and line.get("type") in ("header", "resume", "round", "end")
 
 
 class RoundRecorder:
@@ -124,7 +142,8 @@ class RoundRecorder:
         self.path = Path(str(results_file).replace("{run_id}", run_id)) if results_file else None
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            check_results_file(self.path)
+        self._results = open_results_file(self.path) if self.path else None
+        if self._results is not None:
             kind = "header" if resumed_after is None else "resume"
             self._write({"type": kind, **(header or {}), "resumed_after": resumed_after, "at": _now()})
         self.history: list[RoundStats] = []
@@ -169,12 +188,15 @@ class RoundRecorder:
         self._write({"type": "end", "run_id": self.run_id, "status": status, "error": error, "at": _now()})
 
     def _write(self, line: dict[str, Any]) -> None:
-        if self.path:
-            with self.path.open("a") as fh:
-                fh.write(json.dumps(line, default=str) + "\n")
+        if self._results is not None:
+            self._results.write(json.dumps(line, default=str) + "\n")
+            self._results.flush()  # a reader (dropfleet simulate, a user's tail -f) sees each line
 
     def close(self) -> None:
         self._progress.stop()
+        if self._results is not None:
+            self._results.close()
+            self._results = None
 
     def _print(self, s: RoundStats) -> None:
         self.console.print(round_line(s.report()))
