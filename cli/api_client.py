@@ -1,6 +1,7 @@
 """A small client of the REST API, used by the `dropfleet` command line."""
 
 import os
+import ssl
 from typing import Any
 
 import httpx
@@ -9,6 +10,8 @@ from dropfleet.common.errors import DropfleetError
 
 API_URL_ENV = "DROPFLEET_API_URL"
 TOKEN_ENV = "DROPFLEET_TOKEN"
+# The CA that signed a published API's certificate (the fleet's ca.crt); default: the system's.
+CA_ENV = "DROPFLEET_API_CA"
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
 
@@ -21,7 +24,9 @@ class ApiClient:
         self.url = (url or os.environ.get(API_URL_ENV) or DEFAULT_API_URL).rstrip("/")
         token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        ca = os.environ.get(CA_ENV)
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if ca else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, verify=verify)
 
     def _get(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._request("GET", path, **kwargs)

@@ -63,6 +63,9 @@ def certs(
     control_api: Annotated[
         str, typer.Option(help="the SuperLink's loopback address, for that connection")
     ] = "127.0.0.1:8001",
+    per_node: Annotated[
+        bool, typer.Option("--per-node", help="each board's files in NODE_KEYS/i (one volume a board)")
+    ] = False,
 ) -> None:
     """Create a fleet's keys and certificates, each in its own directory (compose's `certs` one-shot)."""
     from dropfleet.deploy.material import Material, create
@@ -71,7 +74,7 @@ def certs(
 
     if (out is None) != no_tls:
         exit_with(2, "give --out DIR for the TLS material, or --no-tls for a development fleet")
-    material = Material(certs=out, trust=trust, signing=signing, keys=keys, node_keys=node_keys)
+    material = Material(out, trust, signing, keys, node_keys, per_node)
     create(material, nodes)
     if flwr_home is not None:
         ca = trust / "ca.crt" if out else None

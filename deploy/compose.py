@@ -16,11 +16,13 @@ reach its Control and Runtime APIs. Boards must be registered (the one-shot
 `register` service registers the simulated ones) and run only signed apps.
 Keys live in volumes mounted only where needed (deploy/material.py): the
 server's TLS key in the SuperLink and the proxy, the app signing key in the
-API; the boards get the public `trust` volume and their node keys. Published
-ports bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST says otherwise; the API runs
-in production mode (tokens checked) unless DROPFLEET_ENVIRONMENT says otherwise,
-with a random admin token created on first start in the `flwr-home` volume
-unless DROPFLEET_ADMIN_TOKEN is given.
+API; each board gets the public `trust` volume and a volume of its own with its
+node key. Published ports bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST says
+otherwise. The API binds the namespace's loopback and the proxy publishes it
+over TLS; because the whole compose network reaches it, reads need a token (a
+random one in the `flwr-home` volume, like the admin token, unless
+DROPFLEET_READ_TOKEN / DROPFLEET_ADMIN_TOKEN are given), and the API runs in
+production mode unless DROPFLEET_ENVIRONMENT says otherwise.
 """
 
 import json
@@ -30,7 +32,7 @@ import yaml
 
 from dropfleet.common.errors import ConfigError
 from dropfleet.deploy.material import SIGNING_KEY
-from dropfleet.deploy.topology import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, topology
+from dropfleet.deploy.topology import API_PORT, SUPERLINK_PORT, FleetSpec, Layout, api_published, topology
 from dropfleet.fleet.flower_env import OFFLINE_ENV
 from dropfleet.fleet.profiles import get_profile
 
@@ -49,9 +51,9 @@ MOUNTS = {
     "trust": "/trust",
     "signing": "/signing",
     "keys": "/keys",
-    "node-keys": "/keys",
     "flwr-home": "/flwr",
 }
+READ_TOKEN_FILE = "/flwr/read-token"
 NETWORKS = ("bridge", "host")
 PUBLISH_HOST = "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}"
 
@@ -128,8 +130,12 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
         "--control-api", f"127.0.0.1:{spec.link_port}",
         *(["--out", "/certs"] if spec.tls else ["--no-tls"]),
         *(f"--{name}={MOUNTS[name]}" for name in ("trust", "signing", "keys")),
-        "--node-keys=/node-keys",
+        "--node-keys=/node-keys", "--per-node",
     ]  # fmt: skip
+    # One volume a board (its node key and SuperExec secret): a board's containers see no other's.
+    node_keys = [f"node-keys-{i}" for i in range(spec.nodes)]
+    published = api_published(layout)
+    api_check = f"127.0.0.1:{spec.api_loopback_port}" if published else f"{_local(layout)}:{spec.api_port}"
     services: dict[str, Any] = {
         "certs": {
             "image": SERVER_IMAGE,
@@ -137,14 +143,14 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "command": init,
             "volumes": [
                 *_mounts(*certs, "trust", "signing", "keys", "flwr-home", rw=True),
-                "node-keys:/node-keys",
+                *(f"{v}:/node-keys/{i}" for i, v in enumerate(node_keys)),
             ],
             "restart": "no",
         },
         "proxy": {
             "image": SERVER_IMAGE,
             "command": procs["proxy"],
-            # Published here: the namespace's owner (the SuperLink's Fleet API; the REST API).
+            # Published here: the namespace's owner (nginx: the Fleet API; the REST API over TLS).
             "ports": [
                 f"{PUBLISH_HOST}:{spec.superlink_port}:{spec.superlink_port}",
                 f"{PUBLISH_HOST}:{spec.api_port}:{spec.api_port}",
@@ -188,10 +194,12 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "environment": {
                 **store_env,
                 "DROPFLEET_ENVIRONMENT": "${DROPFLEET_ENVIRONMENT:-production}",
-                # Published beyond loopback, every read needs a token too (the API refuses to start).
-                "DROPFLEET_PUBLISHED_HOST": PUBLISH_HOST,
-                "DROPFLEET_READ_ACCESS": "${DROPFLEET_READ_ACCESS:-open}",
+                # Behind the proxy the API is reachable from the whole compose network (the boards
+                # included), so reads need a token too; on the host's loopback alone they may be open.
+                "DROPFLEET_PUBLISHED_HOST": layout.bind_host if published else PUBLISH_HOST,
+                "DROPFLEET_READ_ACCESS": f"${{DROPFLEET_READ_ACCESS:-{'token' if published else 'open'}}}",
                 "DROPFLEET_READ_TOKEN": "${DROPFLEET_READ_TOKEN:-}",
+                "DROPFLEET_READ_TOKEN_FILE": READ_TOKEN_FILE,
                 "DROPFLEET_ADMIN_TOKEN": "${DROPFLEET_ADMIN_TOKEN:-}",
                 "DROPFLEET_ADMIN_TOKEN_FILE": ADMIN_TOKEN_FILE,
                 "DROPFLEET_FLWR_HOME": "/flwr",
@@ -200,7 +208,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
                 "DROPFLEET_APP_SIGNING_KEY": f"{MOUNTS['signing']}/{SIGNING_KEY}",
             },
             "depends_on": {"superlink": {"condition": "service_healthy"}},
-            "healthcheck": _health(_py_check(f"http://{_local(layout)}:{spec.api_port}/v1/ready", None)),
+            "healthcheck": _health(_py_check(f"http://{api_check}/v1/ready", None)),
             "restart": "unless-stopped",
         },
         "postgres": {
@@ -217,13 +225,17 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
     }
     node_ready = {"proxy": {"condition": "service_healthy"}}
     if spec.node_auth:  # the simulated boards' keys, registered on the loopback Control API
-        keys = [f"/keys/node-{i}.pub" for i in range(spec.nodes)]
+        keys = [f"/node-keys/{i}/node-{i}.pub" for i in range(spec.nodes)]
         services["register"] = {
             "image": SERVER_IMAGE,
             **behind_proxy,
             "command": ["dropfleet", "fleet", "register-node", "--flwr-home", "/flwr", *keys],
             # Flower's CLI writes into its home (credentials, logs), hence read-write.
-            "volumes": ["flwr-home:/flwr", "node-keys:/keys:ro", *_mounts("trust")],
+            "volumes": [
+                "flwr-home:/flwr",
+                *(f"{v}:/node-keys/{i}:ro" for i, v in enumerate(node_keys)),
+                *_mounts("trust"),
+            ],
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "restart": "no",
         }
@@ -234,7 +246,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": CLIENT_IMAGE,
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile.client"},
             "command": procs[f"supernode-{i}"],
-            "volumes": _mounts("trust", "node-keys"),
+            "volumes": [*_mounts("trust"), f"{node_keys[i]}:/keys:ro"],
             "depends_on": node_ready,
             "restart": "unless-stopped",
             "healthcheck": _health(
@@ -246,7 +258,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": CLIENT_IMAGE,
             "command": procs[f"superexec-clientapp-{i}"],
             "network_mode": "host" if host else f"service:supernode-{i}",
-            "volumes": _mounts("trust", "node-keys"),
+            "volumes": [*_mounts("trust"), f"{node_keys[i]}:/keys:ro"],
             "mem_limit": max(profile.memory_bytes, MIN_CONTAINER_BYTES),
             "cpus": profile.cpus,
             "depends_on": {f"supernode-{i}": {"condition": "service_started"}},
@@ -259,7 +271,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             svc.pop("ports", None)  # nothing to publish: services bind the host's loopback directly
             svc.pop("networks", None)
             svc["network_mode"] = "host"
-    names = ("certs", "trust", "signing", "keys", "node-keys", "proxy", "flwr-home", "superlink", "store")
+    names = ("certs", "trust", "signing", "keys", *node_keys, "proxy", "flwr-home", "superlink", "store")
     volumes = {name: {} for name in (*names, "postgres")}
     # A JSON round trip unshares the dicts services share, so the YAML has no anchors.
     return json.loads(json.dumps({"services": services, "volumes": volumes}))
@@ -276,15 +288,21 @@ HEADER = """\
 #     dropfleet compose --nodes 12 > docker-compose.yml
 # `docker compose up` builds the images from deploy/ and starts the fleet;
 # `docker compose --profile postgres up` adds PostgreSQL (set DROPFLEET_DATABASE_URL).
-# Ports are published on 127.0.0.1 (DROPFLEET_PUBLISH_HOST=0.0.0.0 for remote SuperNodes); the
-# API's admin token: `docker compose exec api cat {token}` (or set DROPFLEET_ADMIN_TOKEN).
+# Ports are published on 127.0.0.1 (DROPFLEET_PUBLISH_HOST=0.0.0.0 for remote SuperNodes).{api}
 """
+API_BEHIND_PROXY = """
+# The API: https://127.0.0.1:8080 (the fleet's CA: `docker compose exec api cat /trust/ca.crt`); its
+# tokens: `docker compose exec api cat {token}` (admin), `... cat {read}` (reads)."""
+API_ON_LOOPBACK = """
+# The API's admin token: `docker compose exec api cat {token}` (or set DROPFLEET_ADMIN_TOKEN)."""
 
 
 def render(spec: FleetSpec, network: str = "bridge") -> str:
     body = yaml.safe_dump(generate(spec, network), sort_keys=False, width=120, default_flow_style=False)
     flags = " --network host" if network == "host" else ""
-    return HEADER.format(nodes=spec.nodes, flags=flags, token=ADMIN_TOKEN_FILE) + body
+    api = API_BEHIND_PROXY if api_published(container_layout(spec, network)) else API_ON_LOOPBACK
+    api = api.format(token=ADMIN_TOKEN_FILE, read=READ_TOKEN_FILE)
+    return HEADER.format(nodes=spec.nodes, flags=flags, api=api) + body
 
 
 DEFAULT_SPEC = FleetSpec(nodes=4, superlink_port=SUPERLINK_PORT, api_port=API_PORT)

@@ -26,7 +26,7 @@ from dropfleet.common.device.data import check_fashion_mnist
 from dropfleet.common.errors import DropfleetError
 from dropfleet.deploy.material import Material, write_secret
 from dropfleet.deploy.material import create as create_material
-from dropfleet.deploy.topology import BIN, CONNECTION, FleetSpec, local_layout, topology
+from dropfleet.deploy.topology import BIN, CONNECTION, FleetSpec, api_published, local_layout, topology
 from dropfleet.fleet.app_signing import SIGNING_KEY_ENV
 from dropfleet.fleet.flower_env import OFFLINE_ENV, write_connection
 
@@ -114,7 +114,9 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     state = spec.state_dir.resolve()
     if list((state / "pids").glob("*.json")) if (state / "pids").exists() else []:
         raise FleetError(f"{state} already has a fleet; run `dropfleet fleet down` first")
-    ports = [spec.superlink_port, spec.link_port, spec.api_port]
+    layout = local_layout(spec, state)
+    published = api_published(layout)
+    ports = [spec.superlink_port, spec.link_port, spec.api_port, *([spec.api_loopback_port] * published)]
     ports += [spec.node_port_base + i for i in range(spec.nodes)]
     busy = [p for p in ports if not _port_free(spec.host, p)]
     if busy:
@@ -123,7 +125,6 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         (state / sub).mkdir(parents=True, exist_ok=True)
     material = local_material(spec, state)
     create_material(material, spec.nodes)
-    layout = local_layout(spec, state)
     token_file = state / "admin-token"
     if not token_file.exists():
         write_secret(token_file, secrets.token_urlsafe(32).encode())
@@ -158,7 +159,9 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         "node_auth": spec.node_auth,
         "signed_apps_only": not spec.dev,
         "app_signer": str(material.app_signer),
-        "api": f"http://{spec.host}:{spec.api_port}",
+        "api": f"{'https' if published and spec.tls else 'http'}://{spec.host}:{spec.api_port}",
+        # Published beyond loopback (through the proxy), every read needs this token too.
+        "read_token_file": str(state / "read-token") if published else None,
         "admin_token_file": str(token_file),
         "flwr_home": str(state / "flwr"),
         "connection": CONNECTION,
@@ -182,6 +185,12 @@ def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: st
             SIGNING_KEY_ENV: str(local_material(spec, state).signing_key),
             "DROPFLEET_ENVIRONMENT": "production",
         }
+        if api_published(local_layout(spec, state)):  # behind the proxy: reads need a token
+            env |= {
+                "DROPFLEET_PUBLISHED_HOST": spec.host,
+                "DROPFLEET_READ_ACCESS": "token",
+                "DROPFLEET_READ_TOKEN_FILE": str(state / "read-token"),
+            }
     log = (state / "logs" / f"{name}.log").open(log_mode)
     p = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=state
@@ -208,7 +217,7 @@ def _wait_ready(
     """The API answers and the SuperNodes' runtime APIs listen (only those named in `only`, if given)."""
     if only is None or "api" in only:
         _wait(
-            lambda: httpx.get(f"http://{spec.host}:{spec.api_port}/v1/ready", timeout=1).is_success,
+            lambda: httpx.get(f"http://{_api_address(spec)}/v1/ready", timeout=1).is_success,
             "the API",
             timeout,
             started,
@@ -218,6 +227,13 @@ def _wait_ready(
             continue
         port = spec.node_port_base + i
         _wait(lambda port=port: not _port_free(spec.host, port), f"supernode-{i}", timeout, started)
+
+
+def _api_address(spec: FleetSpec) -> str:
+    """Where the API itself listens: the published port, or loopback behind the proxy."""
+    if api_published(local_layout(spec, spec.state_dir)):
+        return f"127.0.0.1:{spec.api_loopback_port}"
+    return f"{spec.host}:{spec.api_port}"
 
 
 def restart(state_dir: Path, names: list[str] | None = None, timeout: float = 90.0) -> list[str]:

@@ -6,7 +6,9 @@
 | ca.crt, app-signer.pub | `trust` | every board and SuperExec: public, handed to boards |
 | app-signing | `signing` | the API, which signs the runs it starts |
 | superexec-server | `keys` | the SuperLink and the ServerApp's SuperExec |
-| node-i, node-i.pub, superexec-node-i | `node_keys` | SuperNode i and its SuperExec |
+| node-i, node-i.pub, superexec-node-i | `node_keys` (`per_node`: `node_keys/i`) | node i, its SuperExec |
+
+Compose makes them `per_node`: each board's files in a volume of its own.
 
 The process fleet (deploy/fleet.py) and compose's one-shot `certs` service
 (`dropfleet certs`) both create them here. Every secret is created with its
@@ -38,6 +40,11 @@ class Material:
     signing: Path
     keys: Path
     node_keys: Path
+    # Each board's files in a directory of its own (`node_keys/i`): compose mounts one volume a board.
+    per_node: bool = False
+
+    def node_dir(self, i: int) -> Path:
+        return self.node_keys / str(i) if self.per_node else self.node_keys
 
     @property
     def signing_key(self) -> Path:
@@ -48,7 +55,7 @@ class Material:
         return self.trust / APP_SIGNER
 
     def node_key(self, i: int) -> Path:
-        return self.node_keys / f"node-{i}"
+        return self.node_dir(i) / f"node-{i}"
 
 
 def write_secret(path: Path, data: bytes) -> Path:
@@ -89,4 +96,4 @@ def create(material: Material, nodes: int, names: tuple[str, ...] = DEFAULT_NAME
     _random_secret(material.keys / SERVER_SECRET)
     for i in range(nodes):
         _node_key(material.node_key(i))
-        _random_secret(material.node_keys / f"superexec-node-{i}")
+        _random_secret(material.node_dir(i) / f"superexec-node-{i}")

@@ -9,6 +9,10 @@ terminates TLS with the fleet's server certificate, forwards `/v1/fleet/...`
 and `/health` to the SuperLink (over TLS, verifying it against the fleet CA),
 and answers everything else, the Control and Runtime APIs included, with 403.
 The operator reaches the Control API on the server itself (loopback).
+
+Where the fleet is published beyond loopback, the REST API is published here
+too (`--api-port`): TLS with the same certificate, forwarded to the API on
+127.0.0.1, which is the only address the API ever binds.
 """
 
 import getpass
@@ -25,6 +29,8 @@ from dropfleet.common.errors import ConfigError
 MAX_BODY = "64m"
 # A SuperNode's pull may wait on the SuperLink; the ServerApp's round timeout is separate.
 READ_TIMEOUT_S = 300
+# The REST API's followers (server-sent events, long-polls) stay connected for a whole run.
+API_READ_TIMEOUT_S = 24 * 3600
 PASSED = ("/v1/fleet/", "/health")
 
 
@@ -35,6 +41,8 @@ class ProxySpec:
     upstream_port: int  # the SuperLink on 127.0.0.1
     certs_dir: str | None  # server.pem / server.key / ca.crt; None: plain HTTP (development only)
     run_dir: str  # nginx's pid and temp files
+    api_port: int | None = None  # publish the REST API here too (same host and certificate)
+    api_upstream_port: int | None = None  # the API on 127.0.0.1
 
 
 def nginx_binary() -> str:
@@ -112,7 +120,29 @@ http {{
         return 403 "dropfleet: only the Fleet API is published here\\n";
     }}
   }}
-}}
+{_api_server(spec, tls)}}}
+"""
+
+
+def _api_server(spec: ProxySpec, tls: str) -> str:
+    """The REST API's published port: everything forwarded to the API on loopback, unbuffered
+    (its event streams), with the caller's address passed on."""
+    if spec.api_port is None:
+        return ""
+    return f"""  server {{
+    listen {spec.listen_host}:{spec.api_port}{" ssl" if tls else ""};
+{tls}    client_max_body_size 1m;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_buffering off;
+    proxy_read_timeout {API_READ_TIMEOUT_S}s;
+    location / {{
+        proxy_pass http://127.0.0.1:{spec.api_upstream_port};
+    }}
+  }}
 """
 
 
@@ -137,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT to publish (where boards reach the fleet)")
     parser.add_argument("--upstream-port", type=int, required=True, help="the SuperLink's port on 127.0.0.1")
     parser.add_argument("--run-dir", type=Path, required=True, help="nginx's config, pid and temp files")
+    parser.add_argument("--api-port", type=int, help="also publish the REST API on this port")
+    parser.add_argument("--api-upstream-port", type=int, help="the REST API's port on 127.0.0.1")
     tls = parser.add_mutually_exclusive_group(required=True)
     tls.add_argument("--certs", type=Path, help="server.pem, server.key, ca.crt (TLS on both sides)")
     tls.add_argument("--no-tls", action="store_true", help="plain HTTP (a development fleet)")
@@ -144,13 +176,17 @@ def main(argv: list[str] | None = None) -> None:
     host, sep, port = args.listen.rpartition(":")
     if not sep or not port.isdigit():
         parser.error(f"--listen takes HOST:PORT, got {args.listen!r}")
+    api = (args.api_port, args.api_upstream_port)
+    if (api[0] is None) != (api[1] is None):
+        parser.error("--api-port and --api-upstream-port go together")
     try:
         nginx = nginx_binary()
     except ConfigError as exc:
         parser.exit(2, f"dropfleet-proxy: {exc}\n")
     certs = str(args.certs.resolve()) if args.certs else None
     conf = write_config(
-        ProxySpec(host, int(port), args.upstream_port, certs, str(args.run_dir)), args.run_dir / "nginx.conf"
+        ProxySpec(host, int(port), args.upstream_port, certs, str(args.run_dir), *api),
+        args.run_dir / "nginx.conf",
     )
     # nginx runs as a child, not exec'd: this process keeps the command line its supervisor
     # recorded (the process fleet stops what it started by PID and command line).

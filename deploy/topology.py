@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dropfleet.common.errors import ConfigError
 from dropfleet.deploy.material import APP_SIGNER
+from dropfleet.server.api.settings import is_loopback
 
 BIN = Path(sys.executable).parent
 # The same ports as docker-compose.yml (SuperNode runtime ports differ per node here).
@@ -26,6 +27,7 @@ SUPERLINK_PORT = 8000
 API_PORT = 8080
 NODE_PORT_BASE = 9100
 CONNECTION = "fleet"
+SIGNATURE_LEDGER = "signatures.db"
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,11 @@ class FleetSpec:
     dev: bool = False
 
     @property
+    def api_loopback_port(self) -> int:
+        """Where the API listens when the proxy publishes it (beyond loopback): the API port + 1."""
+        return self.api_port + 1
+
+    @property
     def link_port(self) -> int:
         """Where the SuperLink listens (loopback): the operator's Control API and the Runtime API."""
         return self.control_port or self.superlink_port + 1
@@ -58,6 +65,8 @@ class FleetSpec:
                 "a fleet without TLS or without SuperNode authentication is a development fleet: "
                 "ask for it explicitly (--dev)"
             )
+        if self.api_loopback_port in (self.superlink_port, self.link_port):
+            raise ConfigError("the API's loopback port (the API port + 1) must differ from the SuperLink's")
         if self.link_port == self.superlink_port:
             raise ConfigError("the SuperLink's loopback port must differ from the published port")
         if self.nodes < 1:
@@ -101,6 +110,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
     gate = (
         ["--allow-unsigned-apps"] if spec.dev else ["--trusted-app-keys", f"{layout.trust_dir}/{APP_SIGNER}"]
     )
+    # The server also keeps the signatures it has run: each signs one run (no replays).
+    ledger = [] if spec.dev else ["--signature-ledger", f"{layout.data_dir}/store/{SIGNATURE_LEDGER}"]
     superlink = [
         _exe(layout, "flower-superlink"),
         "--host",
@@ -136,6 +147,12 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         f"{layout.data_dir}/proxy",
     ]
     proxy += ["--certs", certs] if certs else ["--no-tls"]
+    # The API binds loopback only; published beyond it, it is behind the proxy (TLS, tokens for reads).
+    if api_published(layout):
+        proxy += ["--api-port", str(spec.api_port), "--api-upstream-port", str(spec.api_loopback_port)]
+        api_bind = ["--host", "127.0.0.1", "--port", str(spec.api_loopback_port)]
+    else:
+        api_bind = ["--host", layout.bind_host, "--port", str(spec.api_port)]
     procs = {
         "superlink": superlink,
         "proxy": proxy,
@@ -147,6 +164,7 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
             "--superexec-auth-secret-file",
             f"{layout.keys_dir}/superexec-server",
             *gate,
+            *ledger,
         ],
     }
     for i in range(spec.nodes):
@@ -189,15 +207,13 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
             *secret,
             *gate,
         ]
-    procs["api"] = [
-        _exe(layout, "dropfleet"),
-        "api",
-        "--host",
-        layout.bind_host,
-        "--port",
-        str(spec.api_port),
-    ]
+    procs["api"] = [_exe(layout, "dropfleet"), "api", *api_bind]
     return procs
+
+
+def api_published(layout: Layout) -> bool:
+    """Whether callers beyond this machine reach the fleet (and so the API, through the proxy)."""
+    return not is_loopback(layout.bind_host)
 
 
 def local_layout(spec: FleetSpec, state: Path) -> Layout:

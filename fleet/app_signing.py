@@ -5,9 +5,9 @@ accepts Flower Hub apps: a locally built FAB carries no verification record and
 is refused outright. So dropfleet signs each run itself. The operator holds an
 Ed25519 key; the submitter (the REST API) signs
 
-    "dropfleet-app-v2" | sha256(FAB) | sha256(canonical JSON of the run-config overrides)
+    "dropfleet-app-v3" | expiry | nonce | sha256(FAB) | sha256(canonical JSON of the run-config overrides)
 
-and passes the signature as one more override, `app-signature`. Every task
+and passes `v3.EXPIRY.NONCE.SIGNATURE` as one more override, `app-signature`. Every task
 process (the launcher in `fleet/launcher.py`, started by each SuperExec) checks
 it against the public keys it trusts before the FAB is unzipped, parsed or
 imported, so a run an outsider submitted, or the operator's app with overrides
@@ -15,13 +15,26 @@ the operator did not sign, never runs code. The FAB's hash covers its defaults,
 so the overrides and the FAB together fix the run config every process sees.
 Flower builds FABs bit for bit reproducibly (a fixed zip date), which is what
 lets the submitter know the FAB's hash up front.
+
+A signature is good for one run, started within `SIGNATURE_TTL_S` of signing:
+the ServerApp's launcher refuses an expired one and claims its nonce for its
+Flower run in a `SignatureLedger`, so a signed run submitted again (a replay by
+whoever reaches the server's loopback Control API) is refused before any code
+runs. Boards check the signature only: their ClientApp processes start every
+round of a run that may last longer than the window, and a replayed run never
+reaches them, because its ServerApp never starts.
 """
 
 import base64
+import binascii
 import hashlib
 import json
 import os
+import secrets
+import sqlite3
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -31,7 +44,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from dropfleet.common.errors import DropfleetError
 
 SIGNATURE_KEY = "app-signature"
-DOMAIN = b"dropfleet-app-v2"
+DOMAIN = b"dropfleet-app-v3"
+VERSION = "v3"
+# A signed run must start within this long of being signed (the API signs just before it submits).
+SIGNATURE_TTL_S = 3600
+# Where the ServerApp's launcher records the signatures it has used (set by --signature-ledger).
+LEDGER_ENV = "DROPFLEET_SIGNATURE_LEDGER"
 # Where a task process finds the public keys it trusts (OpenSSH lines, one per key).
 TRUSTED_KEYS_ENV = "DROPFLEET_APP_TRUSTED_KEYS"
 # Development only: run any app, signed or not (a fleet started with --dev).
@@ -95,38 +113,123 @@ def load_trusted_keys(path: Path) -> list[Ed25519PublicKey]:
     return keys
 
 
-def _message(fab: bytes, overrides: Mapping[str, object]) -> bytes:
+@dataclass(frozen=True)
+class Signature:
+    """A parsed `app-signature`: good until `expires` (Unix seconds), for one run (`nonce`)."""
+
+    expires: int
+    nonce: str
+    raw: bytes
+
+    @classmethod
+    def parse(cls, value: object) -> "Signature":
+        if not isinstance(value, str) or not value:
+            raise AppSignatureError("the run is not signed by the operator (no app-signature): refused")
+        version, _, rest = value.partition(".")
+        expires, _, rest = rest.partition(".")
+        nonce, _, encoded = rest.partition(".")
+        if version != VERSION or not expires.isdigit() or len(nonce) != 32 or not encoded:
+            raise AppSignatureError(f"the run's app-signature is not a {VERSION} signature: refused")
+        try:
+            bytes.fromhex(nonce)
+            raw = base64.urlsafe_b64decode(encoded.encode())
+        except (ValueError, binascii.Error):
+            raise AppSignatureError("the run's app-signature is malformed: refused") from None
+        return cls(int(expires), nonce, raw)
+
+
+def _message(fab: bytes, overrides: Mapping[str, object], expires: int, nonce: str) -> bytes:
     unsigned = {k: v for k, v in overrides.items() if k != SIGNATURE_KEY}
     config = json.dumps(unsigned, sort_keys=True, separators=(",", ":"), allow_nan=True).encode()
-    return b"|".join([DOMAIN, hashlib.sha256(fab).digest(), hashlib.sha256(config).digest()])
+    digests = [hashlib.sha256(fab).digest(), hashlib.sha256(config).digest()]
+    return b"|".join([DOMAIN, str(expires).encode(), nonce.encode(), *digests])
 
 
-def sign(key: Ed25519PrivateKey, fab: bytes, overrides: Mapping[str, object]) -> str:
-    """The `app-signature` value for running `fab` with exactly these run-config overrides."""
-    return base64.urlsafe_b64encode(key.sign(_message(fab, overrides))).decode()
+def sign(
+    key: Ed25519PrivateKey,
+    fab: bytes,
+    overrides: Mapping[str, object],
+    now: float | None = None,
+    ttl: int = SIGNATURE_TTL_S,
+) -> str:
+    """The `app-signature` value for one run of `fab` with exactly these run-config overrides,
+    started within `ttl` seconds."""
+    expires = int(time.time() if now is None else now) + ttl
+    nonce = secrets.token_hex(16)
+    signature = key.sign(_message(fab, overrides, expires, nonce))
+    return f"{VERSION}.{expires}.{nonce}.{base64.urlsafe_b64encode(signature).decode()}"
 
 
-def verify(fab: bytes, overrides: Mapping[str, object], trusted: list[Ed25519PublicKey]) -> None:
-    """Raise AppSignatureError unless a trusted key signed this FAB with these overrides
-    (which carry the signature itself); nothing of the FAB is parsed."""
-    given = overrides.get(SIGNATURE_KEY, "")
-    if not isinstance(given, str) or not given:
-        raise AppSignatureError("the run is not signed by the operator (no app-signature): refused")
-    try:
-        signature = base64.urlsafe_b64decode(given.encode())
-    except ValueError:
-        raise AppSignatureError("the run's app-signature is not base64: refused") from None
-    message = _message(fab, overrides)
+def verify(fab: bytes, overrides: Mapping[str, object], trusted: list[Ed25519PublicKey]) -> Signature:
+    """The run's signature, or AppSignatureError unless a trusted key signed this FAB with these
+    overrides (which carry the signature itself); nothing of the FAB is parsed. The expiry is
+    checked where a run starts (`check_fresh`), not here."""
+    signature = Signature.parse(overrides.get(SIGNATURE_KEY, ""))
+    message = _message(fab, overrides, signature.expires, signature.nonce)
     for key in trusted:
         try:
-            key.verify(signature, message)
-            return
+            key.verify(signature.raw, message)
+            return signature
         except InvalidSignature:
             continue
     raise AppSignatureError(
         "the run's app-signature does not verify against the operator's keys (another app, "
         "other run-config overrides, or another signer): refused"
     )
+
+
+def check_fresh(signature: Signature, now: float | None = None) -> None:
+    """Refuse a signature past its expiry: a run must start within the window it was signed for."""
+    now = time.time() if now is None else now
+    if now > signature.expires:
+        raise AppSignatureError(
+            f"the run's app-signature expired {int(now - signature.expires)} s ago (a run must start "
+            f"within {SIGNATURE_TTL_S} s of being signed): refused"
+        )
+
+
+class SignatureLedger:
+    """The signatures the server has run, one Flower run each: a replay is refused.
+
+    A small SQLite file of its own (the launcher checks it before the app, and so
+    before the app's store, exists for this run). Entries past their expiry are
+    dropped: by then `check_fresh` refuses the signature anyway, so the file holds
+    at most one window's worth of runs.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            # Flower's run ids are unsigned 64-bit: more than SQLite's INTEGER holds, hence TEXT.
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS claims "
+                "(nonce TEXT PRIMARY KEY, run_id TEXT NOT NULL, expires INTEGER NOT NULL)"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30, isolation_level=None)
+
+    def claim(self, signature: Signature, run_id: int, now: float | None = None) -> None:
+        """Record that `run_id` runs under `signature`; refuse it if another run did already."""
+        now = time.time() if now is None else now
+        db = self._connect()
+        try:
+            db.execute("BEGIN IMMEDIATE")  # one claim at a time, across processes
+            db.execute("DELETE FROM claims WHERE expires < ?", (int(now),))
+            row = db.execute("SELECT run_id FROM claims WHERE nonce = ?", (signature.nonce,)).fetchone()
+            if row is not None and row[0] != str(run_id):
+                db.execute("ROLLBACK")
+                raise AppSignatureError(
+                    f"the run's app-signature was used by run {row[0]} already (a replay): refused"
+                )
+            if row is None:
+                db.execute(
+                    "INSERT INTO claims VALUES (?, ?, ?)", (signature.nonce, str(run_id), signature.expires)
+                )
+            db.execute("COMMIT")
+        finally:
+            db.close()
 
 
 def fab_for(app_dir: Path) -> bytes:

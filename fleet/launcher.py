@@ -21,6 +21,9 @@ The trusted keys come from `--trusted-app-keys FILE` (OpenSSH Ed25519 public
 keys), passed to the task processes as DROPFLEET_APP_TRUSTED_KEYS; a
 development fleet gives `--allow-unsigned-apps` instead. Exactly one of the two
 flags is required, and inherited values of those variables are cleared first.
+The ServerApp's SuperExec also takes `--signature-ledger FILE`: a ServerApp
+starts only on a fresh signature that no other run has used
+(`app_signing.SignatureLedger`), so a signed run cannot be replayed.
 
 Flower's processes are wrapped by replacing two module attributes each
 (`install_from_fab` and the call that yields the run with its config
@@ -40,8 +43,11 @@ from typing import Any
 
 from dropfleet.fleet.app_signing import (
     ALLOW_UNSIGNED_ENV,
+    LEDGER_ENV,
     TRUSTED_KEYS_ENV,
     AppSignatureError,
+    SignatureLedger,
+    check_fresh,
     load_trusted_keys,
     verify,
 )
@@ -54,8 +60,11 @@ REFUSE = "dropfleet-refuse-task"
 class _Gate:
     """Holds the run-config overrides of the task in hand and checks its FAB before Flower installs it."""
 
-    def __init__(self) -> None:
+    def __init__(self, starts_run: bool = False) -> None:
+        # The ServerApp starts the run: its signature must be fresh and not used by another run.
+        self.starts_run = starts_run
         self.overrides: dict[str, Any] | None = None
+        self.run_id: int | None = None
 
     def check(self, fab: bytes) -> None:
         if os.environ.get(ALLOW_UNSIGNED_ENV) == "1":
@@ -68,7 +77,16 @@ class _Gate:
             )
         if self.overrides is None:
             raise AppSignatureError("the task's run was not seen before its FAB: refused")
-        verify(fab, self.overrides, load_trusted_keys(Path(keys_file)))  # before the FAB is even unzipped
+        signature = verify(fab, self.overrides, load_trusted_keys(Path(keys_file)))  # before any unzip
+        if self.starts_run:
+            ledger = os.environ.get(LEDGER_ENV)
+            if not ledger or self.run_id is None:
+                raise AppSignatureError(
+                    "the ServerApp's SuperExec has no --signature-ledger (signed runs could be "
+                    "replayed): refused"
+                )
+            check_fresh(signature)
+            SignatureLedger(Path(ledger)).claim(signature, self.run_id)
 
 
 def _module(name: str) -> ModuleType:
@@ -114,12 +132,12 @@ def serverapp() -> None:
 
     runtime = _module("flwr.superlink.runtime.run_serverapp")
 
-    gate = _Gate()
+    gate = _Gate(starts_run=True)
     run_from_proto = runtime.run_from_proto
 
     def seen(proto: Any) -> Any:
         run = run_from_proto(proto)
-        gate.overrides = dict(run.override_config)
+        gate.overrides, gate.run_id = dict(run.override_config), int(run.run_id)
         return run
 
     runtime.run_from_proto = seen
@@ -138,14 +156,15 @@ _REFUSED_FLAGS = ("--executor", "--executor-config", "--plugin-config")
 
 
 def _take_gate_flags(argv: list[str]) -> list[str]:
-    """Strip dropfleet's own flags (`--trusted-app-keys FILE`, `--allow-unsigned-apps`) from `argv`,
-    setting the environment every task process inherits; the rest is Flower's.
+    """Strip dropfleet's own flags (`--trusted-app-keys FILE`, `--allow-unsigned-apps`,
+    `--signature-ledger FILE`) from `argv`, setting the environment every task process
+    inherits; the rest is Flower's.
 
     Only these flags decide: an inherited DROPFLEET_ALLOW_UNSIGNED_APPS or trusted-keys
     variable is cleared first, and exactly one of the two flags must be given.
     """
-    os.environ.pop(ALLOW_UNSIGNED_ENV, None)
-    os.environ.pop(TRUSTED_KEYS_ENV, None)
+    for name in (ALLOW_UNSIGNED_ENV, TRUSTED_KEYS_ENV, LEDGER_ENV):
+        os.environ.pop(name, None)
     rest = []
     args = iter(argv)
     for arg in args:
@@ -157,6 +176,12 @@ def _take_gate_flags(argv: list[str]) -> list[str]:
                 raise SystemExit("--trusted-app-keys needs a file")
             load_trusted_keys(Path(value))  # refuse to start with an unreadable or empty key file
             os.environ[TRUSTED_KEYS_ENV] = str(Path(value).resolve())
+        elif arg == "--signature-ledger" or arg.startswith("--signature-ledger="):
+            value = arg.partition("=")[2] or next(args, "")
+            if not value:
+                raise SystemExit("--signature-ledger needs a file")
+            SignatureLedger(Path(value))  # refuse to start where the ledger cannot be written
+            os.environ[LEDGER_ENV] = str(Path(value).resolve())
         elif arg == "--allow-unsigned-apps":
             os.environ[ALLOW_UNSIGNED_ENV] = "1"
         else:
@@ -170,7 +195,7 @@ def superexec() -> None:
     """`dropfleet-superexec`: Flower's `flower-superexec`, starting the launchers above.
 
     Takes Flower's flags plus `--trusted-app-keys FILE` (the operator's public app keys)
-    or, for a development fleet, `--allow-unsigned-apps`.
+    or, for a development fleet, `--allow-unsigned-apps`; on the server, `--signature-ledger FILE`.
     """
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType

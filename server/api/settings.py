@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # inside its network and publishes on DROPFLEET_PUBLISH_HOST): see `exposure_problem`.
     published_host: str | None = None
     read_token: SecretStr | None = None
+    # With DROPFLEET_READ_ACCESS=token and no read token: read it from this file (default:
+    # $DROPFLEET_STATE_DIR/read-token), created with a random token on first start.
+    read_token_file: Path | None = None
     max_request_bytes: int = 64 * 1024
     cors_origins: list[str] = []
     # Where runs are started: the Flower app and a connection in $FLWR_HOME/config.toml. No
@@ -64,6 +67,13 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _read_token_from_file(self) -> "Settings":
+        if self.read_access == "token" and self.read_token is None:
+            path = self.read_token_file or Path(os.environ.get(STATE_DIR_ENV, "state")) / "read-token"
+            self.read_token = SecretStr(read_or_create_token(path))
+        return self
+
+    @model_validator(mode="after")
     def _no_placeholder_secrets(self) -> "Settings":
         for name, secret in (("admin_token", self.admin_token), ("read_token", self.read_token)):
             if secret is not None and (
@@ -73,19 +83,18 @@ class Settings(BaseSettings):
                     f"DROPFLEET_{name.upper()} is a placeholder or shorter than 16 characters; set a "
                     "real secret, or leave DROPFLEET_ADMIN_TOKEN unset for a random one in a file"
                 )
-        if self.read_access == "token" and self.read_token is None:
-            raise ValueError("DROPFLEET_READ_ACCESS=token needs DROPFLEET_READ_TOKEN")
         return self
 
     def exposure_problem(self, bind_host: str) -> str | None:
         """Why the API must not serve on `bind_host`, if it must not: beyond loopback, outside
         development, every read needs a token too."""
         exposed = self.published_host or bind_host
-        if _is_loopback(exposed) or self.environment == "development" or self.read_access == "token":
+        if is_loopback(exposed) or self.environment == "development" or self.read_access == "token":
             return None
         return (
             f"the API would be reachable on {exposed} with open reads; set DROPFLEET_READ_ACCESS=token "
-            "and DROPFLEET_READ_TOKEN (or bind 127.0.0.1, or DROPFLEET_ENVIRONMENT=development)"
+            "(the read token: DROPFLEET_READ_TOKEN, or a random one in a file), bind 127.0.0.1, or "
+            "set DROPFLEET_ENVIRONMENT=development"
         )
 
     @property
@@ -99,7 +108,8 @@ class Settings(BaseSettings):
         return flower_env(Path(self.flwr_home))
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost; a name is assumed reachable from elsewhere."""
     if host == "localhost":
         return True
     try:
@@ -115,11 +125,11 @@ def read_or_create_token(path: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
-        logger.warning("Created a random admin token in %s", path)
+        logger.warning("Created a random token in %s", path)
     info = path.stat()
     if info.st_mode & 0o077 or info.st_uid != os.geteuid():
-        raise ValueError(f"the admin token file {path} must be private to this user (mode 0600)")
+        raise ValueError(f"the token file {path} must be private to this user (mode 0600)")
     token = path.read_text().strip()
     if len(token) < 16:
-        raise ValueError(f"the admin token in {path} is shorter than 16 characters")
+        raise ValueError(f"the token in {path} is shorter than 16 characters")
     return token

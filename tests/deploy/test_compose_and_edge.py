@@ -76,7 +76,9 @@ def test_host_network_compose_binds_loopback_only(tmp_path):
 
 
 def test_compose_runs_what_the_process_fleet_runs(tmp_path):
-    spec = FleetSpec(nodes=3, node_port_base=9094, state_dir=tmp_path)
+    # Compose's server side binds every interface of its namespace: a process fleet published
+    # beyond loopback is the same shape (the API behind the proxy).
+    spec = FleetSpec(nodes=3, node_port_base=9094, state_dir=tmp_path, host="0.0.0.0")
     local = topology(spec, local_layout(spec, tmp_path))
     services = yaml.safe_load(render(spec))["services"]
     assert set(local) <= set(services)
@@ -109,6 +111,17 @@ def test_every_service_is_healthy_ordered_and_constrained():
         "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}:8080:8080",
     ]
     assert services["api"]["environment"]["DROPFLEET_ENVIRONMENT"] == "${DROPFLEET_ENVIRONMENT:-production}"
+    # The API binds the namespace's loopback; the proxy publishes it over TLS, and since the whole
+    # compose network (the boards too) reaches it there, reads need a token.
+    api_cmd, proxy_cmd = services["api"]["command"], services["proxy"]["command"]
+    assert api_cmd[api_cmd.index("--host") + 1] == "127.0.0.1"
+    assert api_cmd[api_cmd.index("--port") + 1] == "8081"
+    assert proxy_cmd[proxy_cmd.index("--api-port") + 1] == "8080" and "--certs" in proxy_cmd
+    assert proxy_cmd[proxy_cmd.index("--api-upstream-port") + 1] == "8081"
+    assert services["api"]["environment"]["DROPFLEET_READ_ACCESS"] == "${DROPFLEET_READ_ACCESS:-token}"
+    assert services["api"]["environment"]["DROPFLEET_READ_TOKEN_FILE"] == "/flwr/read-token"
+    ledger = services["superexec-serverapp"]["command"]
+    assert ledger[ledger.index("--signature-ledger") + 1] == "/data/store/signatures.db"  # a volume, rw
     assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN"] == "${DROPFLEET_ADMIN_TOKEN:-}"
     assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN_FILE"] == "/flwr/admin-token"
     assert "flwr-home:/flwr" in services["api"]["volumes"]  # writable: Flower writes credentials there
@@ -120,8 +133,8 @@ def test_every_service_is_healthy_ordered_and_constrained():
             assert "certs" not in mounted, name
         if name not in ("certs", "api"):
             assert "signing" not in mounted, name
-        if name.startswith(("supernode-", "superexec-clientapp-")):
-            assert mounted == {"trust", "node-keys"}, name
+        if name.startswith(("supernode-", "superexec-clientapp-")):  # a board sees its own keys only
+            assert mounted == {"trust", f"node-keys-{name.rsplit('-', 1)[1]}"}, name
             assert "dropfleet-superexec" in svc["command"] or "flower-supernode" in svc["command"]
     for name, svc in services.items():
         if name.startswith("superexec-clientapp-"):

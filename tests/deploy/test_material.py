@@ -23,7 +23,7 @@ def test_secrets_are_private_public_files_are_not_and_a_restart_keeps_them(tmp_p
         m.signing_key,
         m.keys / "superexec-server",
         *(m.node_key(i) for i in range(2)),
-        *(m.node_keys / f"superexec-node-{i}" for i in range(2)),
+        *(m.node_dir(i) / f"superexec-node-{i}" for i in range(2)),
     ]
     assert all(mode(p) == 0o600 for p in secrets), {str(p): oct(mode(p)) for p in secrets}
     assert sorted(p.name for p in m.trust.iterdir()) == ["app-signer.pub", "ca.crt"]  # what boards get
@@ -40,3 +40,13 @@ def test_a_regenerated_server_key_never_inherits_an_old_files_mode(tmp_path):
     (m.certs / "server.pem").unlink()  # a partial set: everything is made again
     create(m, nodes=1)
     assert mode(key) == 0o600
+
+
+def test_per_node_material_puts_each_boards_files_in_a_directory_of_its_own(tmp_path):
+    dirs = [tmp_path / name for name in ("c", "t", "s", "k", "n")]
+    m = Material(*dirs, per_node=True)
+    create(m, nodes=2)
+    for i in range(2):
+        names = sorted(p.name for p in (tmp_path / "n" / str(i)).iterdir())
+        assert names == [f"node-{i}", f"node-{i}.pub", f"superexec-node-{i}"]
+        assert mode(m.node_key(i)) == 0o600

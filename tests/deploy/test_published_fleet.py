@@ -4,13 +4,16 @@
 outsider holds what every board receives (ca.crt) and reaches the published
 port. Then the layers behind the proxy are tried one by one, as if the one in
 front of them had failed: a run submitted on the operator's own Control API
-without the operator's signature, and a server whose SuperExec was made to run
+without the operator's signature, a signed run replayed or submitted past its
+expiry, and a server whose SuperExec was made to run
 anything (a compromised server), whose ClientApp tasks the boards must refuse.
 """
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,8 +21,13 @@ import time
 from pathlib import Path
 
 import httpx
+from flwr.common.config import parse_config_args
 
-from dropfleet.fleet.flower_env import flower_env, write_connection
+from dropfleet.deploy.material import SIGNING_KEY
+from dropfleet.deploy.topology import SIGNATURE_LEDGER
+from dropfleet.fleet import app_signing
+from dropfleet.fleet.flower_env import PROJECT_ROOT, flower_env, write_connection
+from dropfleet.server.flower_control import sign_run, toml_value
 from tests.deploy.test_fleet_e2e import fleet_up, run
 from tests.integration.procs import processes_mentioning, start, stop
 
@@ -131,6 +139,17 @@ def wait_finished(home: Path, run_id: str, timeout: float = 240) -> str:
     raise AssertionError(f"run {run_id} did not finish")
 
 
+def wait_claimed(ledger: Path, run_id: str, timeout: float = 120) -> None:
+    """Until the ServerApp's launcher has claimed the run's signature in the ledger."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.closing(sqlite3.connect(ledger, timeout=10)) as db:
+            if db.execute("SELECT 1 FROM claims WHERE run_id = ?", (run_id,)).fetchone():
+                return
+        time.sleep(1)
+    raise AssertionError(f"run {run_id}'s signature was never claimed")
+
+
 def test_an_outsider_cannot_run_code_on_the_server_or_the_boards(tmp_path):
     state = tmp_path / "fleet"
     out = tmp_path / "outsider-out"
@@ -169,6 +188,25 @@ def test_an_outsider_cannot_run_code_on_the_server_or_the_boards(tmp_path):
         assert wait_finished(operator, unsigned) == "finished:failed"
         assert "not signed by the operator" in flwr(operator, "log", unsigned, "fleet", "--show")
         assert not (out / "server-ran").exists()
+
+        # A signature is good for one run: the operator's signed run, submitted again as is (a
+        # replay on the loopback Control API), is refused; so is one signed too long ago.
+        overrides = "num-server-rounds=1 train-subset=100 min-available-nodes=2 fraction-evaluate=0.0"
+        signature = sign_run(str(PROJECT_ROOT), overrides, state / "keys" / SIGNING_KEY)
+        signed = f"{overrides} app-signature={signature}"
+        first = started_run(flwr(operator, "run", str(PROJECT_ROOT), "fleet", "--run-config", signed))
+        wait_claimed(state / "store" / SIGNATURE_LEDGER, first)
+        flwr(operator, "stop", first, "fleet")
+        replay = started_run(flwr(operator, "run", str(PROJECT_ROOT), "fleet", "--run-config", signed))
+        assert wait_finished(operator, replay) == "finished:failed"
+        assert f"used by run {first} already (a replay)" in flwr(operator, "log", replay, "fleet", "--show")
+        key = app_signing.load_signing_key(state / "keys" / SIGNING_KEY)
+        parsed = parse_config_args([overrides])
+        old = app_signing.sign(key, app_signing.fab_for(PROJECT_ROOT), parsed, now=time.time() - 7200)
+        stale = f"{overrides} app-signature={toml_value(old)}"
+        expired = started_run(flwr(operator, "run", str(PROJECT_ROOT), "fleet", "--run-config", stale))
+        assert wait_finished(operator, expired) == "finished:failed"
+        assert "app-signature expired" in flwr(operator, "log", expired, "fleet", "--show")
 
         # A compromised server: its SuperExec replaced by one that runs anything. The outsider's
         # ServerApp now runs, and sends work to every board; each board refuses it, with the reason.

@@ -3,7 +3,9 @@
 import base64
 import io
 import os
+import sqlite3
 import stat
+import time
 import zipfile
 
 import pytest
@@ -55,10 +57,9 @@ def _run(overrides: dict) -> Run:
 def test_nothing_of_the_fab_is_parsed_before_it_verifies(operator):
     """A zip bomb, or no zip at all, is refused by its signature alone."""
     _, trusted = operator
+    forged = f"v3.{int(time.time()) + 60}.{'0' * 32}.{base64.urlsafe_b64encode(bytes(64)).decode()}"
     with pytest.raises(AppSignatureError, match="does not verify"):
-        app_signing.verify(
-            b"PK\x03\x04 not a zip", {"app-signature": base64.urlsafe_b64encode(bytes(64)).decode()}, trusted
-        )
+        app_signing.verify(b"PK\x03\x04 not a zip", {"app-signature": forged}, trusted)
 
 
 @pytest.mark.parametrize(
@@ -72,6 +73,10 @@ def test_nothing_of_the_fab_is_parsed_before_it_verifies(operator):
         lambda fab, cfg: (fab, {**cfg, "app-signature": "not base64!"}),
         lambda fab, cfg: (fab, {**cfg, "app-signature": base64.urlsafe_b64encode(b"x" * 64).decode()}),
         lambda fab, cfg: (fab, {**cfg, "app-signature": 7}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], expires=2**40)}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], nonce="1" * 32)}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], nonce="xyz")}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": "v2" + cfg["app-signature"][2:]}),
     ],
 )
 def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper):
@@ -81,6 +86,41 @@ def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper
     other_fab, other_config = tamper(fab, signed)
     with pytest.raises(AppSignatureError, match="refused"):
         app_signing.verify(other_fab, other_config, trusted)
+
+
+def _with(signature: str, expires: int | None = None, nonce: str | None = None) -> str:
+    version, old_expires, old_nonce, raw = signature.split(".")
+    return ".".join([version, str(expires or old_expires), nonce or old_nonce, raw])
+
+
+def test_a_signature_expires_and_names_one_run(fab, operator):
+    key, trusted = operator
+    now = 1_800_000_000
+    first = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
+    second = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
+    assert first.expires == now + app_signing.SIGNATURE_TTL_S and first.nonce != second.nonce
+    app_signing.check_fresh(first, now=first.expires)
+    with pytest.raises(AppSignatureError, match="expired 1 s ago"):
+        app_signing.check_fresh(first, now=first.expires + 1)
+
+
+def test_the_ledger_lets_a_signature_start_one_run_only(fab, operator, tmp_path):
+    key, trusted = operator
+    now = time.time()
+    signature = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
+    ledger = app_signing.SignatureLedger(tmp_path / "store" / "signatures.db")
+    ledger.claim(signature, run_id=7, now=now)
+    ledger.claim(signature, run_id=7, now=now)  # the same run's ServerApp, started again
+    # Another process opening the same file sees the claim (the SuperExec starts one per run).
+    with pytest.raises(AppSignatureError, match="used by run 7 already"):
+        app_signing.SignatureLedger(tmp_path / "store" / "signatures.db").claim(signature, run_id=8, now=now)
+    # Past its expiry the claim is dropped (check_fresh refuses the signature by then): the
+    # file holds one window's worth of runs, however long the fleet lives.
+    later = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
+    ledger.claim(later, run_id=9, now=signature.expires + 1)
+    with sqlite3.connect(tmp_path / "store" / "signatures.db") as db:
+        assert db.execute("SELECT run_id FROM claims").fetchall() == [("9",)]
+    ledger.claim(signature, run_id=2**64 - 1, now=now - 1)  # Flower's run ids are unsigned 64-bit
 
 
 def test_another_signer_is_refused_and_any_trusted_key_is_enough(fab, operator, tmp_path):
@@ -143,11 +183,17 @@ def test_sign_run_signs_what_flwr_run_will_submit(fab, operator, tmp_path):
 def test_superexec_flags_set_the_gate_for_its_task_processes(tmp_path, operator, monkeypatch):
     monkeypatch.delenv(app_signing.TRUSTED_KEYS_ENV, raising=False)
     monkeypatch.delenv(app_signing.ALLOW_UNSIGNED_ENV, raising=False)
+    monkeypatch.delenv(app_signing.LEDGER_ENV, raising=False)
     pub = tmp_path / "trust" / "signer.pub"
     rest = _take_gate_flags(["--insecure", "--trusted-app-keys", str(pub), "--runtime-api-address", "h:1"])
     assert rest == ["--insecure", "--runtime-api-address", "h:1"]
     assert os.environ[app_signing.TRUSTED_KEYS_ENV] == str(pub.resolve())
     assert _take_gate_flags(["--allow-unsigned-apps"]) == []
+    ledger = tmp_path / "store" / "signatures.db"
+    assert _take_gate_flags(["--trusted-app-keys", str(pub), "--signature-ledger", str(ledger)]) == []
+    assert os.environ[app_signing.LEDGER_ENV] == str(ledger.resolve()) and ledger.exists()
+    _take_gate_flags(["--allow-unsigned-apps"])  # the next SuperExec's flags alone decide
+    assert app_signing.LEDGER_ENV not in os.environ
     assert os.environ[app_signing.ALLOW_UNSIGNED_ENV] == "1"
     (tmp_path / "empty.pub").write_text("")
     with pytest.raises(AppSignatureError):  # a SuperExec never starts trusting nothing by mistake

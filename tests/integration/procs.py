@@ -52,11 +52,11 @@ def stop(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
             p.wait(5)
 
 
-def wait_healthy(url: str, timeout: float = 30.0) -> None:
+def wait_healthy(url: str, timeout: float = 30.0, verify: str | bool = True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if httpx.get(url, timeout=1.0).is_success:
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
                 return
         except httpx.HTTPError:
             pass

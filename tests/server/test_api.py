@@ -237,6 +237,17 @@ def test_refuses_a_placeholder_secret_in_any_environment(environment, tmp_path, 
         Settings(environment=environment)
 
 
+def test_reads_behind_a_token_get_a_random_one_unless_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("DROPFLEET_STATE_DIR", str(tmp_path))
+    monkeypatch.delenv("DROPFLEET_READ_TOKEN", raising=False)
+    made = Settings(admin_token=ADMIN, read_access="token").read_token.get_secret_value()
+    assert len(made) >= 32 and (tmp_path / "read-token").read_text() == made != ADMIN
+    assert (tmp_path / "read-token").stat().st_mode & 0o777 == 0o600
+    elsewhere = Settings(admin_token=ADMIN, read_access="token", read_token_file=tmp_path / "t" / "reader")
+    assert elsewhere.read_token.get_secret_value() == (tmp_path / "t" / "reader").read_text() != made
+    assert Settings(admin_token=ADMIN).read_token is None  # open reads: no token made
+
+
 def test_a_published_api_needs_read_tokens_outside_development(tmp_path):
     """Beyond loopback, reads need a token too: `dropfleet api` refuses to start otherwise."""
     env = {**os.environ, "DROPFLEET_STATE_DIR": str(tmp_path), "DROPFLEET_ADMIN_TOKEN": ADMIN}
