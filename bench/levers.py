@@ -140,8 +140,8 @@ def run_one(
     from dropfleet.common.aggregate.update_memory import UpdateMemory
     from dropfleet.common.device.data import load_fashion_mnist
     from dropfleet.common.device.train import evaluate
-    from dropfleet.common.model.layer_init import seeded_model
-    from dropfleet.common.model.sparse import SparseModel, materialize, num_weights
+    from dropfleet.common.model.sparse import SparseModel, num_weights
+    from dropfleet.common.model.torch_model import materialize, seeded_model
     from dropfleet.common.wire.codec import HeldSet, decode, encode
     from dropfleet.common.wire.downlink import DownlinkPublisher, GlobalSet, apply_delta
     from dropfleet.common.wire.uplink import NO_RESIDUAL, Residual, resolve

@@ -45,8 +45,8 @@ from dropfleet.common.device.dropback import DropBack
 from dropfleet.common.device.footprint import activation_bytes, held_bytes, measure_step_peak
 from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
 from dropfleet.common.device.train import evaluate
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.layout import model_layout
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.common.seed import init_compiled
 
 SMALL_BLOCK = 2048

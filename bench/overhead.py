@@ -22,7 +22,7 @@ from torch import nn
 
 from dropfleet.common.device.data import load_fashion_mnist
 from dropfleet.common.device.dropback import DropBack
-from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.torch_model import seeded_model
 
 
 class NaiveDropBack(torch.optim.Optimizer):

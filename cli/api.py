@@ -175,7 +175,7 @@ def _export_dense(decoded: "SparseModel", out: Path, format: str) -> None:
         export_state_dict,
         has_batch_norm,
     )
-    from dropfleet.common.model.registry import build_model
+    from dropfleet.common.model.torch_model import build_model
 
     calibration = None
     if has_batch_norm(build_model(decoded.model_id)):  # its statistics are re-estimated, as the server does

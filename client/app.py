@@ -29,9 +29,9 @@ from dropfleet.client.local import (
 from dropfleet.common.device.data import Split
 from dropfleet.common.device.train import EvalResult, evaluate
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.layout import model_layout
 from dropfleet.common.model.sparse import SparseModel, dense_deltas
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.common.wire.downlink import GlobalSet, apply_delta
 from dropfleet.common.wire.topk import zeros
 from dropfleet.common.wire.uplink import NO_RESIDUAL, Residual

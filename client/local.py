@@ -28,12 +28,8 @@ from dropfleet.common.device.train import (
     train_epochs,
 )
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.model.layer_init import seeded_model
-from dropfleet.common.model.sparse import (
-    SparseModel,
-    initial_at_tracked,
-    load_deltas_,
-)
+from dropfleet.common.model.sparse import SparseModel, initial_at_tracked
+from dropfleet.common.model.torch_model import load_deltas_, seeded_model
 from dropfleet.common.wire.codec import encode
 from dropfleet.common.wire.topk import Dense, sparsify_with_feedback
 from dropfleet.common.wire.uplink import Residual, encode_change
@@ -205,7 +201,7 @@ def train_topk(
 
 def evaluate_sparse(global_model: SparseModel, data: Split, calibration: Split) -> EvalResult:
     """Evaluate the global model; batch-norm statistics come from this node's training data."""
-    from dropfleet.common.model.sparse import materialize
+    from dropfleet.common.model.torch_model import materialize
 
     model = materialize(global_model)
     recalibrate_batch_norm(model, calibration)

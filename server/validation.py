@@ -22,8 +22,8 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.common.wire.codec import HeldSet, decode
 from dropfleet.common.wire.uplink import resolve
 from dropfleet.fleet.config import RunConfig

@@ -1,6 +1,9 @@
 """The packages import one way: each layer only builds on the ones below it, checked on the source."""
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,10 @@ ALLOWED = {
     "deploy": {"common", "fleet", "deploy", "server"},
 }
 FLOWER_FREE = ("common",)
+# What the server's wire and merge code and a board without torch import: torch may not be reached from
+# them, at any depth. torch_model.py is the one torch module of common/model/ (the nn.Module side).
+TORCH_FREE = ("common.seed", "common.model", "common.wire", "common.aggregate")
+TORCH_MODULES = ("common/model/torch_model.py",)
 
 
 def package_of(path: Path) -> str:
@@ -70,6 +77,68 @@ def test_imports_go_one_way(path):
         if not within(name, ALLOWED[package]):
             bad.append(module)
     assert not bad, f"{path.relative_to(ROOT)} ({package}) imports {sorted(bad)}"
+
+
+def module_file(module: str) -> Path | None:
+    """The source of a dropfleet module (None for names that are attributes, not modules)."""
+    rel = ROOT / module.removeprefix("dropfleet.").replace(".", "/")
+    for candidate in (rel.with_suffix(".py"), rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def torch_chain(path: Path, seen: set[Path]) -> list[str] | None:
+    """The import chain from `path` to torch, following dropfleet's own modules and their packages."""
+    seen.add(path)
+    for module in sorted(imports(path)):
+        if module.split(".")[0] == "torch":
+            return [module]
+        if not module.startswith("dropfleet."):
+            continue
+        parts = module.split(".")
+        # importing a.b.c runs a.b's __init__ too
+        for depth in range(2, len(parts) + 1):
+            dep = module_file(".".join(parts[:depth]))
+            if dep is not None and dep not in seen:
+                chain = torch_chain(dep, seen)
+                if chain is not None:
+                    return [str(dep.relative_to(ROOT)), *chain]
+    return None
+
+
+TORCH_FREE_SOURCES = [
+    p
+    for p in SOURCES
+    if package_of(p).startswith(TORCH_FREE) and str(p.relative_to(ROOT)) not in TORCH_MODULES
+]
+
+
+@pytest.mark.parametrize("path", TORCH_FREE_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_torch_free_layers_reach_no_torch(path):
+    chain = torch_chain(path, set())
+    assert chain is None, f"{path.relative_to(ROOT)} reaches torch: {' -> '.join(chain)}"
+
+
+def test_the_wire_merge_and_model_description_import_without_torch():
+    # torch set to None in sys.modules makes any `import torch`, however deep or lazy, raise ImportError
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None
+        import dropfleet.common.aggregate.merge
+        import dropfleet.common.model.arch
+        from dropfleet.common.model.layout import model_layout
+        from dropfleet.common.model.registry import MODELS
+        from dropfleet.common.model.sparse import SparseModel
+        from dropfleet.common.wire.codec import decode, encode
+        for model_id in MODELS:
+            empty = SparseModel.empty(model_id, 3)
+            assert decode(encode(empty)).layout.shapes == model_layout(model_id).shapes
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_every_core_module_is_in_a_layer():

@@ -14,7 +14,8 @@ from torch import nn
 from dropfleet.common.device.data import Split
 from dropfleet.common.device.train import recalibrate_batch_norm
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.model.sparse import SparseModel, materialize
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.common.model.torch_model import materialize
 
 FORMATS = ("protobuf", "pt", "onnx")
 INPUT_SHAPE = (1, 1, 28, 28)  # one 28x28 grey image, normalized as common/device/data.py does

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from dropfleet.common.model.registry import build_model
+from dropfleet.common.model.torch_model import build_model
 
 # How a device trains, fastest first: DropBack on dense weights, streaming one layer at
 # a time, streaming in row blocks (client/profiles.plan_training chooses by budget).

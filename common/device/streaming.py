@@ -26,8 +26,8 @@ from dropfleet.common.device import running_topk
 from dropfleet.common.device.footprint import Footprint
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.layout import TensorSlot, model_layout
-from dropfleet.common.model.registry import build_model
 from dropfleet.common.model.sparse import SparseModel, SparseTensor
+from dropfleet.common.model.torch_model import build_model
 from dropfleet.common.seed import init_compiled
 from dropfleet.common.seed.init_scheme import RANGE_CHUNK, Backend, initial_range, initial_values
 

@@ -13,13 +13,9 @@ DropBack can prune them like any other weight and regenerate them from nothing.
 
 import math
 
-import numpy as np
-import torch
-from torch import nn
-
 from dropfleet.common.errors import InitSchemeError
-from dropfleet.common.model.registry import build_model, get_model_entry
-from dropfleet.common.seed.init_scheme import INIT_SCHEME_VERSION, InitSpec, initial_tensor
+from dropfleet.common.model.arch import Arch, BatchNorm2d, Conv2d, Linear, PReLU, named_layers
+from dropfleet.common.seed.init_scheme import InitSpec
 
 _WEIGHT_RULES = {
     "torch-default": lambda fan_in: InitSpec("uniform", 1.0 / math.sqrt(fan_in)),
@@ -31,38 +27,25 @@ _WEIGHT_RULES = {
 INIT_FAMILIES = frozenset(_WEIGHT_RULES)
 
 
-def layer_init_specs(model: nn.Module, family: str) -> dict[str, InitSpec]:
-    """The init spec of every parameter of `model`, keyed by parameter name."""
+def layer_init_specs(arch: Arch, family: str) -> dict[str, InitSpec]:
+    """The init spec of every parameter of `arch`, keyed by parameter name."""
     if family not in _WEIGHT_RULES:
         raise InitSchemeError(f"unknown init family {family!r}; known: {sorted(_WEIGHT_RULES)}")
     weight_rule = _WEIGHT_RULES[family]
     specs: dict[str, InitSpec] = {}
-    for module_name, module in model.named_modules():
-        prefix = f"{module_name}." if module_name else ""
-        own = dict(module.named_parameters(recurse=False))
+    for name, layer in named_layers(arch):
+        own = dict(layer.params())
         if not own:
             continue
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            fan_in = module.weight[0].numel()
-            specs[prefix + "weight"] = weight_rule(fan_in)
-            if module.bias is not None:
-                specs[prefix + "bias"] = InitSpec("uniform", 1.0 / math.sqrt(fan_in))
-        elif isinstance(module, nn.modules.batchnorm._NormBase):
-            specs[prefix + "weight"] = InitSpec("constant", 1.0)
-            specs[prefix + "bias"] = InitSpec("constant", 0.0)
-        elif isinstance(module, nn.PReLU):
-            specs[prefix + "weight"] = InitSpec("constant", 0.25)
+        if isinstance(layer, (Linear, Conv2d)):
+            specs[f"{name}.weight"] = weight_rule(layer.fan_in)
+            if "bias" in own:
+                specs[f"{name}.bias"] = InitSpec("uniform", 1.0 / math.sqrt(layer.fan_in))
+        elif isinstance(layer, BatchNorm2d):
+            specs[f"{name}.weight"] = InitSpec("constant", 1.0)
+            specs[f"{name}.bias"] = InitSpec("constant", 0.0)
+        elif isinstance(layer, PReLU):
+            specs[f"{name}.weight"] = InitSpec("constant", 0.25)
         else:
-            raise InitSchemeError(f"no init rule for parameters of {type(module).__name__} ({module_name!r})")
+            raise InitSchemeError(f"no init rule for parameters of {type(layer).__name__} ({name!r})")
     return specs
-
-
-def seeded_model(model_id: str, seed: int, scheme: int = INIT_SCHEME_VERSION) -> nn.Module:
-    """A registered model whose every parameter holds its seeded initial value."""
-    model = build_model(model_id)
-    specs = layer_init_specs(model, get_model_entry(model_id).init_family)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            w0 = initial_tensor(seed, name, specs[name], tuple(p.shape), scheme)
-            p.copy_(torch.from_numpy(np.ascontiguousarray(w0)))
-    return model

@@ -13,8 +13,9 @@ from functools import cache
 
 import numpy as np
 
+from dropfleet.common.model.arch import parameter_shapes
 from dropfleet.common.model.layer_init import layer_init_specs
-from dropfleet.common.model.registry import build_model, get_model_entry
+from dropfleet.common.model.registry import get_model_entry
 from dropfleet.common.seed.init_scheme import InitSpec
 
 
@@ -94,7 +95,6 @@ class Layout:
 
 @cache
 def model_layout(model_id: str) -> Layout:
-    """The layout of a registered model, with each tensor's init spec."""
-    model = build_model(model_id)
-    specs = layer_init_specs(model, get_model_entry(model_id).init_family)
-    return Layout.of_shapes(((n, tuple(p.shape)) for n, p in model.named_parameters()), specs)
+    """The layout of a registered model, with each tensor's init spec (from its arch: no torch)."""
+    entry = get_model_entry(model_id)
+    return Layout.of_shapes(parameter_shapes(entry.arch), layer_init_specs(entry.arch, entry.init_family))

@@ -3,18 +3,16 @@
 A `SparseModel` is the only form in which a model leaves a device or the
 server. Its weights are w = w0(seed) + delta, where delta is non-zero only at
 tracked positions (`values` holds w - w0 there). An empty tracked set is the
-seeded initial model itself.
+seeded initial model itself. No torch here: `torch_model.materialize` builds
+the dense nn.Module.
 """
 
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
 from dropfleet.common.errors import WireFormatError
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.layout import Layout, model_layout
 from dropfleet.common.seed.init_scheme import INIT_SCHEME_VERSION, SUPPORTED_INIT_SCHEMES, initial_values
 
@@ -141,24 +139,6 @@ def from_positions(template: SparseModel, positions: np.ndarray, values: np.ndar
 def num_weights(model_id: str) -> int:
     """N: how many weights (parameters) a registered model has."""
     return model_layout(model_id).numel
-
-
-def materialize(sparse: SparseModel) -> nn.Module:
-    """The dense model w0(seed) + delta, ready to train or evaluate."""
-    model = seeded_model(sparse.model_id, sparse.seed, sparse.init_scheme)
-    load_deltas_(model, sparse)
-    return model
-
-
-def load_deltas_(model: nn.Module, sparse: SparseModel) -> None:
-    """Add the tracked deltas onto a model that holds its seeded initial weights."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for t in sparse.tensors:
-            if t.count:
-                flat = params[t.name].view(-1)
-                idx = torch.from_numpy(t.indices.astype(np.int64))
-                flat.index_add_(0, idx, torch.from_numpy(t.values.astype(np.float32)))
 
 
 def sparse_from_dense_delta(model_id: str, seed: int, deltas: dict[str, np.ndarray]) -> SparseModel:

@@ -23,7 +23,8 @@ from dropfleet.common.aggregate.merge import churn, next_global
 from dropfleet.common.aggregate.server_opt import ServerAdam, ServerMomentum, ServerOptimizer
 from dropfleet.common.aggregate.update_memory import UpdateMemory
 from dropfleet.common.device.train import recalibrate_batch_norm
-from dropfleet.common.model.sparse import SparseModel, materialize, num_weights
+from dropfleet.common.model.sparse import SparseModel, num_weights
+from dropfleet.common.model.torch_model import materialize
 from dropfleet.common.wire.codec import decode
 from dropfleet.common.wire.downlink import DownlinkPublisher, GlobalSet
 from dropfleet.fleet.config import RunConfig

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
-from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.fleet.replies import NUM_EXAMPLES, TrainReply
 from dropfleet.server.strategies.base import FleetStrategy, Trained
 from dropfleet.server.validation import validate_dense_reply

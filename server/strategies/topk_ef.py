@@ -18,8 +18,8 @@ from torch import nn
 
 from dropfleet.common.aggregate.merge import merge_sparse
 from dropfleet.common.device.train import recalibrate_batch_norm
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.sparse import SparseModel, dense_deltas
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.common.wire.codec import encode
 from dropfleet.common.wire.topk import sparsify_with_feedback, zeros
 from dropfleet.fleet.config import RunConfig

@@ -57,7 +57,7 @@ def test_model_exports_as_a_torch_state_dict_and_onnx(api, tmp_path):
     import torch
 
     from dropfleet.common.device.export import dense_model
-    from dropfleet.common.model.registry import build_model
+    from dropfleet.common.model.torch_model import build_model
 
     want = dense_model(decode(api.models[-1]))
     images = torch.randn(5, 1, 28, 28)

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import DENSE_RECORD, SPARSE_RECORD, pack_sparse, record_payload
 from dropfleet.server.reporting import RoundRecorder

@@ -12,7 +12,7 @@ from dropfleet.common.device.dropback import (
     dropback_select,
 )
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.model.layer_init import seeded_model
+from dropfleet.common.model.torch_model import seeded_model
 
 
 class NaiveDropBack:

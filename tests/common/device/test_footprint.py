@@ -22,9 +22,9 @@ from dropfleet.common.device.footprint import (
 )
 from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
 from dropfleet.common.device.train import PeakProbe
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.layout import model_layout
-from dropfleet.common.model.sparse import SparseModel, SparseTensor, initial_at_tracked, load_deltas_
+from dropfleet.common.model.sparse import SparseModel, SparseTensor, initial_at_tracked
+from dropfleet.common.model.torch_model import load_deltas_, seeded_model
 from dropfleet.common.seed import init_compiled
 
 # A stated footprint may be loose (it must hold for any batch), but not absurdly.

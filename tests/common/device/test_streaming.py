@@ -8,12 +8,8 @@ from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
 from dropfleet.common.device.streaming import STREAMING_STATE_BYTES_PER_TRACKED, StreamingDropBack
 from dropfleet.common.device.train import evaluate, train_epochs
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.model.layer_init import seeded_model
-from dropfleet.common.model.sparse import (
-    initial_at_tracked,
-    load_deltas_,
-    materialize,
-)
+from dropfleet.common.model.sparse import initial_at_tracked
+from dropfleet.common.model.torch_model import load_deltas_, materialize, seeded_model
 from tests.factories import random_sparse_model
 
 N = 89_610

@@ -5,8 +5,7 @@ import torch
 
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
 from dropfleet.common.device.train import evaluate, train_epochs
-from dropfleet.common.model.layer_init import seeded_model
-from dropfleet.common.model.sparse import materialize
+from dropfleet.common.model.torch_model import materialize, seeded_model
 from dropfleet.common.wire.codec import decode, encode
 
 

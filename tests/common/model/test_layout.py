@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dropfleet.common.model.layout import Layout, model_layout
-from dropfleet.common.model.registry import MODELS, build_model
+from dropfleet.common.model.registry import MODELS
+from dropfleet.common.model.torch_model import build_model
 
 
 @pytest.mark.parametrize("model_id", sorted(MODELS))

@@ -6,13 +6,9 @@ import torch
 
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
 from dropfleet.common.errors import UnknownModelError, WireFormatError
-from dropfleet.common.model.registry import MODELS, build_model
-from dropfleet.common.model.sparse import (
-    SparseModel,
-    dense_deltas,
-    initial_at_tracked,
-    materialize,
-)
+from dropfleet.common.model.registry import MODELS
+from dropfleet.common.model.sparse import SparseModel, dense_deltas, initial_at_tracked
+from dropfleet.common.model.torch_model import build_model, materialize
 
 
 @pytest.mark.parametrize(
@@ -37,7 +33,7 @@ def test_empty_sparse_model_is_the_seeded_init():
 
 
 def test_optimizer_to_sparse_and_back_reproduces_the_model():
-    from dropfleet.common.model.layer_init import seeded_model
+    from dropfleet.common.model.torch_model import seeded_model
 
     model = seeded_model("mlp-90k", 5)
     opt = DropBack(model.parameters(), lr=0.1, k=300)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dropfleet.common.errors import InitSchemeError
-from dropfleet.common.model.layer_init import seeded_model
 from dropfleet.common.model.layout import model_layout
+from dropfleet.common.model.torch_model import seeded_model
 from dropfleet.common.seed.init_scheme import InitSpec, initial_tensor, initial_values, tensor_id
 
 IDX = np.array([0, 1, 12345, 2**40])
