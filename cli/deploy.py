@@ -63,18 +63,27 @@ def certs(
     control_api: Annotated[
         str, typer.Option(help="the SuperLink's loopback address, for that connection")
     ] = "127.0.0.1:8001",
+    drop_to: Annotated[
+        str | None, typer.Option(help="started as root: give the directories to this user, then run as it")
+    ] = None,
     per_node: Annotated[
-        bool, typer.Option("--per-node", help="each board's files in NODE_KEYS/i (one volume a board)")
+        bool, typer.Option("--per-node", help="board i's keys in NODE_KEYS/i, its secret in .../i-secret")
     ] = False,
 ) -> None:
     """Create a fleet's keys and certificates, each in its own directory (compose's `certs` one-shot)."""
-    from dropfleet.deploy.material import Material, create
+    from dropfleet.deploy.material import Material, create, run_as
     from dropfleet.deploy.topology import CONNECTION
     from dropfleet.fleet.flower_env import write_connection
 
     if (out is None) != no_tls:
         exit_with(2, "give --out DIR for the TLS material, or --no-tls for a development fleet")
     material = Material(out, trust, signing, keys, node_keys, per_node)
+    if drop_to is not None:
+        boards = [d for i in range(nodes) for d in (material.node_dir(i), material.node_secret_dir(i))]
+        try:
+            run_as(drop_to, [d for d in (out, trust, signing, keys, node_keys, flwr_home, *boards) if d])
+        except (KeyError, PermissionError) as exc:
+            exit_with(2, f"--drop-to {drop_to}: {exc}")
     create(material, nodes)
     if flwr_home is not None:
         ca = trust / "ca.crt" if out else None

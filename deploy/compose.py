@@ -16,13 +16,14 @@ reach its Control and Runtime APIs. Boards must be registered (the one-shot
 `register` service registers the simulated ones) and run only signed apps.
 Keys live in volumes mounted only where needed (deploy/material.py): the
 server's TLS key in the SuperLink and the proxy, the app signing key in the
-API; each board gets the public `trust` volume and a volume of its own with its
-node key. Published ports bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST says
-otherwise. The API binds the namespace's loopback and the proxy publishes it
-over TLS; because the whole compose network reaches it, reads need a token (a
-random one in the `flwr-home` volume, like the admin token, unless
-DROPFLEET_READ_TOKEN / DROPFLEET_ADMIN_TOKEN are given), and the API runs in
-production mode unless DROPFLEET_ENVIRONMENT says otherwise.
+API; each board gets the public `trust` volume and two volumes of its own, its
+node key (the SuperNode's alone) and its SuperExec secret. Published ports
+bind 127.0.0.1 unless DROPFLEET_PUBLISH_HOST says otherwise. The API binds the
+namespace's loopback and the proxy publishes it over TLS; because the whole
+compose network reaches it, reads need a token (a random one in the
+`flwr-home` volume, like the admin token, unless DROPFLEET_READ_TOKEN /
+DROPFLEET_ADMIN_TOKEN are given), and the API runs in production mode unless
+DROPFLEET_ENVIRONMENT says otherwise.
 """
 
 import json
@@ -70,6 +71,7 @@ def container_layout(spec: FleetSpec, network: str = "bridge") -> Layout:
             node_port=lambda i: spec.node_port_base + i,
             keys_dir="/keys",
             trust_dir="/trust",
+            node_secrets_dir="/secrets",
         )
     return Layout(
         superlink_host="superlink",  # the proxy's network alias: what the certificate names
@@ -81,6 +83,7 @@ def container_layout(spec: FleetSpec, network: str = "bridge") -> Layout:
         node_port=lambda i: NODE_RUNTIME_PORT,
         keys_dir="/keys",
         trust_dir="/trust",
+        node_secrets_dir="/secrets",
     )
 
 
@@ -131,9 +134,14 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
         *(["--out", "/certs"] if spec.tls else ["--no-tls"]),
         *(f"--{name}={MOUNTS[name]}" for name in ("trust", "signing", "keys")),
         "--node-keys=/node-keys", "--per-node",
+        # Docker makes the boards' mount points root's: the one-shot starts as root, hands them
+        # to the image's user and runs as it from then on.
+        "--drop-to", "dropfleet",
     ]  # fmt: skip
-    # One volume a board (its node key and SuperExec secret): a board's containers see no other's.
+    # Two volumes a board, its node key and its SuperExec secret: a board's containers see no other
+    # board's, and its ClientApps' container gets the secret alone.
     node_keys = [f"node-keys-{i}" for i in range(spec.nodes)]
+    node_secrets = [f"node-secret-{i}" for i in range(spec.nodes)]
     published = api_published(layout)
     api_check = f"127.0.0.1:{spec.api_loopback_port}" if published else f"{_local(layout)}:{spec.api_port}"
     services: dict[str, Any] = {
@@ -141,9 +149,11 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": SERVER_IMAGE,
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile.server"},
             "command": init,
+            "user": "root",
             "volumes": [
                 *_mounts(*certs, "trust", "signing", "keys", "flwr-home", rw=True),
                 *(f"{v}:/node-keys/{i}" for i, v in enumerate(node_keys)),
+                *(f"{v}:/node-keys/{i}-secret" for i, v in enumerate(node_secrets)),
             ],
             "restart": "no",
         },
@@ -246,7 +256,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": CLIENT_IMAGE,
             "build": {"context": ".", "dockerfile": "deploy/Dockerfile.client"},
             "command": procs[f"supernode-{i}"],
-            "volumes": [*_mounts("trust"), f"{node_keys[i]}:/keys:ro"],
+            "volumes": [*_mounts("trust"), f"{node_keys[i]}:/keys:ro", f"{node_secrets[i]}:/secrets:ro"],
             "depends_on": node_ready,
             "restart": "unless-stopped",
             "healthcheck": _health(
@@ -258,7 +268,7 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             "image": CLIENT_IMAGE,
             "command": procs[f"superexec-clientapp-{i}"],
             "network_mode": "host" if host else f"service:supernode-{i}",
-            "volumes": [*_mounts("trust"), f"{node_keys[i]}:/keys:ro"],
+            "volumes": [*_mounts("trust"), f"{node_secrets[i]}:/secrets:ro"],
             "mem_limit": max(profile.memory_bytes, MIN_CONTAINER_BYTES),
             "cpus": profile.cpus,
             "depends_on": {f"supernode-{i}": {"condition": "service_started"}},
@@ -271,8 +281,8 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
             svc.pop("ports", None)  # nothing to publish: services bind the host's loopback directly
             svc.pop("networks", None)
             svc["network_mode"] = "host"
-    names = ("certs", "trust", "signing", "keys", *node_keys, "proxy", "flwr-home", "superlink", "store")
-    volumes = {name: {} for name in (*names, "postgres")}
+    names = ("certs", "trust", "signing", "keys", *node_keys, *node_secrets, "proxy", "flwr-home")
+    volumes = {name: {} for name in (*names, "superlink", "store", "postgres")}
     # A JSON round trip unshares the dicts services share, so the YAML has no anchors.
     return json.loads(json.dumps({"services": services, "volumes": volumes}))
 

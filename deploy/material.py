@@ -6,9 +6,11 @@
 | ca.crt, app-signer.pub | `trust` | every board and SuperExec: public, handed to boards |
 | app-signing | `signing` | the API, which signs the runs it starts |
 | superexec-server | `keys` | the SuperLink and the ServerApp's SuperExec |
-| node-i, node-i.pub, superexec-node-i | `node_keys` (`per_node`: `node_keys/i`) | node i, its SuperExec |
+| node-i, node-i.pub, superexec-node-i | `node_keys` | SuperNode i (its SuperExec: the secret) |
 
-Compose makes them `per_node`: each board's files in a volume of its own.
+Compose makes them `per_node`: board i's key pair in `node_keys/i`, its
+SuperExec secret in `node_keys/i-secret`, each a volume of its own, so the
+container that runs the board's ClientApps never sees the node key.
 
 The process fleet (deploy/fleet.py) and compose's one-shot `certs` service
 (`dropfleet certs`) both create them here. Every secret is created with its
@@ -17,8 +19,10 @@ existing file is kept, so a restart keeps the fleet's identity.
 """
 
 import os
+import pwd
 import secrets
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +44,14 @@ class Material:
     signing: Path
     keys: Path
     node_keys: Path
-    # Each board's files in a directory of its own (`node_keys/i`): compose mounts one volume a board.
+    # Each board's files in directories of its own (`node_keys/i`, `node_keys/i-secret`).
     per_node: bool = False
 
     def node_dir(self, i: int) -> Path:
         return self.node_keys / str(i) if self.per_node else self.node_keys
+
+    def node_secret_dir(self, i: int) -> Path:
+        return self.node_keys / f"{i}-secret" if self.per_node else self.node_keys
 
     @property
     def signing_key(self) -> Path:
@@ -56,6 +63,26 @@ class Material:
 
     def node_key(self, i: int) -> Path:
         return self.node_dir(i) / f"node-{i}"
+
+
+def run_as(user: str, dirs: Iterable[Path]) -> None:
+    """Started as root: give `dirs` (created if missing) to `user`, then become that user for good.
+
+    Compose's `certs` one-shot needs this: a board's key volumes are mounted at paths the
+    image cannot create ahead of time (one per board), and Docker makes such mount points
+    root's. Everything is then created by `user`, with its final mode, as without this step.
+    """
+    entry = pwd.getpwnam(user)
+    if os.geteuid() != 0:
+        if os.geteuid() != entry.pw_uid:
+            raise PermissionError(f"asked to run as {user}, but started as uid {os.geteuid()}, not root")
+        return
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, entry.pw_uid, entry.pw_gid)
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)  # last: from here on nothing runs as root
 
 
 def write_secret(path: Path, data: bytes) -> Path:
@@ -96,4 +123,4 @@ def create(material: Material, nodes: int, names: tuple[str, ...] = DEFAULT_NAME
     _random_secret(material.keys / SERVER_SECRET)
     for i in range(nodes):
         _node_key(material.node_key(i))
-        _random_secret(material.node_dir(i) / f"superexec-node-{i}")
+        _random_secret(material.node_secret_dir(i) / f"superexec-node-{i}")

@@ -92,6 +92,9 @@ class Layout:
     node_port: Callable[[int], int]  # runtime API port of SuperNode i
     keys_dir: str  # the operator's secrets: node keys, SuperExec secrets (never on a board)
     trust_dir: str  # public material every board receives: ca.crt, app-signer.pub
+    # Where a node's SuperExec secret is, when not with its node key (compose: the ClientApps'
+    # container gets the secret alone, never the node key).
+    node_secrets_dir: str = ""
 
 
 def _exe(layout: Layout, name: str) -> str:
@@ -173,7 +176,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
         if spec.streaming:
             node_config += " streaming=true"
-        secret = ["--superexec-auth-secret-file", f"{layout.keys_dir}/superexec-node-{i}"]
+        secret_dir = layout.node_secrets_dir or layout.keys_dir
+        secret = ["--superexec-auth-secret-file", f"{secret_dir}/superexec-node-{i}"]
         procs[f"supernode-{i}"] = [
             _exe(layout, "flower-supernode"),
             "--superlink",

@@ -46,6 +46,8 @@ def _normalize(cmd: list[str], local: bool, state: Path) -> list[str]:
                 arg = arg.replace(str(state / sub), f"/{sub}")
             arg = arg.replace(str(state), "/data")
             arg = arg.replace(str(Path(sys.executable).parent) + "/", "")
+        else:
+            arg = arg.replace("/secrets/", "/keys/")  # compose keeps a node's secret apart
         arg = re.sub(r"\b(127\.0\.0\.1|0\.0\.0\.0|superlink)\b", "HOST", arg)
         out.append(arg)
     return out
@@ -120,6 +122,9 @@ def test_every_service_is_healthy_ordered_and_constrained():
     assert proxy_cmd[proxy_cmd.index("--api-upstream-port") + 1] == "8081"
     assert services["api"]["environment"]["DROPFLEET_READ_ACCESS"] == "${DROPFLEET_READ_ACCESS:-token}"
     assert services["api"]["environment"]["DROPFLEET_READ_TOKEN_FILE"] == "/flwr/read-token"
+    certs = services["certs"]
+    assert certs["user"] == "root" and "--drop-to" in certs["command"]  # root only to chown mount points
+    assert all(svc.get("user") is None for name, svc in services.items() if name != "certs")
     ledger = services["superexec-serverapp"]["command"]
     assert ledger[ledger.index("--signature-ledger") + 1] == "/data/store/signatures.db"  # a volume, rw
     assert services["api"]["environment"]["DROPFLEET_ADMIN_TOKEN"] == "${DROPFLEET_ADMIN_TOKEN:-}"
@@ -133,8 +138,12 @@ def test_every_service_is_healthy_ordered_and_constrained():
             assert "certs" not in mounted, name
         if name not in ("certs", "api"):
             assert "signing" not in mounted, name
-        if name.startswith(("supernode-", "superexec-clientapp-")):  # a board sees its own keys only
-            assert mounted == {"trust", f"node-keys-{name.rsplit('-', 1)[1]}"}, name
+        i = name.rsplit("-", 1)[-1]
+        if name.startswith("supernode-"):  # a board sees its own keys only
+            assert mounted == {"trust", f"node-keys-{i}", f"node-secret-{i}"}, name
+        if name.startswith("superexec-clientapp-"):  # ...and its ClientApps never see the node key
+            assert mounted == {"trust", f"node-secret-{i}"}, name
+        if name.startswith(("supernode-", "superexec-clientapp-")):
             assert "dropfleet-superexec" in svc["command"] or "flower-supernode" in svc["command"]
     for name, svc in services.items():
         if name.startswith("superexec-clientapp-"):

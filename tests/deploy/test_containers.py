@@ -28,7 +28,9 @@ from dropfleet.fleet.flower_env import flower_env, write_connection
 from tests.deploy.docker_engine import BASE_IMAGE, build_base_image, engine, missing_tools, wheel_server
 from tests.deploy.rest import TWO_NODE_RUN, run_to_end
 from tests.deploy.test_fleet_e2e import free_range
-from tests.integration.procs import free_port
+from tests.deploy.test_node_auth import start_intruder
+from tests.deploy.test_published_fleet import outsider_app
+from tests.integration.procs import free_port, stop
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +118,24 @@ def test_compose_fleet_builds_starts_trains_and_leaves_nothing(tmp_path):
                 env=flower_env(outsider), capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             assert '"success": false' in listed.stdout and "403" in listed.stdout, listed.stdout
+            app = outsider_app(tmp_path, tmp_path / "outsider-out")
+            submitted = subprocess.run(
+                [str(Path(sys.executable).parent / "flwr"), "run", str(app), "fleet"],
+                env=flower_env(outsider), capture_output=True, text=True, timeout=120, cwd=app,
+            )  # fmt: skip
+            said = submitted.stdout + submitted.stderr
+            assert "Successfully started run" not in said and "403" in said, said
+            # A SuperNode whose key nobody registered never joins.
+            intruder = start_intruder(tmp_path, f"127.0.0.1:{link}", outsider / "ca.crt")
+            try:
+                time.sleep(15)
+            finally:
+                stop([intruder])
+            log = (tmp_path / "intruder.log").read_text()
+            assert "SuperNode ID" not in log and "failed" in log.lower(), log[-2000:]
+            # A board's ClientApps run in a container that holds its SuperExec secret, not its key.
+            seen = compose("exec", "-T", "superexec-clientapp-0", "sh", "-c", "ls /secrets; ls /keys || true")
+            assert seen.stdout.split() == ["superexec-node-0"], seen.stdout
             signer = compose("exec", "-T", "api", "cat", "/trust/app-signer.pub").stdout
             assert signer.startswith("ssh-ed25519 ")  # what boards trust: only signed apps run
             assert httpx.post(f"{api}/v1/runs", json={"run_config": {}}, timeout=30).status_code == 401

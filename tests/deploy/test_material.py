@@ -1,6 +1,14 @@
 """A fleet's keys and certificates: each secret private from the moment it exists, kept across restarts."""
 
+import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
 
 from dropfleet.deploy.material import Material, create
 
@@ -23,7 +31,7 @@ def test_secrets_are_private_public_files_are_not_and_a_restart_keeps_them(tmp_p
         m.signing_key,
         m.keys / "superexec-server",
         *(m.node_key(i) for i in range(2)),
-        *(m.node_dir(i) / f"superexec-node-{i}" for i in range(2)),
+        *(m.node_secret_dir(i) / f"superexec-node-{i}" for i in range(2)),
     ]
     assert all(mode(p) == 0o600 for p in secrets), {str(p): oct(mode(p)) for p in secrets}
     assert sorted(p.name for p in m.trust.iterdir()) == ["app-signer.pub", "ca.crt"]  # what boards get
@@ -47,6 +55,25 @@ def test_per_node_material_puts_each_boards_files_in_a_directory_of_its_own(tmp_
     m = Material(*dirs, per_node=True)
     create(m, nodes=2)
     for i in range(2):
-        names = sorted(p.name for p in (tmp_path / "n" / str(i)).iterdir())
-        assert names == [f"node-{i}", f"node-{i}.pub", f"superexec-node-{i}"]
+        assert sorted(p.name for p in (tmp_path / "n" / str(i)).iterdir()) == [f"node-{i}", f"node-{i}.pub"]
+        assert [p.name for p in (tmp_path / "n" / f"{i}-secret").iterdir()] == [f"superexec-node-{i}"]
         assert mode(m.node_key(i)) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hands directories over as root does (compose's certs)")
+def test_certs_started_as_root_hands_every_directory_over_and_creates_nothing_as_root():
+    base = Path(tempfile.mkdtemp(dir="/tmp"))  # reachable by another user, unlike pytest's tmp
+    try:
+        base.chmod(0o755)
+        args = [f"--{name}={base / name}" for name in ("out", "trust", "signing", "keys", "node-keys")]
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "dropfleet"), "certs", "--nodes", "2", "--per-node", *args,
+             "--drop-to", "nobody"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HOME": str(base)},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr + done.stdout
+        made = [p for p in base.rglob("*") if p.is_file()]
+        assert len(made) > 8 and {p.stat().st_uid for p in made} == {65534}  # nobody's, all of them
+        assert mode(base / "node-keys" / "1-secret" / "superexec-node-1") == 0o600
+    finally:
+        shutil.rmtree(base)

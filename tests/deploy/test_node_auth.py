@@ -28,6 +28,34 @@ def online_nodes(state: Path) -> list[dict]:
     return [n for n in json.loads(out[out.index("{") :])["nodes"] if n["status"] == "online"]
 
 
+def start_intruder(tmp_path: Path, superlink: str, ca: Path) -> subprocess.Popen:
+    """A SuperNode with a key of its own making, which nobody registered; it logs to intruder.log."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    (tmp_path / "intruder").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    (tmp_path / "intruder.pub").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return start(
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink", superlink,
+            "--root-certificates", str(ca),
+            "--host", "127.0.0.1",
+            "--port", str(free_port()),
+            "--auth-supernode-private-key", str(tmp_path / "intruder"),
+            "--auth-supernode-public-key", str(tmp_path / "intruder.pub"),
+            "--max-retries", "3",
+            "--max-wait-time", "15",
+        ],
+        tmp_path / "intruder.log",
+        flower_env(tmp_path / "intruder-home"),
+    )  # fmt: skip
+
+
 @pytest.mark.slow  # node auth also guards every fleet in make test; this one probes it alone
 def test_only_registered_supernodes_connect(tmp_path):
     state = tmp_path / "fleet"
@@ -41,38 +69,7 @@ def test_only_registered_supernodes_connect(tmp_path):
         while len(online_nodes(state)) < 2:
             assert time.monotonic() < deadline, "registered nodes never came online"
             time.sleep(1)
-        key = ec.generate_private_key(ec.SECP384R1())
-        (tmp_path / "intruder").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-            )
-        )
-        (tmp_path / "intruder.pub").write_bytes(
-            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        )
-        intruder = start(
-            [
-                str(BIN / "flower-supernode"),
-                "--superlink",
-                f"127.0.0.1:{link}",
-                "--root-certificates",
-                str(state / "certs" / "ca.crt"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(free_port()),
-                "--auth-supernode-private-key",
-                str(tmp_path / "intruder"),
-                "--auth-supernode-public-key",
-                str(tmp_path / "intruder.pub"),
-                "--max-retries",
-                "3",
-                "--max-wait-time",
-                "15",
-            ],
-            tmp_path / "intruder.log",
-            flower_env(state / "flwr"),
-        )
+        intruder = start_intruder(tmp_path, f"127.0.0.1:{link}", state / "certs" / "ca.crt")
         time.sleep(10)
         assert len(online_nodes(state)) == 2  # the intruder never joined
         log = (tmp_path / "intruder.log").read_text()
