@@ -26,7 +26,14 @@ FLOWER_FREE = ("common",)
 # What the server's wire and merge code and a board without torch import: torch may not be reached from
 # them, at any depth. torch_model.py is the one torch module of common/model/ (the nn.Module side).
 # The lean device runtime (common/device/lean/) is what a board without torch runs.
-TORCH_FREE = ("common.seed", "common.model", "common.wire", "common.aggregate", "common.device.lean")
+TORCH_FREE = (
+    "common.seed",
+    "common.model",
+    "common.wire",
+    "common.aggregate",
+    "common.device.dropback_core",
+    "common.device.lean",
+)
 TORCH_MODULES = ("common/model/torch_model.py",)
 
 
