@@ -32,6 +32,8 @@ TORCH_FREE = (
     "common.wire",
     "common.aggregate",
     "common.device.dropback_core",
+    "common.device.streaming_core",
+    "common.device.running_topk",
     "common.device.lean",
 )
 TORCH_MODULES = ("common/model/torch_model.py",)

@@ -62,7 +62,7 @@ from dropfleet.common.model.sparse import SparseModel, SparseTensor
 
 # What this optimizer keeps per tracked weight between steps: an int64 flat position and
 # the float32 w0 there (`state_bytes`). The streaming trainer keeps 8 B (int32 index and
-# value: streaming.STREAMING_STATE_BYTES_PER_TRACKED); neither is a wire entry.
+# value: streaming_core.STREAMING_STATE_BYTES_PER_TRACKED); neither is a wire entry.
 DENSE_STATE_BYTES_PER_TRACKED = 12
 # Fixed overhead kept between steps (threshold, counters, seed).
 FIXED_STATE_BYTES = 64

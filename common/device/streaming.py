@@ -24,17 +24,14 @@ from torch.autograd.function import FunctionCtx
 
 from dropfleet.common.device import running_topk
 from dropfleet.common.device.footprint import Footprint
+from dropfleet.common.device.streaming_core import StreamedState
 from dropfleet.common.errors import ConfigError
-from dropfleet.common.model.layout import TensorSlot, model_layout
-from dropfleet.common.model.sparse import SparseModel, SparseTensor
+from dropfleet.common.model.layout import TensorSlot
+from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.model.torch_model import build_model
 from dropfleet.common.seed import init_compiled
-from dropfleet.common.seed.init_scheme import RANGE_CHUNK, Backend, initial_range, initial_values
+from dropfleet.common.seed.init_scheme import RANGE_CHUNK, Backend
 
-# What the streaming trainer keeps per tracked weight across steps: an int32 global flat
-# index and the float32 weight there (`state_bytes`). Not the dense optimizer's 12 B
-# (int64 index + w0: dropback.DENSE_STATE_BYTES_PER_TRACKED), nor a wire entry.
-STREAMING_STATE_BYTES_PER_TRACKED = 8
 # Regenerating with the NumPy reference makes ~100 B of temporaries per value (init_scheme.RANGE_CHUNK).
 NUMPY_REGEN_BYTES_PER_WEIGHT = 112
 # The block a device streams in when its budget needs blocks. Per-block Python and torch
@@ -87,10 +84,8 @@ class StreamingDropBack:
         block_weights: int | None = None,
         backend: Backend = "auto",
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"Invalid tracked budget k: {k!r} (must be an int >= 1)")
-        if not 0.0 < lr < float("inf"):
-            raise ConfigError(f"Invalid learning rate: {lr!r} (must be finite and > 0)")
+        # The tracked set, regeneration and selection: shared with the lean trainer.
+        self._core = StreamedState(model_id, seed, k, lr, freeze_after, block_weights, backend)
         net = build_model(model_id)
         if not isinstance(net, nn.Sequential):
             raise ConfigError(f"streaming mode needs a sequential model, not {type(net).__name__}")
@@ -98,15 +93,10 @@ class StreamingDropBack:
         if block_weights is not None and not mlp:
             raise ConfigError(f"row blocks need a Linear/ReLU model; {model_id!r} streams whole layers")
         self.model_id, self.seed, self.k, self.lr = model_id, seed, k, lr
-        self.freeze_after = freeze_after
-        if block_weights is not None and block_weights < 1:
-            raise ConfigError(f"Invalid block_weights: {block_weights!r} (must be None or >= 1)")
-        self.block_weights = block_weights
+        self.freeze_after, self.block_weights = freeze_after, block_weights
         self.backend = backend  # "numpy" forces the references (benchmarks, parity tests)
-        self._steps = 0
-        layout = model_layout(model_id)
-        self._tensors = layout.tensors
-        self.numel = layout.numel
+        self._tensors = self._core.tensors
+        self.numel = self._core.numel
         self._layers = [(self._tensors[i], self._tensors[i + 1]) for i in range(0, len(self._tensors), 2)]
         # Any other sequential model streams layer by layer: each module's parameters are placeholders
         # without storage, supplied when the module runs (buffers such as batch-norm statistics stay).
@@ -120,22 +110,22 @@ class StreamingDropBack:
                     module.register_parameter(name, nn.Parameter(torch.empty(p.shape, device="meta")))
                 self._modules.append((module, own))
             self._net = net
-        # The whole persistent state: sorted global indices (int32) and the weights there.
-        self._set_tracked(torch.zeros(0, dtype=torch.int32), torch.zeros(0))
-        self._frozen = False
-        self._pending: running_topk.RunningTopK | running_topk.CompiledTopK | None = None
-        self._pending_values: Tensor | None = None  # frozen steps: the tracked values being updated
         # The weights are not autograd leaves; this empty leaf makes autograd call our backward.
         self._anchor = torch.zeros(0, requires_grad=True)
 
     # ----- state ---------------------------------------------------------------------
     @property
     def num_tracked(self) -> int:
-        return int(self._index.numel())
+        return self._core.num_tracked
+
+    @property
+    def _index(self) -> Tensor:
+        """The tracked global flat indices (int32, sorted), as a tensor view."""
+        return torch.from_numpy(self._core.index)
 
     def state_bytes(self) -> int:
         """Bytes kept across steps: the tracked indices and values, nothing dense."""
-        return STREAMING_STATE_BYTES_PER_TRACKED * self.num_tracked
+        return self._core.state_bytes()
 
     def footprint(self, activation_bytes: int) -> Footprint:
         """Peak bytes of one step of this trainer (any k), given the batch's activation bytes."""
@@ -157,66 +147,23 @@ class StreamingDropBack:
 
     def freeze(self) -> None:
         """From now on only the tracked weights change and no selection runs."""
-        self._frozen = True
+        self._core.freeze()
 
     def load(self, sparse: SparseModel) -> None:
         """Start from a published model: w = w0 + delta, trimmed to the k farthest from w0."""
-        if (sparse.model_id, sparse.seed) != (self.model_id, self.seed):
-            raise ConfigError(
-                f"model {sparse.model_id!r} seed {sparse.seed} is not {self.model_id!r} seed {self.seed}"
-            )
-        index, value, score = [], [], []
-        for t, meta in zip(sparse.tensors, self._tensors, strict=True):
-            w0 = initial_values(
-                self.seed, t.name, meta.init, t.indices, sparse.init_scheme, backend=self.backend
-            )
-            w = torch.from_numpy(w0) + torch.from_numpy(t.values.astype(np.float32))
-            index.append(torch.from_numpy(t.indices.astype(np.int64)) + meta.offset)
-            value.append(w)
-            score.append((w - torch.from_numpy(w0)).abs())
-        idx, val, sc = torch.cat(index), torch.cat(value), torch.cat(score)
-        if idx.numel() > self.k:  # the same trim as DropBack.set_tracked: stable, farthest first
-            keep = torch.from_numpy(np.sort(np.argsort(-sc.numpy(), kind="stable")[: self.k]))
-            idx, val = idx[keep], val[keep]
-        self._set_tracked(idx.to(torch.int32), val.clone())
+        self._core.load(sparse)
 
     def to_sparse(self) -> SparseModel:
         """The tracked set as a `SparseModel` (deltas w - w0, regenerated for k entries only)."""
-        tensors = []
-        index = self._index.to(torch.int64)
-        for meta in self._tensors:
-            mask = (index >= meta.offset) & (index < meta.end)
-            local = (index[mask] - meta.offset).numpy()
-            w0 = initial_values(self.seed, meta.name, meta.init, local, backend=self.backend)
-            tensors.append(SparseTensor(meta.name, meta.shape, local, self._value[mask].numpy() - w0))
-        return SparseModel(seed=self.seed, model_id=self.model_id, tensors=tuple(tensors))
-
-    def _set_tracked(self, index: Tensor, value: Tensor) -> None:
-        """The persistent state, and NumPy views of it for the per-block work."""
-        self._index, self._value = index, value
-        self._index_np, self._value_np = index.numpy(), value.numpy()
+        return self._core.to_sparse()
 
     # ----- weights on demand -------------------------------------------------------------
-    def _tracked_slice(self, meta: TensorSlot, start: int, stop: int) -> slice:
-        """Where flat entries [start, stop) of one tensor lie in the (sorted) tracked index."""
-        lo, hi = np.searchsorted(self._index_np, (meta.offset + start, meta.offset + stop))
-        return slice(int(lo), int(hi))
-
     def _weights(self, meta: TensorSlot, start: int, stop: int) -> tuple[Tensor, Tensor, slice]:
-        """(w0, w) at flat entries [start, stop) of one tensor, made now and dropped by the caller,
-        and where those entries lie in the tracked set."""
-        w0 = np.empty(stop - start, np.float32)
-        initial_range(self.seed, meta.name, meta.init, start, w0, backend=self.backend)
-        w = w0.copy()
-        where = self._tracked_slice(meta, start, stop)
-        w[self._index_np[where] - (meta.offset + start)] = self._value_np[where]
+        w0, w, where = self._core.weights(meta, start, stop)
         return torch.from_numpy(w0), torch.from_numpy(w), where
 
     def _row_blocks(self, meta: TensorSlot) -> list[tuple[int, int]]:
-        """Row ranges of a weight matrix holding at most `block_weights` weights each."""
-        rows, cols = meta.shape[0], int(np.prod(meta.shape[1:]))
-        step = rows if self.block_weights is None else max(1, self.block_weights // cols)
-        return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+        return self._core.row_blocks(meta)
 
     # ----- training ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -246,33 +193,15 @@ class StreamingDropBack:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Open a step (the freeze decision is made here: backward must know it)."""
-        if not self._frozen and self.freeze_after is not None and self._steps >= self.freeze_after:
-            self.freeze()
-        self._pending = running_topk.make(self.k, self.backend)
-        self._pending_values = self._value.clone() if self._frozen else None
+        self._core.open_step()
 
     def step(self) -> None:
         """Commit what the last backward pass streamed."""
-        if self._pending is None:
-            raise ConfigError("step() without zero_grad() and backward() first")
-        if self._frozen:
-            self._set_tracked(self._index, self._pending_values)
-        else:
-            index, value = self._pending.result()
-            self._set_tracked(torch.from_numpy(index.astype(np.int32)), torch.from_numpy(value))
-        self._pending, self._pending_values = None, None
-        self._steps += 1
+        self._core.commit()
 
     def _absorb(self, meta: TensorSlot, start: int, grad: Tensor, w0: Tensor, where: slice) -> None:
-        """Score weights [start, start + len) of a tensor (tracked at `where`) after the SGD step;
-        offer them to the top-k."""
-        step = grad.reshape(-1).mul_(-self.lr).numpy()  # in place: a block's temporaries make the peak
-        local = self._index_np[where].astype(np.int64) - (meta.offset + start)
-        moved = self._value_np[where] + step[local]
-        if self._frozen:
-            self._pending_values[where] = torch.from_numpy(moved)
-            return
-        self._pending.offer(meta.offset + start, step, w0.numpy(), local, moved)
+        """Score a piece's weights after the SGD step and offer them to the top-k (`StreamedState`)."""
+        self._core.absorb(meta, start, grad.reshape(-1).numpy(), w0.numpy(), where)
 
 
 class _StreamedLinear(torch.autograd.Function):

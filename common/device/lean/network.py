@@ -45,8 +45,8 @@ BN_MOMENTUM = 0.1
 
 
 @dataclass
-class _Step:
-    """What one layer's forward kept for its backward."""
+class LayerStep:
+    """One layer at work: its parameter and gradient arrays, and what its forward kept for backward."""
 
     layer: Layer
     params: dict[str, np.ndarray]
@@ -81,12 +81,8 @@ class Network:
                 g[local] = self.grads[offset : offset + n].reshape(shape)
                 offset += n
             self._views.append((p, g))
-        self.buffers = {}
-        for i, layer in enumerate(self.arch):
-            if isinstance(layer, BatchNorm2d):
-                self.buffers[f"{i}.running_mean"] = np.zeros(layer.num_features, np.float32)
-                self.buffers[f"{i}.running_var"] = np.ones(layer.num_features, np.float32)
-        self._steps: list[_Step] = []
+        self.buffers = batch_norm_buffers(self.arch)
+        self._steps: list[LayerStep] = []
 
     def tensor(self, name: str) -> np.ndarray:
         """The view of one parameter by its torch name ("<layer>.<weight|bias>")."""
@@ -98,8 +94,8 @@ class Network:
         self._steps = []
         for i, layer in enumerate(self.arch):
             params, grads = self._views[i]
-            step = _Step(layer, params, grads)
-            x = _forward(step, x, self.training, self.buffers, str(i))
+            step = LayerStep(layer, params, grads)
+            x = layer_forward(step, x, self.training, self.buffers, str(i))
             if self.training:
                 self._steps.append(step)
         return x
@@ -108,7 +104,7 @@ class Network:
         """From the gradient of the last training forward's output: `grads` holds the parameters'
         gradient (overwritten, not added), and the input's gradient is returned."""
         for step in reversed(self._steps):
-            d = _backward(step, d)
+            d = layer_backward(step, d)
         self._steps = []
         return d
 
@@ -117,6 +113,16 @@ class Network:
         loss, d = cross_entropy(self.forward(x), labels)
         self.backward(d)
         return loss
+
+
+def batch_norm_buffers(arch: Arch) -> dict[str, np.ndarray]:
+    """Each batch norm's running statistics, by torch's buffer name, as torch initializes them."""
+    buffers = {}
+    for i, layer in enumerate(arch):
+        if isinstance(layer, BatchNorm2d):
+            buffers[f"{i}.running_mean"] = np.zeros(layer.num_features, np.float32)
+            buffers[f"{i}.running_var"] = np.ones(layer.num_features, np.float32)
+    return buffers
 
 
 def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
@@ -132,8 +138,8 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.nda
     return loss, d.astype(np.float32, copy=False)
 
 
-def _forward(
-    step: _Step, x: np.ndarray, training: bool, buffers: dict[str, np.ndarray], name: str
+def layer_forward(
+    step: LayerStep, x: np.ndarray, training: bool, buffers: dict[str, np.ndarray], name: str
 ) -> np.ndarray:
     layer, p = step.layer, step.params
     if isinstance(layer, Flatten):
@@ -186,7 +192,7 @@ def _forward(
     raise UnknownModelError(f"the lean runtime has no {type(layer).__name__} layer")
 
 
-def _backward(step: _Step, d: np.ndarray) -> np.ndarray:
+def layer_backward(step: LayerStep, d: np.ndarray) -> np.ndarray:
     layer, p, g = step.layer, step.params, step.grads
     if isinstance(layer, Flatten):
         return d.reshape(step.cache)

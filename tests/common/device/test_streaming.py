@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
-from dropfleet.common.device.streaming import STREAMING_STATE_BYTES_PER_TRACKED, StreamingDropBack
+from dropfleet.common.device.streaming import StreamingDropBack
+from dropfleet.common.device.streaming_core import STREAMING_STATE_BYTES_PER_TRACKED
 from dropfleet.common.device.train import evaluate, train_epochs
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.sparse import initial_at_tracked
