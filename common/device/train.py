@@ -1,22 +1,14 @@
 """Training and evaluation loops shared by the benchmark, the client and the server."""
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from dropfleet.common.device.data import Split
+from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.footprint import can_measure, measure_step_peak
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    loss: float
-    accuracy: float
-    examples: int
-
 
 # Step peaks measured in this process, by the key their probe named (see PeakProbe).
 _measured_peaks: dict[Hashable, int] = {}

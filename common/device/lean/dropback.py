@@ -43,6 +43,36 @@ class LeanDropBack:
         # N-sized work buffers, reused by every step (as the torch optimizer keeps its own).
         self._scratch = Scratch.empty(self.network.params.size)
 
+    @property
+    def training(self) -> bool:
+        return self.network.training
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.network.training = mode
+
+    @property
+    def bn_momentum(self) -> float:
+        return self.network.bn_momentum
+
+    @bn_momentum.setter
+    def bn_momentum(self, momentum: float) -> None:
+        self.network.bn_momentum = momentum
+
+    @property
+    def buffers(self) -> dict[str, np.ndarray]:
+        return self.network.buffers
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Logits (batch norm on its running statistics unless training)."""
+        return self.network.forward(x)
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> float:
+        """Forward, backward and one DropBack step on a batch; the batch's mean cross-entropy."""
+        loss = self.network.loss_and_grads(x, labels)
+        self.step()
+        return loss
+
     def step(self) -> None:
         """One DropBack step from the gradients in `network.grads`."""
         frozen = self.frozen or (self.freeze_after is not None and self.steps >= self.freeze_after)

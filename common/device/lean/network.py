@@ -63,6 +63,8 @@ class Network:
     grads: np.ndarray = field(init=False)
     buffers: dict[str, np.ndarray] = field(init=False)
     training: bool = True
+    # Batch norm's running-statistics momentum; recalibration averages instead (lean/train.py).
+    bn_momentum: float = BN_MOMENTUM
 
     def __post_init__(self) -> None:
         shapes = parameter_shapes(self.arch)
@@ -95,7 +97,7 @@ class Network:
         for i, layer in enumerate(self.arch):
             params, grads = self._views[i]
             step = LayerStep(layer, params, grads)
-            x = layer_forward(step, x, self.training, self.buffers, str(i))
+            x = layer_forward(step, x, self.training, self.buffers, str(i), self.bn_momentum)
             if self.training:
                 self._steps.append(step)
         return x
@@ -139,7 +141,12 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.nda
 
 
 def layer_forward(
-    step: LayerStep, x: np.ndarray, training: bool, buffers: dict[str, np.ndarray], name: str
+    step: LayerStep,
+    x: np.ndarray,
+    training: bool,
+    buffers: dict[str, np.ndarray],
+    name: str,
+    momentum: float = BN_MOMENTUM,
 ) -> np.ndarray:
     layer, p = step.layer, step.params
     if isinstance(layer, Flatten):
@@ -171,10 +178,10 @@ def layer_forward(
             mean = x.mean(axis=(0, 2, 3))
             var = x.var(axis=(0, 2, 3))
             count = x.size // x.shape[1]
-            buffers[mean_key] *= 1 - BN_MOMENTUM
-            buffers[mean_key] += BN_MOMENTUM * mean
-            buffers[var_key] *= 1 - BN_MOMENTUM
-            buffers[var_key] += BN_MOMENTUM * var * (count / max(count - 1, 1))
+            buffers[mean_key] *= 1 - momentum
+            buffers[mean_key] += momentum * mean
+            buffers[var_key] *= 1 - momentum
+            buffers[var_key] += momentum * var * (count / max(count - 1, 1))
         else:
             mean, var = buffers[mean_key], buffers[var_key]
         inv = (1.0 / np.sqrt(var + BN_EPS)).astype(np.float32)

@@ -15,6 +15,7 @@ and its ties (`streaming_core.StreamedState`); only float32 sums differ.
 import numpy as np
 
 from dropfleet.common.device.lean.network import (
+    BN_MOMENTUM,
     LayerStep,
     batch_norm_buffers,
     cross_entropy,
@@ -51,6 +52,7 @@ class LeanStreamingDropBack:
         self._own = [[(local, next(slots)) for local, _ in layer.params()] for layer in self.arch]
         self.buffers = batch_norm_buffers(self.arch)
         self.training = True
+        self.bn_momentum = BN_MOMENTUM  # recalibration averages instead (lean/train.py)
 
     @property
     def num_tracked(self) -> int:
@@ -75,7 +77,8 @@ class LeanStreamingDropBack:
             if isinstance(layer, Linear):
                 x = self._linear_forward(i, x)  # block by block, as in training
                 continue
-            x = layer_forward(LayerStep(layer, self._params(i), {}), x, self.training, self.buffers, str(i))
+            step = LayerStep(layer, self._params(i), {})
+            x = layer_forward(step, x, self.training, self.buffers, str(i), self.bn_momentum)
         return x
 
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> float:
@@ -92,7 +95,7 @@ class LeanStreamingDropBack:
                 continue
             step = LayerStep(layer, self._params(i), {})
             saved.append(x if self._own[i] else step)
-            x = layer_forward(step, x, True, self.buffers, str(i))
+            x = layer_forward(step, x, True, self.buffers, str(i), self.bn_momentum)
         loss, d = cross_entropy(x, labels)
         for i in reversed(range(len(self.arch))):
             layer = self.arch[i]

@@ -1,0 +1,82 @@
+"""Training and evaluation loops on the lean runtime, as `common/device/train.py`'s are for torch.
+
+A lean trainer (`LeanDropBack`, `LeanStreamingDropBack`) is model and
+optimizer in one: `train_step(x, y)` takes a DropBack step on a batch,
+`forward(x)` gives logits, `training` picks batch norm's batch or running
+statistics. The batch order is NumPy's (`epoch_order`): torch's `randperm`
+cannot be reproduced without torch, so a lean device and a torch device of the
+same seed see the same examples in different orders.
+"""
+
+from typing import Protocol
+
+import numpy as np
+
+from dropfleet.common.device.evaluation import EvalResult
+from dropfleet.common.device.lean.network import cross_entropy
+
+
+class LeanTrainer(Protocol):
+    training: bool
+    bn_momentum: float
+    buffers: dict[str, np.ndarray]
+
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> float: ...
+
+    def forward(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of a device's n examples in one epoch: the same on every machine for a seed."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def train_epochs(
+    trainer: LeanTrainer, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, seed: int
+) -> float:
+    """Run `epochs` shuffled passes; returns the mean training loss of the last one."""
+    trainer.training = True
+    mean_loss = float("nan")
+    for epoch in range(epochs):
+        order = epoch_order(len(labels), seed, epoch)
+        total, batches = 0.0, 0
+        for start in range(0, len(labels), batch_size):
+            idx = order[start : start + batch_size]
+            total += trainer.train_step(images[idx], labels[idx])
+            batches += 1
+        mean_loss = total / max(batches, 1)
+    return mean_loss
+
+
+def evaluate(
+    trainer: LeanTrainer, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000
+) -> EvalResult:
+    """Mean cross-entropy loss and accuracy over the examples (batch norm on running statistics)."""
+    trainer.training = False
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        y = labels[start : start + batch_size]
+        out = trainer.forward(images[start : start + batch_size])
+        loss, _ = cross_entropy(out, y)
+        loss_sum += loss * len(y)
+        correct += int((out.argmax(1) == y).sum())
+    n = len(labels)
+    return EvalResult(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), examples=n)
+
+
+def recalibrate_batch_norm(
+    trainer: LeanTrainer, images: np.ndarray, batches: int = 20, batch_size: int = 256
+) -> None:
+    """Re-estimate batch-norm running statistics from the examples: a cumulative average over the
+    calibration batches from torch's initial values, as `train.recalibrate_batch_norm` does."""
+    if not trainer.buffers:
+        return
+    for name, buffer in trainer.buffers.items():
+        buffer[...] = 0.0 if name.endswith("running_mean") else 1.0
+    momentum, trainer.training = trainer.bn_momentum, True
+    try:
+        for t, start in enumerate(range(0, min(len(images), batches * batch_size), batch_size), start=1):
+            trainer.bn_momentum = 1.0 / t  # torch's momentum=None: the t-th batch weighs 1/t
+            trainer.forward(images[start : start + batch_size])
+    finally:
+        trainer.bn_momentum = momentum
