@@ -40,6 +40,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from dropfleet.common.device.budget import available_backend
 from dropfleet.common.model.sparse import num_weights
 from dropfleet.deploy.fleet import down as fleet_down
 from dropfleet.deploy.fleet import up as fleet_up
@@ -127,7 +128,8 @@ def kept_between_rounds(name: str, mix: str) -> int:
     if config.strategy == "topk-ef":
         return 8 * n  # the dense model and the dense residual
     profile = get_profile(mix.split(",")[0])
-    k = plan_training(profile.state_budget_bytes, config.model_id, config.batch_size, config.min_k).k
+    budget, backend = profile.state_budget_bytes, available_backend()  # as the fleet's devices plan
+    k = plan_training(budget, config.model_id, config.batch_size, config.min_k, backend=backend).k
     kept = 8 * k if config.uplink_coding == "change" else 0  # the uplink residual at the tracked positions
     if config.downlink_coding == "delta":
         kept += 8 * config.global_k_count  # the held global set

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dropfleet.common.aggregate.update_memory import UpdateMemory
+from dropfleet.common.device.budget import available_backend
 from dropfleet.common.model.sparse import SparseModel, from_positions, num_weights
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import get_profile, plan_training
@@ -46,8 +47,11 @@ def main() -> None:
     nodes = 1_000 if args.quick else args.nodes
     config = RunConfig()
     model = config.model_id
+    backend = available_backend()  # as the simulated devices plan
     ks = {
-        p: plan_training(get_profile(p).state_budget_bytes, model, config.batch_size, config.min_k).k
+        p: plan_training(
+            get_profile(p).state_budget_bytes, model, config.batch_size, config.min_k, backend=backend
+        ).k
         for p in MIX
     }
     max_k = max(ks.values())

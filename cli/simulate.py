@@ -14,7 +14,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from dropfleet.cli.output import console, exit_with
-from dropfleet.common.device.data import DATA_DIR_ENV
+from dropfleet.common.device.data_files import DATA_DIR_ENV
 from dropfleet.common.errors import ConfigError, DatasetError
 from dropfleet.common.model.registry import MODELS
 from dropfleet.fleet.config import STRATEGIES

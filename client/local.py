@@ -10,13 +10,9 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.common.device.data import (
-    Split,
-    fashion_mnist_labels,
-    load_device_data,
-    load_fashion_mnist,
-    partition_indices,
-)
+from dropfleet.common.device.budget import available_backend
+from dropfleet.common.device.data import Split, load_device_data, load_fashion_mnist, partition_indices
+from dropfleet.common.device.data_files import fashion_mnist_labels
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
 from dropfleet.common.device.footprint import held_bytes
 from dropfleet.common.device.streaming import StreamingDropBack
@@ -79,9 +75,15 @@ def local_data(
 
 
 def client_plan(profile: DeviceProfile, config: RunConfig, streaming_only: bool = False) -> TrainingPlan:
-    """This device's trainer and k (raises `BudgetError` when the budget holds no training step)."""
+    """This device's trainer and k (raises `BudgetError` when the budget holds no training step),
+    for the backend its streaming trainer will find here (numba's kernels or NumPy's)."""
     return plan_training(
-        profile.state_budget_bytes, config.model_id, config.batch_size, config.min_k, streaming_only
+        profile.state_budget_bytes,
+        config.model_id,
+        config.batch_size,
+        config.min_k,
+        streaming_only,
+        backend=available_backend(),
     )
 
 

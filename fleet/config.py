@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dropfleet.common.aggregate.merge import RULES
 from dropfleet.common.aggregate.server_opt import OPTIMIZERS
-from dropfleet.common.device.data import PARTITIONERS
+from dropfleet.common.device.data_files import PARTITIONERS
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.registry import MODELS
 from dropfleet.common.model.sparse import num_weights

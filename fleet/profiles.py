@@ -1,13 +1,24 @@
-"""Device profiles (fleet/profiles.toml) and how a memory budget decides the trainer and k."""
+"""Device profiles (fleet/profiles.toml) and how a memory budget decides the trainer and k.
+
+Torch-free and numba-free: the REST API and the ServerApp plan what a device
+will do from the closed-form footprints (`common/device/budget.py`) with the
+backend named, and the device computes the same plan with its own backend.
+"""
 
 import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from dropfleet.common.device.dropback import DropBack
-from dropfleet.common.device.footprint import Footprint, TrainingMode, activation_bytes
-from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.device.budget import (
+    DEFAULT_BLOCK_WEIGHTS,
+    Footprint,
+    StepBackend,
+    TrainingMode,
+    activation_bytes,
+    dense_footprint,
+    streaming_footprint,
+)
 from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.common.model.layout import model_layout
 
@@ -80,19 +91,33 @@ class TrainingPlan:
 
 
 def trainer_footprint(
-    mode: TrainingMode, model_id: str, batch_size: int, block_weights: int | None = None
+    mode: TrainingMode,
+    model_id: str,
+    batch_size: int,
+    block_weights: int | None = None,
+    *,
+    backend: StepBackend,
 ) -> Footprint:
-    """The step footprint that `mode`'s trainer states for this model and batch size."""
+    """The step footprint that `mode`'s trainer states for this model and batch size.
+
+    `backend` is how a streaming step would compute (`budget.available_backend()` on the
+    device itself); the dense trainer's footprint does not depend on it.
+    """
     activations = activation_bytes(model_id, batch_size)
     if mode == "dense":
-        return DropBack.footprint(model_layout(model_id), activations)
-    trainer = StreamingDropBack(model_id, 0, 1, 1.0, block_weights=block_weights)
-    return trainer.footprint(activations)
+        return dense_footprint(model_layout(model_id), activations)
+    return streaming_footprint(model_id, activations, block_weights, backend)
 
 
 @cache
 def plan_training(
-    budget_bytes: int, model_id: str, batch_size: int, min_k: int, streaming_only: bool = False
+    budget_bytes: int,
+    model_id: str,
+    batch_size: int,
+    min_k: int,
+    streaming_only: bool = False,
+    *,
+    backend: StepBackend,
 ) -> TrainingPlan:
     """The fastest trainer whose step peak fits `budget_bytes` with at least `min_k` tracked weights.
 
@@ -100,7 +125,9 @@ def plan_training(
     that cannot hold the dense model's step trains streaming, one layer at a
     time, or in row blocks when not even a layer fits. `streaming_only` skips
     the dense trainer (a board that wants its budget spent on k, not speed).
-    Raises `BudgetError` when no trainer fits `min_k`.
+    `backend`: how the device's streaming steps compute, which changes their
+    peak (a device passes `budget.available_backend()`; a server, which cannot
+    know, asks for each backend). Raises `BudgetError` when no trainer fits `min_k`.
     """
     n = model_layout(model_id).numel
     modes: list[tuple[TrainingMode, int | None]] = [
@@ -111,7 +138,7 @@ def plan_training(
     smallest = None
     for mode, block in modes[1:] if streaming_only else modes:
         try:
-            footprint = trainer_footprint(mode, model_id, batch_size, block)
+            footprint = trainer_footprint(mode, model_id, batch_size, block, backend=backend)
         except ConfigError:  # row blocks need a Linear/ReLU model
             continue
         k = min(footprint.max_k(budget_bytes), n)
@@ -120,5 +147,6 @@ def plan_training(
         smallest = footprint.bytes(min_k) if smallest is None else min(smallest, footprint.bytes(min_k))
     raise BudgetError(
         f"memory budget of {budget_bytes} bytes cannot hold a training step of {model_id} at batch "
-        f"{batch_size} with the minimum {min_k} tracked weights (the leanest trainer needs {smallest} bytes)"
+        f"{batch_size} with the minimum {min_k} tracked weights (the leanest trainer needs {smallest} bytes "
+        f"with the {backend} backend)"
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from dropfleet.common.device.footprint import TRAINERS
+from dropfleet.common.device.budget import TRAINERS
 from dropfleet.common.errors import ReplyRejectedError
 
 METRICS_RECORD = "metrics"

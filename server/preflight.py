@@ -8,7 +8,8 @@ device profile, after every round has failed on that device).
 
 from collections.abc import Mapping
 
-from dropfleet.common.device.data import check_fashion_mnist, check_partitioning, fashion_mnist_labels
+from dropfleet.common.device.budget import BACKENDS
+from dropfleet.common.device.data_files import check_fashion_mnist, check_partitioning, fashion_mnist_labels
 from dropfleet.common.errors import BudgetError, ConfigError
 from dropfleet.fleet.config import REST_REFUSED_KEYS, RunConfig
 from dropfleet.fleet.profiles import get_profile, plan_training
@@ -49,14 +50,18 @@ def refuse_operator_keys(run_config: Mapping[str, object]) -> None:
 
 
 def _check_some_device_can_train(config: RunConfig, budgets: list[int]) -> None:
-    """A fleet where every device would refuse every round is a configuration error, not a run."""
+    """A fleet where every device would refuse every round is a configuration error, not a run.
+
+    The server cannot know how each board computes (numba's kernels or NumPy's), so a fleet
+    is refused only when no profile can train with either backend."""
     reasons = []
     for budget in budgets:
-        try:
-            plan_training(budget, config.model_id, config.batch_size, config.min_k, streaming_only=True)
-            return
-        except BudgetError as exc:
-            reasons.append(str(exc))
+        for backend in BACKENDS:
+            try:
+                plan_training(budget, config.model_id, config.batch_size, config.min_k, True, backend=backend)
+                return
+            except BudgetError as exc:
+                reasons.append(str(exc))
     raise ConfigError(
         f"no device in fleet-mix can train: {reasons[0] if reasons else 'the mix is empty'}; lower "
         "batch-size or min-k, or use profiles with a larger state-budget-bytes"

@@ -21,6 +21,7 @@ from functools import cache
 import numpy as np
 from flwr.app import Message, RecordDict
 
+from dropfleet.common.device.budget import BACKENDS
 from dropfleet.common.errors import BudgetError, ReplyRejectedError, WireFormatError
 from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.model.torch_model import seeded_model
@@ -57,8 +58,9 @@ def allowed_k(config: RunConfig) -> int:
     """The most tracked weights the server accepts from any device.
 
     `max-k` from the run config, or else the largest k any known device profile's
-    budget gives for this model (a board stating a larger budget of its own
-    needs `max-k`).
+    budget gives for this model, with either backend (numba's or NumPy's: the
+    server cannot know which a board has; a board stating a larger budget of
+    its own needs `max-k`).
     """
     if config.max_k:
         return config.max_k
@@ -70,12 +72,13 @@ def _largest_profile_k(model_id: str, batch_size: int, min_k: int) -> int:
     ks = []
     for profile in load_profiles().values():
         for streaming_only in (False, True):  # a board may stream by choice, which buys a larger k
-            try:
-                ks.append(
-                    plan_training(profile.state_budget_bytes, model_id, batch_size, min_k, streaming_only).k
-                )
-            except BudgetError:
-                continue
+            for backend in BACKENDS:
+                try:
+                    budget = profile.state_budget_bytes
+                    plan = plan_training(budget, model_id, batch_size, min_k, streaming_only, backend=backend)
+                except BudgetError:
+                    continue
+                ks.append(plan.k)
     return max(ks, default=min_k)
 
 

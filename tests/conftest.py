@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dropfleet.common.device.data import Split, fashion_mnist_dir, load_fashion_mnist
+from dropfleet.common.device.data import Split, load_fashion_mnist
+from dropfleet.common.device.data_files import fashion_mnist_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -54,8 +54,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from dropfleet.common.device.budget import FIXED_STATE_BYTES, Footprint, dense_footprint
 from dropfleet.common.device.dropback_core import Scratch, dropback_select
-from dropfleet.common.device.footprint import Footprint
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.model.layout import Layout, model_layout
 from dropfleet.common.model.sparse import SparseModel, SparseTensor
@@ -64,15 +64,8 @@ from dropfleet.common.model.sparse import SparseModel, SparseTensor
 # the float32 w0 there (`state_bytes`). The streaming trainer keeps 8 B (int32 index and
 # value: streaming_core.STREAMING_STATE_BYTES_PER_TRACKED); neither is a wire entry.
 DENSE_STATE_BYTES_PER_TRACKED = 12
-# Fixed overhead kept between steps (threshold, counters, seed).
-FIXED_STATE_BYTES = 64
-# A step's peak, per weight of the model: weights, gradient and step/score/mask
-# scratch are held (17 B); the first step of a round scores every weight against
-# a zero bar, so its candidate indices, scores and partition copies add ~20 B.
-STEP_BYTES_PER_WEIGHT = 38
-# A step's peak per tracked weight: what is kept plus the selection's pool temporaries
-# (`footprint`; measured against real steps in tests/common/device/test_footprint.py).
-DENSE_STEP_BYTES_PER_TRACKED = 48
+# The step's peak per model weight and per tracked weight, and the fixed state kept between
+# steps (FIXED_STATE_BYTES), are stated in budget.py, which plans without torch.
 # Hyperparameters that belong to the whole optimizer, not to a param group: k is one
 # budget over all parameters, so the freeze and the w0 decay apply to all of them too.
 GLOBAL_HYPERPARAMETERS = ("k", "freeze_after", "init_decay")
@@ -206,14 +199,9 @@ class DropBack(Optimizer):
 
     @staticmethod
     def footprint(layout: Layout, activation_bytes: int) -> Footprint:
-        """Peak bytes of one step on a model of this layout (measured against real steps in tests).
-
-        Adds one copy of the largest tensor (autograd's gradient before it is
-        accumulated into the flat buffer) and the batch's activations.
-        """
-        largest = max((t.numel for t in layout.tensors), default=0)
-        fixed = FIXED_STATE_BYTES + STEP_BYTES_PER_WEIGHT * layout.numel + 4 * largest + activation_bytes
-        return Footprint(fixed, DENSE_STEP_BYTES_PER_TRACKED)
+        """Peak bytes of one step on a model of this layout (`budget.dense_footprint`; measured
+        against real steps in tests/common/device/test_footprint.py)."""
+        return dense_footprint(layout, activation_bytes)
 
     def freeze(self) -> None:
         """Freeze the tracked set: from now on only tracked weights change."""

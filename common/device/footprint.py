@@ -1,81 +1,28 @@
-"""What one training step costs in memory: each trainer's stated footprint, and the measured peak.
+"""What one training step costs in memory, measured: the peak of real steps, and what a trainer holds.
 
-A device's memory budget has to cover the peak of a step, not only what it
-keeps between steps: gradients, scratch buffers, the selection's candidates
-and the activations of one batch all live at once inside a step. Each trainer
-states its peak as `fixed + bytes_per_tracked * k` (`DropBack.footprint`,
-`StreamingDropBack.footprint`); the device picks its mode and k from that
-(`client/profiles.plan_training`), and tests hold every stated footprint to
-the peak `measure_step_peak` finds in real steps.
+Each trainer states its step's peak as `fixed + bytes_per_tracked * k`
+(`budget.py` computes those statements in closed form, without torch); the
+device picks its mode and k from them (`fleet/profiles.plan_training`), and
+tests hold every stated footprint to the peak `measure_step_peak` finds in
+real steps.
 """
 
 import os
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cache
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from dropfleet.common.model.torch_model import build_model
+# The trainers read `Footprint` from here (it lives in the torch-free budget.py).
+from dropfleet.common.device.budget import Footprint as Footprint
 
-# How a device trains, fastest first: DropBack on dense weights, streaming one layer at
-# a time, streaming in row blocks (client/profiles.plan_training chooses by budget).
-TrainingMode = Literal["dense", "streaming", "streaming-blocks"]
-TRAINERS: tuple[str, ...] = get_args(TrainingMode)
-
-# Activations of one step, per byte of module outputs in a forward pass: saved
-# for backward, their gradients, and pooling indices (measured: 1.25x on the CNN).
-ACTIVATION_FACTOR = 1.5
-IMAGE_SHAPE = (1, 28, 28)
 # Kineto, the profiler's native layer, writes two "USDT ... profiler_start/stop" lines to stderr
 # per session unless its log level is above all of its levels (6: USDT is 5, ERROR 4). It reads
 # the level once, when the process first profiles; a user's own setting is kept.
 KINETO_QUIET = ("KINETO_LOG_LEVEL", "6")
-
-
-@dataclass(frozen=True)
-class Footprint:
-    """Peak bytes of a training step as a function of the tracked budget k."""
-
-    fixed_bytes: int
-    bytes_per_tracked: int
-
-    def bytes(self, k: int) -> int:
-        return self.fixed_bytes + self.bytes_per_tracked * k
-
-    def max_k(self, budget_bytes: int) -> int:
-        """The largest k whose step fits `budget_bytes` (0 when not even the fixed part fits)."""
-        return max(0, (budget_bytes - self.fixed_bytes) // self.bytes_per_tracked)
-
-
-@cache
-def activation_bytes(model_id: str, batch_size: int) -> int:
-    """A bound on the activation memory of one training step at `batch_size`.
-
-    From the output sizes of every leaf module in one forward pass on the meta
-    device (no memory, no compute).
-    """
-    model = build_model(model_id).to("meta")
-    total = 0
-
-    def count(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
-        nonlocal total
-        total += output.numel() * output.element_size()
-
-    # A flatten's output is a view of its input: no memory of its own.
-    leaves = [m for m in model.modules() if not list(m.children()) and not isinstance(m, nn.Flatten)]
-    hooks = [m.register_forward_hook(count) for m in leaves]
-    try:
-        model(torch.empty(batch_size, *IMAGE_SHAPE, device="meta"))
-    finally:
-        for h in hooks:
-            h.remove()
-    return int(ACTIVATION_FACTOR * total)
 
 
 def held_bytes(*objects: object) -> int:

@@ -8,6 +8,7 @@ description (`torch_model.py`), never the other way around.
 """
 
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,10 +23,17 @@ class Layer:
         """The layer's own parameters, (local name, shape), in the order torch registers them."""
         return ()
 
+    def output_shape(self, shape: Shape) -> Shape:
+        """The shape of one example's output, given one example's input shape (no batch dimension)."""
+        return shape
+
 
 @dataclass(frozen=True)
 class Flatten(Layer):
     """Flattens every dimension after the batch one (torch's default start_dim=1)."""
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return (math.prod(shape),)
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,10 @@ class MaxPool2d(Layer):
 
     kernel_size: int
 
+    def output_shape(self, shape: Shape) -> Shape:
+        channels, h, w = shape
+        return (channels, h // self.kernel_size, w // self.kernel_size)  # torch floors: ceil_mode=False
+
 
 @dataclass(frozen=True)
 class Linear(Layer):
@@ -49,6 +61,9 @@ class Linear(Layer):
     @property
     def fan_in(self) -> int:
         return self.in_features
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return (*shape[:-1], self.out_features)
 
     def params(self) -> tuple[tuple[str, Shape], ...]:
         weight = ("weight", (self.out_features, self.in_features))
@@ -67,6 +82,11 @@ class Conv2d(Layer):
     def fan_in(self) -> int:
         # what torch's init reads as weight[0].numel(): one output channel's inputs
         return self.in_channels * self.kernel_size * self.kernel_size
+
+    def output_shape(self, shape: Shape) -> Shape:
+        _, h, w = shape  # stride 1, so each side grows by the padding and shrinks by the kernel
+        grow = 2 * self.padding - self.kernel_size + 1
+        return (self.out_channels, h + grow, w + grow)
 
     def params(self) -> tuple[tuple[str, Shape], ...]:
         weight = ("weight", (self.out_channels, self.in_channels, self.kernel_size, self.kernel_size))
@@ -105,6 +125,15 @@ def parameter_shapes(arch: Arch) -> list[tuple[str, Shape]]:
     return [
         (f"{name}.{local}", shape) for name, layer in named_layers(arch) for local, shape in layer.params()
     ]
+
+
+def output_shapes(arch: Arch, input_shape: Shape) -> list[Shape]:
+    """Each layer's output shape for one example of `input_shape` (shape arithmetic, nothing computed)."""
+    shapes = []
+    for layer in arch:
+        input_shape = layer.output_shape(input_shape)
+        shapes.append(input_shape)
+    return shapes
 
 
 def mlp(*widths: int) -> Arch:

@@ -11,13 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dropfleet.common.device.data import (
-    load_device_data,
-    load_fashion_mnist,
-    partition_indices,
-    read_idx,
-    read_idx_rows,
-)
+from dropfleet.common.device.data import load_device_data, load_fashion_mnist, partition_indices
+from dropfleet.common.device.data_files import read_idx, read_idx_rows
 from dropfleet.common.errors import ConfigError, DatasetError
 
 
