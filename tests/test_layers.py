@@ -25,7 +25,9 @@ ALLOWED = {
 FLOWER_FREE = ("common",)
 # What the server's wire and merge code and a board without torch import: torch may not be reached from
 # them, at any depth. torch_model.py is the one torch module of common/model/ (the nn.Module side).
-# The lean device runtime (common/device/lean/) is what a board without torch runs.
+# The lean device runtime (common/device/lean/) is what a board without torch runs. The REST API, the
+# run preflight and what fleet/ shares with the apps plan training from closed-form footprints
+# (budget.py) and read data files (data_files.py) without torch (numba: tests/server/test_lean_api.py).
 TORCH_FREE = (
     "common.seed",
     "common.model",
@@ -35,6 +37,14 @@ TORCH_FREE = (
     "common.device.streaming_core",
     "common.device.running_topk",
     "common.device.lean",
+    "common.device.budget",
+    "common.device.data_files",
+    "fleet.config",
+    "fleet.profiles",
+    "fleet.records",
+    "fleet.replies",
+    "server.preflight",
+    "server.api",
 )
 TORCH_MODULES = ("common/model/torch_model.py",)
 
