@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dropfleet.common.device.budget import activation_bytes
+from dropfleet.common.device.budget import DEFAULT_BLOCK_WEIGHTS, activation_bytes
 from dropfleet.common.device.data import load_fashion_mnist
 from dropfleet.common.device.dropback import DropBack
 from dropfleet.common.device.footprint import held_bytes, measure_step_peak
-from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.device.streaming import StreamingDropBack
 from dropfleet.common.device.train import evaluate
 from dropfleet.common.model.layout import model_layout
 from dropfleet.common.model.torch_model import seeded_model

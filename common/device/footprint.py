@@ -16,9 +16,6 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-# The trainers read `Footprint` from here (it lives in the torch-free budget.py).
-from dropfleet.common.device.budget import Footprint as Footprint
-
 # Kineto, the profiler's native layer, writes two "USDT ... profiler_start/stop" lines to stderr
 # per session unless its log level is above all of its levels (6: USDT is 5, ERROR 4). It reads
 # the level once, when the process first profiles; a user's own setting is kept.

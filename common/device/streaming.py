@@ -17,34 +17,17 @@ twice per step. Any other sequential model (convolutions, batch norm, PReLU)
 streams one layer at a time, recomputing each layer's forward in backward.
 """
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from dropfleet.common.device import running_topk
-from dropfleet.common.device.footprint import Footprint
+from dropfleet.common.device.budget import Footprint, available_backend, streaming_footprint
 from dropfleet.common.device.streaming_core import StreamedState
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.layout import TensorSlot
 from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.model.torch_model import build_model
-from dropfleet.common.seed import init_compiled
-from dropfleet.common.seed.init_scheme import RANGE_CHUNK, Backend
-
-# Regenerating with the NumPy reference makes ~100 B of temporaries per value (init_scheme.RANGE_CHUNK).
-NUMPY_REGEN_BYTES_PER_WEIGHT = 112
-# The block a device streams in when its budget needs blocks. Per-block Python and torch
-# dispatch is what a block costs (bench/memory.py): 8,192 weights made a mlp-90k step
-# 5.0x SGD's at 0.48x its peak, 2,048 weights 8.4x at 0.40x.
-DEFAULT_BLOCK_WEIGHTS = 8192
-# A step's peak (measured against real steps in tests): per weight of the largest piece
-# materialized at once (w0, w, gradient, scores), a constant for the layer's output, bias
-# and interpreter temporaries, and per tracked weight what is kept plus the running
-# top-k's candidates (compiled: 1.5k buffers of 16 B; the NumPy reference: merge copies).
-STEP_BYTES_PER_LIVE_WEIGHT = {"compiled": 20, "numpy": 30}
-STEP_FIXED_BYTES = {"compiled": 64 * 1024, "numpy": 96 * 1024}
-STREAMING_STEP_BYTES_PER_TRACKED = {"compiled": 52, "numpy": 104}
+from dropfleet.common.seed.init_scheme import Backend
 
 
 class StreamingDropBack:
@@ -128,22 +111,10 @@ class StreamingDropBack:
         return self._core.state_bytes()
 
     def footprint(self, activation_bytes: int) -> Footprint:
-        """Peak bytes of one step of this trainer (any k), given the batch's activation bytes."""
-        if self._net is not None:  # one module's parameters at a time
-            pieces = [sum(slot.numel for _, slot in own) for _, own in self._modules]
-        else:
-            pieces = [bias.numel for _, bias in self._layers]
-            for weight, _ in self._layers:
-                cols = int(np.prod(weight.shape[1:]))
-                rows = max(r1 - r0 for r0, r1 in self._row_blocks(weight))
-                pieces.append(rows * cols + (0 if self.block_weights else weight.shape[0]))
-        live = max(pieces)
-        regen = "compiled" if self.backend != "numpy" and init_compiled.kernel() is not None else "numpy"
-        select = "compiled" if self.backend != "numpy" and running_topk.kernel() is not None else "numpy"
-        fixed = STEP_BYTES_PER_LIVE_WEIGHT[select] * live + STEP_FIXED_BYTES[select] + activation_bytes
-        if regen == "numpy":
-            fixed += NUMPY_REGEN_BYTES_PER_WEIGHT * min(RANGE_CHUNK["numpy"], live)
-        return Footprint(fixed, STREAMING_STEP_BYTES_PER_TRACKED[select])
+        """Peak bytes of one step of this trainer (any k), given the batch's activation bytes: the
+        closed form the planner uses (`budget.streaming_footprint`), for the backend it runs on."""
+        backend = "numpy" if self.backend == "numpy" else available_backend()
+        return streaming_footprint(self.model_id, activation_bytes, self.block_weights, backend)
 
     def freeze(self) -> None:
         """From now on only the tracked weights change and no selection runs."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dropfleet.common.device import budget, streaming
+from dropfleet.common.device import budget
 from dropfleet.common.device.budget import (
     ACTIVATION_FACTOR,
     IMAGE_SHAPE,
@@ -100,7 +100,3 @@ def test_the_streaming_footprint_is_the_trainers(model_id, block, backend):
         assert "row blocks" in str(exc)
         return
     assert streaming_footprint(model_id, act, block, backend) == trainer.footprint(act)
-
-
-def test_the_planned_block_is_the_trainers_default():
-    assert budget.DEFAULT_BLOCK_WEIGHTS == streaming.DEFAULT_BLOCK_WEIGHTS

@@ -11,11 +11,11 @@ from torch import nn
 from torch.profiler import profile
 
 from dropfleet.common.device import running_topk
-from dropfleet.common.device.budget import Footprint, activation_bytes
+from dropfleet.common.device.budget import DEFAULT_BLOCK_WEIGHTS, Footprint, activation_bytes
 from dropfleet.common.device.data import load_fashion_mnist
 from dropfleet.common.device.dropback import DropBack
 from dropfleet.common.device.footprint import can_measure, held_bytes, measure_step_peak
-from dropfleet.common.device.streaming import DEFAULT_BLOCK_WEIGHTS, StreamingDropBack
+from dropfleet.common.device.streaming import StreamingDropBack
 from dropfleet.common.device.train import PeakProbe
 from dropfleet.common.model.layout import model_layout
 from dropfleet.common.model.sparse import SparseModel, SparseTensor, initial_at_tracked
