@@ -135,7 +135,8 @@ def run_one(
     import numpy as np
     import torch
 
-    from dropfleet.client.local import is_available, local_data, train_dense, train_sparse, uplink_payload
+    from dropfleet.client.local import local_data, train_dense, train_sparse
+    from dropfleet.client.round import is_available, uplink_payload
     from dropfleet.common.aggregate.merge import next_global
     from dropfleet.common.aggregate.update_memory import UpdateMemory
     from dropfleet.common.device.data import load_fashion_mnist

@@ -17,15 +17,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
-from dropfleet.client.local import (
-    evaluate_sparse,
-    is_available,
-    local_data,
-    train_dense,
-    train_sparse,
-    train_topk,
-    uplink_payload,
-)
+from dropfleet.client.local import evaluate_sparse, local_data, train_dense, train_sparse, train_topk
+from dropfleet.client.round import is_available, uplink_payload
 from dropfleet.common.device.data import Split
 from dropfleet.common.device.train import EvalResult, evaluate
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError

@@ -4,13 +4,12 @@ The ClientApp (client/app.py) only unpacks messages and calls these.
 """
 
 import logging
-from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
 import torch
 
-from dropfleet.common.device.budget import available_backend
+from dropfleet.client.round import VALIDATION_FRACTION, LocalUpdate, client_plan
 from dropfleet.common.device.data import Split, load_device_data, load_fashion_mnist, partition_indices
 from dropfleet.common.device.data_files import fashion_mnist_labels
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
@@ -26,26 +25,11 @@ from dropfleet.common.device.train import (
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.sparse import SparseModel, initial_at_tracked
 from dropfleet.common.model.torch_model import load_deltas_, seeded_model
-from dropfleet.common.wire.codec import encode
 from dropfleet.common.wire.topk import Dense, sparsify_with_feedback
-from dropfleet.common.wire.uplink import Residual, encode_change
 from dropfleet.fleet.config import RunConfig
-from dropfleet.fleet.profiles import DeviceProfile, TrainingPlan, plan_training
+from dropfleet.fleet.profiles import DeviceProfile
 
-VALIDATION_FRACTION = 0.1
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalUpdate:
-    model: SparseModel
-    num_examples: int
-    train_loss: float
-    k: int
-    state_bytes: int  # kept between steps
-    budget_bytes: int
-    trainer: str  # the plan's mode: dense, streaming or streaming-blocks
-    peak_bytes: int | None  # a first step's, measured once per plan in this process (None: profiler busy)
 
 
 @cache
@@ -72,25 +56,6 @@ def local_data(
         idx = idx[: config.train_subset]
     n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
     return own.subset(idx[n_val:]), own.subset(idx[:n_val])
-
-
-def client_plan(profile: DeviceProfile, config: RunConfig, streaming_only: bool = False) -> TrainingPlan:
-    """This device's trainer and k (raises `BudgetError` when the budget holds no training step),
-    for the backend its streaming trainer will find here (numba's kernels or NumPy's)."""
-    return plan_training(
-        profile.state_budget_bytes,
-        config.model_id,
-        config.batch_size,
-        config.min_k,
-        streaming_only,
-        backend=available_backend(),
-    )
-
-
-def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, partition_id: int) -> bool:
-    """Simulated availability: a reproducible coin flip per (seed, round, node)."""
-    rng = np.random.default_rng([config.seed, server_round, partition_id])
-    return bool(rng.random() < profile.availability)
 
 
 def train_sparse(
@@ -158,15 +123,6 @@ def train_sparse(
         trainer=plan.mode,
         peak_bytes=probe.peak_bytes,
     )
-
-
-def uplink_payload(
-    update: SparseModel, sent: SparseModel, config: RunConfig, server_round: int, residual: Residual
-) -> tuple[bytes, Residual]:
-    """The reply's wire bytes: deltas, or changes against the global `sent` this round (with feedback)."""
-    if config.uplink_coding == "change":
-        return encode_change(update, sent, server_round, config.uplink_values, residual)
-    return encode(update, config.uplink_values), residual
 
 
 def train_dense(

@@ -46,6 +46,10 @@ FLOAT32_BYTES = 4
 # The dense trainer (`common/device/dropback.py`; `DropBack.footprint` is `dense_footprint`).
 # Fixed overhead kept between steps (threshold, counters, seed).
 FIXED_STATE_BYTES = 64
+# What the dense optimizer keeps per tracked weight between steps: an int64 flat position and
+# the float32 w0 there. The streaming trainer keeps 8 B (int32 index and value:
+# streaming_core.STREAMING_STATE_BYTES_PER_TRACKED); neither is a wire entry.
+DENSE_STATE_BYTES_PER_TRACKED = 12
 # A step's peak, per weight of the model: weights, gradient and step/score/mask
 # scratch are held (17 B); the first step of a round scores every weight against
 # a zero bar, so its candidate indices, scores and partition copies add ~20 B.

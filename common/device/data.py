@@ -17,6 +17,7 @@ import torch
 from dropfleet.common.device.data_files import (
     DIRICHLET_MIN_PARTITION,
     PARTITIONERS,
+    normalize,
     read_device_data,
     read_fashion_mnist,
 )
@@ -24,9 +25,6 @@ from dropfleet.common.device.data_files import (
 # deploy/fleet.py reads the data check from here (it lives in the torch-free data_files.py).
 from dropfleet.common.device.data_files import check_fashion_mnist as check_fashion_mnist
 from dropfleet.common.errors import ConfigError, DatasetError
-
-# Per-pixel statistics of the Fashion-MNIST training set.
-_FMNIST_MEAN, _FMNIST_STD = 0.2860, 0.3530
 
 
 @dataclass(frozen=True)
@@ -57,9 +55,7 @@ def load_fashion_mnist(
 
 def _normalized(images: np.ndarray, labels: np.ndarray) -> Split:
     """uint8 [n, 28, 28] images as the models take them: [n, 1, 28, 28], Fashion-MNIST's statistics."""
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)
-    x = ((x - _FMNIST_MEAN) / _FMNIST_STD).unsqueeze(1)
-    return Split(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+    return Split(torch.from_numpy(normalize(images)), torch.from_numpy(labels.astype(np.int64)))
 
 
 def load_device_data(path: str | os.PathLike[str]) -> Split:

@@ -305,3 +305,14 @@ def check_partitioning(num_examples: int, num_partitions: int, partitioner: str)
             f"partitioner needs {need} per device, so at most {num_examples // need} devices"
             + (" (partitioner=iid needs fewer)" if partitioner == "dirichlet" else "")
         )
+
+
+# Per-pixel statistics of the Fashion-MNIST training set.
+FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [n, 28, 28] images as the models take them: float32 [n, 1, 28, 28] with
+    Fashion-MNIST's statistics (the same bits the torch and lean runtimes train on)."""
+    x = images.astype(np.float32) / 255.0
+    return np.ascontiguousarray(((x - FMNIST_MEAN) / FMNIST_STD)[:, None])

@@ -54,18 +54,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from dropfleet.common.device.budget import FIXED_STATE_BYTES, Footprint, dense_footprint
+from dropfleet.common.device.budget import (
+    DENSE_STATE_BYTES_PER_TRACKED,
+    FIXED_STATE_BYTES,
+    Footprint,
+    dense_footprint,
+)
 from dropfleet.common.device.dropback_core import Scratch, dropback_select
 from dropfleet.common.errors import ConfigError, WireFormatError
 from dropfleet.common.model.layout import Layout, model_layout
 from dropfleet.common.model.sparse import SparseModel, SparseTensor
 
-# What this optimizer keeps per tracked weight between steps: an int64 flat position and
-# the float32 w0 there (`state_bytes`). The streaming trainer keeps 8 B (int32 index and
-# value: streaming_core.STREAMING_STATE_BYTES_PER_TRACKED); neither is a wire entry.
-DENSE_STATE_BYTES_PER_TRACKED = 12
-# The step's peak per model weight and per tracked weight, and the fixed state kept between
-# steps (FIXED_STATE_BYTES), are stated in budget.py, which plans without torch.
+# What the optimizer keeps between steps (DENSE_STATE_BYTES_PER_TRACKED, FIXED_STATE_BYTES) and
+# its step's peak are stated in budget.py, which plans without torch; the lean trainer keeps the same.
 # Hyperparameters that belong to the whole optimizer, not to a param group: k is one
 # budget over all parameters, so the freeze and the w0 decay apply to all of them too.
 GLOBAL_HYPERPARAMETERS = ("k", "freeze_after", "init_decay")

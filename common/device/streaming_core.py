@@ -21,7 +21,7 @@ from dropfleet.common.seed.init_scheme import Backend, initial_range, initial_va
 
 # What the streaming trainer keeps per tracked weight across steps: an int32 global flat
 # index and the float32 weight there (`state_bytes`). Not the dense optimizer's 12 B
-# (int64 index + w0: dropback.DENSE_STATE_BYTES_PER_TRACKED), nor a wire entry.
+# (int64 index + w0: budget.DENSE_STATE_BYTES_PER_TRACKED), nor a wire entry.
 STREAMING_STATE_BYTES_PER_TRACKED = 8
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dropfleet.client.local import client_plan, is_available, local_data, train_sparse
+from dropfleet.client.local import local_data, train_sparse
+from dropfleet.client.round import client_plan, is_available
 from dropfleet.common.aggregate.merge import merge_sparse
 from dropfleet.common.device.budget import available_backend
 from dropfleet.common.errors import BudgetError, ConfigError

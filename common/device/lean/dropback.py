@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dropfleet.common.device.budget import DENSE_STATE_BYTES_PER_TRACKED, FIXED_STATE_BYTES
 from dropfleet.common.device.dropback_core import Scratch, dropback_select
 from dropfleet.common.device.lean.network import Network
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.layout import model_layout
-from dropfleet.common.model.sparse import SparseModel, SparseTensor
+from dropfleet.common.model.sparse import SparseModel, SparseTensor, initial_at_tracked
 
 
 @dataclass
@@ -42,6 +43,38 @@ class LeanDropBack:
             raise ConfigError(f"Invalid freeze_after: {self.freeze_after!r} (must be None or an int >= 0)")
         # N-sized work buffers, reused by every step (as the torch optimizer keeps its own).
         self._scratch = Scratch.empty(self.network.params.size)
+
+    @property
+    def num_tracked(self) -> int:
+        return int(self.tracked.size)
+
+    def state_bytes(self) -> int:
+        """Bytes kept across steps: the torch optimizer's figure (positions and w0 there)."""
+        return FIXED_STATE_BYTES + DENSE_STATE_BYTES_PER_TRACKED * self.num_tracked
+
+    def start_from(self, sparse: SparseModel) -> None:
+        """Start from a published model, as the torch path's `load_deltas_` then `set_tracked`:
+        w = w0 + delta at the tracked positions; past k, the farthest from w0 stay (equal
+        distances in the order given) and the rest return to w0."""
+        layout = model_layout(sparse.model_id)
+        if layout.numel != self.network.params.size:
+            raise ConfigError(f"{sparse.model_id} does not fit this network")
+        params, positions, bases = self.network.params, [], []
+        for t, (idx, base), slot in zip(
+            sparse.tensors, initial_at_tracked(sparse), layout.tensors, strict=True
+        ):
+            at = slot.offset + np.asarray(idx, np.int64)
+            params[at] += t.values.astype(np.float32)  # indices are unique: a plain add is index_add_
+            positions.append(at)
+            bases.append(np.asarray(base, np.float32))
+        gidx, gbase = np.concatenate(positions), np.concatenate(bases)
+        if gidx.size > self.k:
+            order = np.argsort(-np.abs(params[gidx] - gbase), kind="stable")
+            drop, keep = order[self.k :], order[: self.k]
+            params[gidx[drop]] = gbase[drop]
+            gidx, gbase = gidx[keep], gbase[keep]
+        order = np.argsort(gidx, kind="stable")
+        self.tracked, self.initial, self.threshold = gidx[order], gbase[order], 0.0
 
     @property
     def training(self) -> bool:

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from dropfleet.common.device.dropback import DENSE_STATE_BYTES_PER_TRACKED, FIXED_STATE_BYTES, DropBack
+from dropfleet.common.device.budget import DENSE_STATE_BYTES_PER_TRACKED, FIXED_STATE_BYTES
+from dropfleet.common.device.dropback import DropBack
 from dropfleet.common.device.dropback_core import dropback_select
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.torch_model import seeded_model
