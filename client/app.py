@@ -4,44 +4,38 @@ Thin by design: unpack the message, call client/local.py, pack the reply.
 One round on a device: `train` reads the run's config, finds the run's
 strategy in fleet/strategies.py, checks the instruction carries that
 strategy's records, loads the device's data and hands a `Job` to the
-strategy's trainer here (`dropback_trainer`, `fedavg_trainer`,
-`topk_trainer`); `evaluate_global` the same with its evaluator.
+strategy's trainer (`dropback_trainer` here; the baselines' in
+client/baselines.py); `evaluate_global` the same with its evaluator. The
+node's `runtime` trains: torch (client/local.py) or, on a board without torch,
+NumPy alone (client/lean.py).
 A refusal (budget too small, device unavailable this round, bad global model)
 is an error reply with a clear reason, which the server logs and counts.
 """
 
 from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
-from dropfleet.client.local import evaluate_sparse, local_data, train_dense, train_sparse, train_topk
 from dropfleet.client.round import is_available, uplink_payload
-from dropfleet.common.device.data import Split
-from dropfleet.common.device.train import EvalResult, evaluate
+from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
-from dropfleet.common.model.layout import model_layout
-from dropfleet.common.model.sparse import SparseModel, dense_deltas
-from dropfleet.common.model.torch_model import seeded_model
+from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.wire.downlink import GlobalSet, apply_delta
-from dropfleet.common.wire.topk import zeros
 from dropfleet.common.wire.uplink import NO_RESIDUAL, Residual
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import DeviceProfile, get_profile, profile_for_partition
 from dropfleet.fleet.records import (
-    DENSE_RECORD,
     GLOBAL_DELTA_RECORD,
     GLOBAL_DELTA_STYPE,
     SPARSE_RECORD,
-    TOPK_MODEL_RECORD,
-    TOPK_RECORD,
     payload_record,
     record_payload,
     unpack_sparse,
-    unpack_topk_model,
-    unpack_topk_update,
 )
 from dropfleet.fleet.replies import (
     BAD_REQUEST,
@@ -53,8 +47,13 @@ from dropfleet.fleet.replies import (
 )
 from dropfleet.fleet.strategies import StrategySpec, spec
 
-# Node state of the sparsified-FedAvg baseline (kept across rounds by Flower).
-TOPK_STATE, TOPK_RESIDUAL, TOPK_META = "topk-model", "topk-residual", "topk"
+if TYPE_CHECKING:
+    from dropfleet.client.lean import Examples
+    from dropfleet.common.device.data import Split
+
+# How a node trains (node config `runtime`): torch (client/local.py), or NumPy alone
+# (client/lean.py: a board without torch; DropBack strategies only).
+RUNTIMES = ("torch", "lean")
 
 # Node state of the change-coded uplink: the quantization error not yet sent.
 UPLINK_RESIDUAL = "uplink-residual"
@@ -141,6 +140,21 @@ def _refuse(msg: Message, code: int, reason: str) -> Message:
     return Message(error=Error(code=code, reason=reason), reply_to=msg)
 
 
+def runtime(context: Context) -> ModuleType:
+    """The module that trains this node's rounds (node config `runtime`, default torch); only the
+    chosen one is imported, so a lean board never imports torch."""
+    name = context.node_config.get("runtime", "torch")
+    if name == "lean":
+        from dropfleet.client import lean
+
+        return lean
+    if name == "torch":
+        from dropfleet.client import local
+
+        return local
+    raise ConfigError(f"node config 'runtime' must be one of {RUNTIMES}, got {name!r}")
+
+
 @dataclass(frozen=True)
 class Job:
     """What a trainer is handed: the run's config, this device, its data and the round."""
@@ -149,8 +163,9 @@ class Job:
     profile: DeviceProfile
     partition_id: int
     server_round: int
-    train_data: Split
-    val_data: Split
+    train_data: "Split | Examples"
+    val_data: "Split | Examples"
+    runtime: ModuleType
 
 
 def _unexpected(msg: Message, strategy: StrategySpec) -> str | None:
@@ -173,11 +188,19 @@ def _job(msg: Message, context: Context, training: bool) -> tuple[StrategySpec, 
     unexpected = _unexpected(msg, strategy)
     if unexpected is not None:
         return _refuse(msg, BAD_REQUEST, f"{where}: {unexpected}")
+    chosen = context.node_config.get("runtime", "torch")
+    if chosen in RUNTIMES and chosen not in strategy.runtimes:
+        return _refuse(
+            msg,
+            BAD_REQUEST,
+            f"{where}: strategy {strategy.name!r} trains with torch; this node runs {chosen}",
+        )
     try:
-        train_data, val_data = local_data(config, partition_id, num_partitions, _data_dir(context))
+        trains = runtime(context)
+        train_data, val_data = trains.local_data(config, partition_id, num_partitions, _data_dir(context))
     except DropfleetError as exc:
         return _refuse(msg, BAD_REQUEST, f"{where}: {exc}")
-    return strategy, Job(config, profile, partition_id, server_round, train_data, val_data)
+    return strategy, Job(config, profile, partition_id, server_round, train_data, val_data, trains)
 
 
 @app.train()
@@ -192,14 +215,6 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, _refusal_code(exc), f"{job.profile.name} node {job.partition_id}: {exc}")
 
 
-def fedavg_trainer(msg: Message, context: Context, job: Job) -> Message:
-    """The dense baseline: train the whole model it was sent."""
-    state = msg.content.array_records[DENSE_RECORD].to_torch_state_dict()
-    new_state, loss = train_dense(state, job.train_data, job.config, job.server_round)
-    reply = TrainReply(ArrayRecord(new_state), len(job.train_data), loss, DENSE_RECORD)
-    return Message(reply.to_record(), reply_to=msg)
-
-
 def dropback_trainer(msg: Message, context: Context, job: Job) -> Message:
     """DropBack under the device's budget, from the global set it was sent (whole or a delta)."""
     config = job.config
@@ -207,7 +222,9 @@ def dropback_trainer(msg: Message, context: Context, job: Job) -> Message:
     streaming = context.node_config.get("streaming", False)  # stream even when the dense step fits
     if not isinstance(streaming, bool):
         raise ConfigError(f"node config 'streaming' must be true or false, got {streaming!r}")
-    update = train_sparse(global_model, job.train_data, job.profile, config, job.server_round, streaming)
+    update = job.runtime.train_sparse(
+        global_model, job.train_data, job.profile, config, job.server_round, streaming
+    )
     residual = _residual(context.state.array_records.get(UPLINK_RESIDUAL))
     payload, residual = uplink_payload(update.model, global_model, config, job.server_round, residual)
     if config.uplink_coding == "change":  # O(k): the unsent error at this device's tracked positions
@@ -232,52 +249,6 @@ def dropback_trainer(msg: Message, context: Context, job: Job) -> Message:
     return Message(reply.to_record(), reply_to=msg)
 
 
-def topk_trainer(msg: Message, context: Context, job: Job) -> Message:
-    """The sparsified-FedAvg baseline: the dense model and residual live in this node's state.
-
-    The server sends the update to its current version, preceded by the ones this node
-    missed, or the whole model when the node holds none it can update from.
-    """
-    config, records, state = job.config, msg.content.array_records, context.state
-    if TOPK_STATE not in state.array_records:  # version 0: the seeded model, no residual yet
-        model = seeded_model(config.model_id, config.seed)
-        state[TOPK_STATE] = ArrayRecord({n: Array(p.detach().numpy()) for n, p in model.named_parameters()})
-        state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in zeros(config.model_id).items()})
-        state[TOPK_META] = ConfigRecord({"version": 0})
-    held = int(state[TOPK_META]["version"])
-    if TOPK_MODEL_RECORD in records:
-        weights, version = unpack_topk_model(records[TOPK_MODEL_RECORD], model_layout(config.model_id).shapes)
-    else:
-        updates, version = unpack_topk_update(records[TOPK_RECORD], config.max_payload_bytes)
-        weights = {n: a.numpy().copy() for n, a in state[TOPK_STATE].items()}
-        first = version - len(updates) + 1  # the version the oldest update leads to
-        if not first <= held + 1 <= version + 1:
-            raise OutOfSyncError(
-                f"out of sync: this node holds model version {held}, the updates lead from "
-                f"{first - 1} to {version}"
-            )
-        for update in updates[held + 1 - first :]:
-            for name, delta in dense_deltas(update).items():
-                weights[name] += delta
-    residual = {n: a.numpy().copy() for n, a in state[TOPK_RESIDUAL].items()}
-    payload, residual, loss, k = train_topk(
-        weights, residual, job.train_data, job.profile, config, job.server_round
-    )
-    state[TOPK_STATE] = ArrayRecord({n: Array(a) for n, a in weights.items()})
-    state[TOPK_RESIDUAL] = ArrayRecord({n: Array(a) for n, a in residual.items()})
-    state[TOPK_META] = ConfigRecord({"version": version})
-    reply = TrainReply(
-        arrays=payload_record(payload),
-        num_examples=len(job.train_data),
-        train_loss=loss,
-        array_key=SPARSE_RECORD,
-        k=k,
-        profile=job.profile.name,
-        partition_id=job.partition_id,
-    )
-    return Message(reply.to_record(), reply_to=msg)
-
-
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     found = _job(msg, context, training=False)
@@ -295,12 +266,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     return Message(reply.to_record(), reply_to=msg)
 
 
-def fedavg_evaluator(msg: Message, context: Context, job: Job) -> EvalResult:
-    model = seeded_model(job.config.model_id, job.config.seed)
-    model.load_state_dict(msg.content.array_records[DENSE_RECORD].to_torch_state_dict())
-    return evaluate(model, job.val_data)
-
-
 def dropback_evaluator(msg: Message, context: Context, job: Job) -> EvalResult:
     global_model, _ = _global_model(msg, context, job.config, 0)  # evaluated, not kept
-    return evaluate_sparse(global_model, job.val_data, job.train_data)
+    return job.runtime.evaluate_sparse(global_model, job.val_data, job.train_data)

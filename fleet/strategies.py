@@ -39,6 +39,8 @@ class StrategySpec:
     `evaluator`: the ClientApp's handlers, "module:function" (`evaluator` None:
     the server evaluates centrally only and sends no evaluation instructions).
     `records`: the ArrayRecord keys an instruction may carry, the usual one first.
+    `runtimes`: the node runtimes that train it (client/app.py: torch, or lean on a board
+    without torch).
     """
 
     name: str
@@ -46,6 +48,7 @@ class StrategySpec:
     trainer: str
     evaluator: str | None
     records: tuple[str, ...]
+    runtimes: tuple[str, ...] = ("torch",)
 
     @property
     def record(self) -> str:
@@ -69,6 +72,7 @@ _DROPBACK = StrategySpec(
     evaluator="dropfleet.client.app:dropback_evaluator",
     # The whole tracked set, or (downlink-coding "delta") the change since the version a device holds.
     records=(SPARSE_RECORD, GLOBAL_DELTA_RECORD),
+    runtimes=("torch", "lean"),
 )
 
 SPECS: dict[str, StrategySpec] = {
@@ -78,14 +82,14 @@ SPECS: dict[str, StrategySpec] = {
     "fedavg": StrategySpec(
         name="fedavg",
         server="dropfleet.server.strategies.fedavg:DenseFedAvg",
-        trainer="dropfleet.client.app:fedavg_trainer",
-        evaluator="dropfleet.client.app:fedavg_evaluator",
+        trainer="dropfleet.client.baselines:fedavg_trainer",
+        evaluator="dropfleet.client.baselines:fedavg_evaluator",
         records=(DENSE_RECORD,),
     ),
     "topk-ef": StrategySpec(
         name="topk-ef",
         server="dropfleet.server.strategies.topk_ef:TopKFedAvg",
-        trainer="dropfleet.client.app:topk_trainer",
+        trainer="dropfleet.client.baselines:topk_trainer",
         evaluator=None,  # a baseline for the byte race: the server evaluates the global model centrally
         # The update to the current version (after those a device missed), or the whole dense model.
         records=(TOPK_RECORD, TOPK_MODEL_RECORD),

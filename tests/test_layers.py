@@ -39,6 +39,9 @@ TORCH_FREE = (
     "common.device.lean",
     "common.device.budget",
     "common.device.data_files",
+    "common.device.evaluation",
+    "client.round",
+    "client.lean",  # a lean board's round (client/app.py imports torch only for the torch runtime)
     "fleet.config",
     "fleet.profiles",
     "fleet.records",

@@ -5,7 +5,8 @@ import gzip
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from dropfleet.client.app import TOPK_META, train
+from dropfleet.client.app import train
+from dropfleet.client.baselines import TOPK_META
 from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.wire.codec import decode, encode
 from dropfleet.fleet.records import SPARSE_RECORD, TOPK_RECORD, pack_sparse, pack_topk_update, sparse_payload

@@ -11,7 +11,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from rich.console import Console
 
-from dropfleet.client.app import TOPK_META, TOPK_STATE, train
+from dropfleet.client.app import train
+from dropfleet.client.baselines import TOPK_META, TOPK_STATE
 from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.records import TOPK_MODEL_RECORD, TOPK_RECORD, pack_topk_update, record_bytes
 from dropfleet.fleet.replies import OUT_OF_SYNC

@@ -16,14 +16,19 @@ from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.lean.network import cross_entropy
 
 
-class LeanTrainer(Protocol):
+class LeanModel(Protocol):
+    """What evaluation needs: logits, and batch norm's mode, momentum and statistics
+    (a `Network`, or a trainer)."""
+
     training: bool
     bn_momentum: float
     buffers: dict[str, np.ndarray]
 
-    def train_step(self, x: np.ndarray, labels: np.ndarray) -> float: ...
-
     def forward(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class LeanTrainer(LeanModel, Protocol):
+    def train_step(self, x: np.ndarray, labels: np.ndarray) -> float: ...
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -49,7 +54,7 @@ def train_epochs(
 
 
 def evaluate(
-    trainer: LeanTrainer, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000
+    trainer: LeanModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000
 ) -> EvalResult:
     """Mean cross-entropy loss and accuracy over the examples (batch norm on running statistics)."""
     trainer.training = False
@@ -65,7 +70,7 @@ def evaluate(
 
 
 def recalibrate_batch_norm(
-    trainer: LeanTrainer, images: np.ndarray, batches: int = 20, batch_size: int = 256
+    trainer: LeanModel, images: np.ndarray, batches: int = 20, batch_size: int = 256
 ) -> None:
     """Re-estimate batch-norm running statistics from the examples: a cumulative average over the
     calibration batches from torch's initial values, as `train.recalibrate_batch_norm` does."""

@@ -1,0 +1,117 @@
+"""What a device does in a round on the lean runtime: `client/local.py`'s DropBack round on NumPy alone.
+
+A board without torch (node config `runtime = "lean"`) trains here: its own
+data (node config `data-dir`; the lean runtime never imports the partitioner's
+`datasets`), the plan its budget allows (`client/round.py`), and the lean
+trainers (`common/device/lean/`), which keep the torch trainers' tracked sets
+and send the same wire format. The batch order is NumPy's (`lean/train.py`).
+The DropBack strategies run here; the dense and top-k baselines need torch.
+"""
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from dropfleet.client.round import VALIDATION_FRACTION, LocalUpdate, client_plan
+from dropfleet.common.device.data_files import normalize, read_device_data
+from dropfleet.common.device.evaluation import EvalResult
+from dropfleet.common.device.lean.dropback import LeanDropBack
+from dropfleet.common.device.lean.network import seeded_network
+from dropfleet.common.device.lean.streaming import LeanStreamingDropBack
+from dropfleet.common.device.lean.train import evaluate, recalibrate_batch_norm, train_epochs
+from dropfleet.common.errors import ConfigError
+from dropfleet.common.model.layout import model_layout
+from dropfleet.common.model.sparse import SparseModel
+from dropfleet.fleet.config import RunConfig
+from dropfleet.fleet.profiles import DeviceProfile
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Normalized images (N, 1, 28, 28) float32 and int64 labels: the lean runtime's `Split`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray) -> "Examples":
+        return Examples(self.images[indices], self.labels[indices])
+
+
+@cache
+def local_data(
+    config: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> tuple[Examples, Examples]:
+    """This board's own examples, split into local train and validation as `local.local_data` splits
+    a device's own data (the same shuffle by the run's seed)."""
+    if not data_dir:
+        raise ConfigError(
+            "the lean runtime trains on the board's own data: set the node config data-dir "
+            "(train.npz or Fashion-MNIST's IDX files)"
+        )
+    images, labels = read_device_data(data_dir)
+    own = Examples(normalize(images), labels.astype(np.int64))
+    idx = np.random.default_rng(config.seed).permutation(len(own))
+    if config.train_subset:
+        idx = idx[: config.train_subset]
+    n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
+    return own.subset(idx[n_val:]), own.subset(idx[:n_val])
+
+
+def train_sparse(
+    global_model: SparseModel,
+    data: Examples,
+    profile: DeviceProfile,
+    config: RunConfig,
+    server_round: int,
+    streaming_only: bool = False,
+) -> LocalUpdate:
+    """Start from the published global set (trimmed to this device's k) and run DropBack, as
+    `local.train_sparse` does; the step's peak is not measured here (torch's profiler does that)."""
+    if global_model.model_id != config.model_id:
+        raise ConfigError(
+            f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
+        )
+    plan = client_plan(profile, config, streaming_only)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
+    seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
+    model_id = global_model.model_id
+    trainer: LeanStreamingDropBack | LeanDropBack
+    if plan.streaming:
+        trainer = LeanStreamingDropBack(
+            model_id, global_model.seed, plan.k, lr, freeze, block_weights=plan.block_weights
+        )
+        trainer.load(global_model)
+    else:
+        network = seeded_network(model_id, global_model.seed, global_model.init_scheme)
+        trainer = LeanDropBack(network, lr=lr, k=plan.k, freeze_after=freeze)
+        trainer.start_from(global_model)
+    loss = train_epochs(trainer, data.images, data.labels, config.local_epochs, config.batch_size, seed)
+    if isinstance(trainer, LeanStreamingDropBack):
+        update, state_bytes = trainer.to_sparse(), trainer.state.state_bytes()
+    else:
+        update, state_bytes = trainer.to_sparse(model_id, global_model.seed), trainer.state_bytes()
+    return LocalUpdate(
+        model=update,
+        num_examples=len(data),
+        train_loss=loss,
+        k=plan.k,
+        state_bytes=state_bytes,
+        budget_bytes=profile.state_budget_bytes,
+        trainer=plan.mode,
+        peak_bytes=None,
+    )
+
+
+def evaluate_sparse(global_model: SparseModel, data: Examples, calibration: Examples) -> EvalResult:
+    """Evaluate the global model; batch-norm statistics come from this node's training data."""
+    network = seeded_network(global_model.model_id, global_model.seed, global_model.init_scheme)
+    layout = model_layout(global_model.model_id)
+    for t, slot in zip(global_model.tensors, layout.tensors, strict=True):
+        network.params[slot.offset + t.indices.astype(np.int64)] += t.values.astype(np.float32)
+    recalibrate_batch_norm(network, calibration.images)
+    return evaluate(network, data.images, data.labels)
