@@ -19,7 +19,7 @@ from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.lean.dropback import LeanDropBack
 from dropfleet.common.device.lean.network import seeded_network
 from dropfleet.common.device.lean.streaming import LeanStreamingDropBack
-from dropfleet.common.device.lean.train import evaluate, recalibrate_batch_norm, train_epochs
+from dropfleet.common.device.lean.train import LeanPeakProbe, evaluate, recalibrate_batch_norm, train_epochs
 from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.layout import model_layout
 from dropfleet.common.model.sparse import SparseModel
@@ -70,7 +70,7 @@ def train_sparse(
     streaming_only: bool = False,
 ) -> LocalUpdate:
     """Start from the published global set (trimmed to this device's k) and run DropBack, as
-    `local.train_sparse` does; the step's peak is not measured here (torch's profiler does that)."""
+    `local.train_sparse` does, the first step's peak measured with tracemalloc."""
     if global_model.model_id != config.model_id:
         raise ConfigError(
             f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
@@ -90,7 +90,15 @@ def train_sparse(
         network = seeded_network(model_id, global_model.seed, global_model.init_scheme)
         trainer = LeanDropBack(network, lr=lr, k=plan.k, freeze_after=freeze)
         trainer.start_from(global_model)
-    loss = train_epochs(trainer, data.images, data.labels, config.local_epochs, config.batch_size, seed)
+    # What the first step's memory depends on; rounds that repeat it reuse its measured peak.
+    step_key = (
+        "lean", plan.mode, plan.k, plan.block_weights, model_id, global_model.init_scheme,
+        global_model.num_tracked, min(config.batch_size, len(data)),
+    )  # fmt: skip
+    probe = LeanPeakProbe(trainer.held_bytes, step_key)
+    loss = train_epochs(
+        trainer, data.images, data.labels, config.local_epochs, config.batch_size, seed, probe
+    )
     if isinstance(trainer, LeanStreamingDropBack):
         update, state_bytes = trainer.to_sparse(), trainer.state.state_bytes()
     else:
@@ -103,7 +111,7 @@ def train_sparse(
         state_bytes=state_bytes,
         budget_bytes=profile.state_budget_bytes,
         trainer=plan.mode,
-        peak_bytes=None,
+        peak_bytes=probe.peak_bytes,
     )
 
 

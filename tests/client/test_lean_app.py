@@ -83,7 +83,8 @@ def test_a_lean_board_trains_and_evaluates_without_torch(board_data, profile, tr
     assert "error" not in train, train
     assert train["trainer"] == trainer and 0 < train["tracked"] <= train["k"]
     assert train["num-examples"] == 1200 - 120  # the train split of the board's own data
-    assert 0 < train["state-bytes"] <= train["budget-bytes"]
+    # What the model state costs: kept between steps, and the first step's measured peak.
+    assert 0 < train["state-bytes"] < train["peak-bytes"] <= train["budget-bytes"]
     assert "error" not in evaluation and evaluation["num-examples"] == 120
     assert 0.0 <= evaluation["eval-accuracy"] <= 1.0
     # A measured bound, not a target: the whole process, Flower and numba included, peaked at

@@ -52,6 +52,11 @@ class LeanDropBack:
         """Bytes kept across steps: the torch optimizer's figure (positions and w0 there)."""
         return FIXED_STATE_BYTES + DENSE_STATE_BYTES_PER_TRACKED * self.num_tracked
 
+    def held_bytes(self) -> int:
+        """Bytes held between steps: weights, gradients, the step's scratch, the tracked state."""
+        arrays = (self.network.params, self.network.grads, *self._scratch, self.tracked, self.initial)
+        return sum(a.nbytes for a in arrays)
+
     def start_from(self, sparse: SparseModel) -> None:
         """Start from a published model, as the torch path's `load_deltas_` then `set_tracked`:
         w = w0 + delta at the tracked positions; past k, the farthest from w0 stay (equal

@@ -58,6 +58,10 @@ class LeanStreamingDropBack:
     def num_tracked(self) -> int:
         return self.state.num_tracked
 
+    def held_bytes(self) -> int:
+        """Bytes held between steps: the tracked indices and values (nothing dense)."""
+        return self.state.index.nbytes + self.state.value.nbytes
+
     def load(self, sparse: SparseModel) -> None:
         self.state.load(sparse)
 

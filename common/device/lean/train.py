@@ -8,6 +8,8 @@ cannot be reproduced without torch, so a lean device and a torch device of the
 same seed see the same examples in different orders.
 """
 
+import tracemalloc
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import numpy as np
@@ -31,15 +33,55 @@ class LeanTrainer(LeanModel, Protocol):
     def train_step(self, x: np.ndarray, labels: np.ndarray) -> float: ...
 
 
+# First-step peaks measured in this process, by what the step's memory depends on.
+_measured_peaks: dict[Hashable, int] = {}
+
+
+class LeanPeakProbe:
+    """The first training step's peak: what the trainer holds when it starts plus what the step
+    allocates (tracemalloc sees every NumPy array), measured once per `key` in a process, as
+    `train.PeakProbe` measures a torch step. `peak_bytes` stays None when another tracer runs."""
+
+    def __init__(self, held: Callable[[], int], key: Hashable | None = None) -> None:
+        self.held, self.key = held, key
+        self.peak_bytes: int | None = None
+
+    def measure(self, step: Callable[[], float]) -> float:
+        if self.key is not None and self.key in _measured_peaks:
+            self.peak_bytes = _measured_peaks[self.key]
+            return step()
+        if tracemalloc.is_tracing():  # someone else's trace: leave it alone
+            return step()
+        at_start = self.held()
+        tracemalloc.start()
+        try:
+            loss = step()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        self.peak_bytes = at_start + peak
+        if self.key is not None:
+            _measured_peaks[self.key] = self.peak_bytes
+        return loss
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The order of a device's n examples in one epoch: the same on every machine for a seed."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def train_epochs(
-    trainer: LeanTrainer, images: np.ndarray, labels: np.ndarray, epochs: int, batch_size: int, seed: int
+    trainer: LeanTrainer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    probe: LeanPeakProbe | None = None,
 ) -> float:
-    """Run `epochs` shuffled passes; returns the mean training loss of the last one."""
+    """Run `epochs` shuffled passes; returns the mean training loss of the last one.
+
+    With `probe`, the first step's memory peak is measured into it."""
     trainer.training = True
     mean_loss = float("nan")
     for epoch in range(epochs):
@@ -47,7 +89,11 @@ def train_epochs(
         total, batches = 0.0, 0
         for start in range(0, len(labels), batch_size):
             idx = order[start : start + batch_size]
-            total += trainer.train_step(images[idx], labels[idx])
+            x, y = images[idx], labels[idx]
+            if probe is not None and epoch == 0 and batches == 0:
+                total += probe.measure(lambda x=x, y=y: trainer.train_step(x, y))
+            else:
+                total += trainer.train_step(x, y)
             batches += 1
         mean_loss = total / max(batches, 1)
     return mean_loss
