@@ -33,6 +33,7 @@ processes, so a Flower release that moves them fails there, not in the field.
 """
 
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -107,10 +108,28 @@ def _guard_install(module: ModuleType, gate: _Gate) -> None:
     module.install_from_fab = install_from_fab
 
 
+def _flwr_clientapp() -> Callable[[], None]:
+    """Flower's `flwr-clientapp` entry point, loaded from its own file: importing it by name runs
+    `flwr.supernode.cli`'s `__init__`, which imports the whole SuperNode (SQLAlchemy, Alembic:
+    120 MiB where the ClientApp needs 88) into every ClientApp process."""
+    spec = importlib.util.find_spec("flwr.supernode.cli")  # imports flwr.supernode, not its cli package
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("flwr.supernode.cli is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "flwr_clientapp.py"
+    found = importlib.util.spec_from_file_location("flwr.supernode.cli.flwr_clientapp", path)
+    if found is None or found.loader is None:
+        raise RuntimeError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module.flwr_clientapp
+
+
 def clientapp() -> None:
     """`dropfleet-clientapp`: Flower's `flwr-clientapp`, for signed runs only."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
+    # One BLAS thread unless the board says otherwise: a ClientApp shares a board's few cores with
+    # its SuperNode, and OpenBLAS's default threads made a lean epoch 10-18x slower on two busy cores.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    flwr_clientapp = _flwr_clientapp()
     runtime = _module("flwr.supernode.runtime.run_clientapp")
 
     gate = _Gate()
