@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from dropfleet.client.round import VALIDATION_FRACTION, LocalUpdate, client_plan
+from dropfleet.client.round import LocalUpdate, client_plan, train_and_validation
 from dropfleet.common.device.data_files import normalize, read_device_data
 from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.lean.dropback import LeanDropBack
@@ -55,10 +55,7 @@ def local_data(
     images, labels = read_device_data(data_dir)
     own = Examples(normalize(images), labels.astype(np.int64))
     idx = np.random.default_rng(config.seed).permutation(len(own))
-    if config.train_subset:
-        idx = idx[: config.train_subset]
-    n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
-    return own.subset(idx[n_val:]), own.subset(idx[:n_val])
+    return train_and_validation(own, idx, config)
 
 
 def train_sparse(

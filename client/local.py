@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.client.round import VALIDATION_FRACTION, LocalUpdate, client_plan
+from dropfleet.client.round import LocalUpdate, client_plan, train_and_validation
 from dropfleet.common.device.data import Split, load_device_data, load_fashion_mnist, partition_indices
 from dropfleet.common.device.data_files import fashion_mnist_labels
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
@@ -52,10 +52,7 @@ def local_data(
         # Only this partition's images, in idx order.
         own = load_fashion_mnist("train", config.fashion_mnist_dir or None, indices=idx)
         idx = np.arange(len(idx))
-    if config.train_subset:
-        idx = idx[: config.train_subset]
-    n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
-    return own.subset(idx[n_val:]), own.subset(idx[:n_val])
+    return train_and_validation(own, idx, config)
 
 
 def train_sparse(

@@ -6,6 +6,7 @@ reports, and how its update goes on the wire. `client/local.py` (torch) and
 """
 
 from dataclasses import dataclass
+from typing import Protocol, Self, TypeVar
 
 import numpy as np
 
@@ -17,6 +18,26 @@ from dropfleet.fleet.config import RunConfig
 from dropfleet.fleet.profiles import DeviceProfile, TrainingPlan, plan_training
 
 VALIDATION_FRACTION = 0.1
+
+
+class Examples(Protocol):
+    """A device's examples, whichever runtime holds them (torch's `Split`, lean's `Examples`)."""
+
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: np.ndarray) -> Self: ...
+
+
+E = TypeVar("E", bound=Examples)
+
+
+def train_and_validation(own: E, idx: np.ndarray, config: RunConfig) -> tuple[E, E]:
+    """The device's examples at `idx` (in that order), capped at `train-subset`, split into local
+    training and the validation held out for federated evaluation (`VALIDATION_FRACTION`)."""
+    if config.train_subset:
+        idx = idx[: config.train_subset]
+    n_val = max(1, int(len(idx) * VALIDATION_FRACTION))
+    return own.subset(idx[n_val:]), own.subset(idx[:n_val])
 
 
 @dataclass(frozen=True)
