@@ -63,6 +63,10 @@ def certs(
     control_api: Annotated[
         str, typer.Option(help="the SuperLink's loopback address, for that connection")
     ] = "127.0.0.1:8001",
+    name: Annotated[
+        list[str] | None,
+        typer.Option("--name", help="also name this host in the server certificate (where boards reach it)"),
+    ] = None,
     drop_to: Annotated[
         str | None, typer.Option(help="started as root: give the directories to this user, then run as it")
     ] = None,
@@ -84,7 +88,7 @@ def certs(
             run_as(drop_to, [d for d in (out, trust, signing, keys, node_keys, flwr_home, *boards) if d])
         except (KeyError, PermissionError) as exc:
             exit_with(2, f"--drop-to {drop_to}: {exc}")
-    create(material, nodes)
+    create(material, nodes, names=tuple(n for n in name or () if n))
     if flwr_home is not None:
         ca = trust / "ca.crt" if out else None
         write_connection(flwr_home, CONNECTION, control_api, ca, insecure=True)

@@ -149,8 +149,11 @@ def runtime(context: Context) -> ModuleType:
 
         return lean
     if name == "torch":
-        from dropfleet.client import local
-
+        try:
+            from dropfleet.client import local
+        except ImportError as exc:  # a board installed without torch, left at the default runtime
+            reason = f"the torch runtime cannot load here ({exc}): set node config runtime=\"lean\""
+            raise ConfigError(reason) from None
         return local
     raise ConfigError(f"node config 'runtime' must be one of {RUNTIMES}, got {name!r}")
 

@@ -57,6 +57,7 @@ MOUNTS = {
 READ_TOKEN_FILE = "/flwr/read-token"
 NETWORKS = ("bridge", "host")
 PUBLISH_HOST = "${DROPFLEET_PUBLISH_HOST:-127.0.0.1}"
+PUBLISH_NAME = "${DROPFLEET_PUBLISH_NAME:-localhost}"
 
 
 def container_layout(spec: FleetSpec, network: str = "bridge") -> Layout:
@@ -134,6 +135,8 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
         *(["--out", "/certs"] if spec.tls else ["--no-tls"]),
         *(f"--{name}={MOUNTS[name]}" for name in ("trust", "signing", "keys")),
         "--node-keys=/node-keys", "--per-node",
+        # The name boards and API clients use for the published fleet, in the server certificate.
+        f"--name={PUBLISH_NAME}",
         # Docker makes the boards' mount points root's: the one-shot starts as root, hands them
         # to the image's user and runs as it from then on.
         "--drop-to", "dropfleet",

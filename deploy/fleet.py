@@ -124,7 +124,9 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
     for sub in ("pids", "logs", "flwr"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     material = local_material(spec, state)
-    create_material(material, spec.nodes)
+    # The certificate names where boards and API clients reach the fleet, beyond the defaults.
+    hosts = () if spec.host in ("0.0.0.0", "::") else (spec.host,)
+    create_material(material, spec.nodes, names=hosts)
     token_file = state / "admin-token"
     if not token_file.exists():
         write_secret(token_file, secrets.token_urlsafe(32).encode())

@@ -26,10 +26,11 @@ reaches them, because its ServerApp never starts.
 """
 
 import base64
-import binascii
+import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import sqlite3
 import time
@@ -50,6 +51,7 @@ VERSION = "v3"
 SIGNATURE_TTL_S = 3600
 # Where the ServerApp's launcher records the signatures it has used (set by --signature-ledger).
 LEDGER_ENV = "DROPFLEET_SIGNATURE_LEDGER"
+_SIGNATURE = re.compile(rf"{VERSION}\.([0-9]{{1,12}})\.([0-9a-f]{{32}})\.([A-Za-z0-9_-]{{86}}==)")
 # Where a task process finds the public keys it trusts (OpenSSH lines, one per key).
 TRUSTED_KEYS_ENV = "DROPFLEET_APP_TRUSTED_KEYS"
 # Development only: run any app, signed or not (a fleet started with --dev).
@@ -125,16 +127,12 @@ class Signature:
     def parse(cls, value: object) -> "Signature":
         if not isinstance(value, str) or not value:
             raise AppSignatureError("the run is not signed by the operator (no app-signature): refused")
-        version, _, rest = value.partition(".")
-        expires, _, rest = rest.partition(".")
-        nonce, _, encoded = rest.partition(".")
-        if version != VERSION or not expires.isdigit() or len(nonce) != 32 or not encoded:
+        # One spelling per signature: ASCII digits, a lowercase hex nonce, canonical base64 of 64 bytes.
+        match = _SIGNATURE.fullmatch(value)
+        if match is None:
             raise AppSignatureError(f"the run's app-signature is not a {VERSION} signature: refused")
-        try:
-            bytes.fromhex(nonce)
-            raw = base64.urlsafe_b64decode(encoded.encode())
-        except (ValueError, binascii.Error):
-            raise AppSignatureError("the run's app-signature is malformed: refused") from None
+        expires, nonce, encoded = match.groups()
+        raw = base64.urlsafe_b64decode(encoded)
         return cls(int(expires), nonce, raw)
 
 
@@ -192,44 +190,58 @@ class SignatureLedger:
     """The signatures the server has run, one Flower run each: a replay is refused.
 
     A small SQLite file of its own (the launcher checks it before the app, and so
-    before the app's store, exists for this run). Entries past their expiry are
-    dropped: by then `check_fresh` refuses the signature anyway, so the file holds
-    at most one window's worth of runs.
+    before the app's store, exists for this run). A claim checks the signature's
+    expiry and its nonce in one transaction, against one clock reading, so a
+    signature cannot slip between the two. Entries are dropped a whole window
+    after their expiry (a clock stepped back by less than that cannot revive a
+    used signature), so the file holds about two windows' worth of runs.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            # Flower's run ids are unsigned 64-bit: more than SQLite's INTEGER holds, hence TEXT.
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS claims "
-                "(nonce TEXT PRIMARY KEY, run_id TEXT NOT NULL, expires INTEGER NOT NULL)"
-            )
+        try:
+            with contextlib.closing(self._connect()) as db:
+                # Flower's run ids are unsigned 64-bit: more than SQLite's INTEGER holds, hence TEXT.
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS claims "
+                    "(nonce TEXT PRIMARY KEY, run_id TEXT NOT NULL, expires INTEGER NOT NULL)"
+                )
+                db.execute("BEGIN IMMEDIATE")  # writable, not just readable: refuse to start otherwise
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise AppSignatureError(f"the signature ledger {path} is not usable: {exc}") from None
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=30, isolation_level=None)
 
     def claim(self, signature: Signature, run_id: int, now: float | None = None) -> None:
-        """Record that `run_id` runs under `signature`; refuse it if another run did already."""
+        """Record that `run_id` runs under `signature`, fresh at `now`; refuse it if it has expired
+        or another run used it already."""
         now = time.time() if now is None else now
-        db = self._connect()
         try:
-            db.execute("BEGIN IMMEDIATE")  # one claim at a time, across processes
-            db.execute("DELETE FROM claims WHERE expires < ?", (int(now),))
-            row = db.execute("SELECT run_id FROM claims WHERE nonce = ?", (signature.nonce,)).fetchone()
-            if row is not None and row[0] != str(run_id):
-                db.execute("ROLLBACK")
-                raise AppSignatureError(
-                    f"the run's app-signature was used by run {row[0]} already (a replay): refused"
-                )
-            if row is None:
-                db.execute(
-                    "INSERT INTO claims VALUES (?, ?, ?)", (signature.nonce, str(run_id), signature.expires)
-                )
-            db.execute("COMMIT")
-        finally:
-            db.close()
+            with contextlib.closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")  # one claim at a time, across processes
+                try:
+                    self._claim(db, signature, str(run_id), now)
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise AppSignatureError(f"the signature ledger {self.path} is not usable: {exc}") from None
+
+    @staticmethod
+    def _claim(db: sqlite3.Connection, signature: Signature, run_id: str, now: float) -> None:
+        check_fresh(signature, now)
+        db.execute("DELETE FROM claims WHERE expires < ?", (int(now) - SIGNATURE_TTL_S,))
+        row = db.execute("SELECT run_id FROM claims WHERE nonce = ?", (signature.nonce,)).fetchone()
+        if row is not None and row[0] != run_id:
+            raise AppSignatureError(
+                f"the run's app-signature was used by run {row[0]} already (a replay): refused"
+            )
+        if row is None:
+            db.execute("INSERT INTO claims VALUES (?, ?, ?)", (signature.nonce, run_id, signature.expires))
 
 
 def fab_for(app_dir: Path) -> bytes:

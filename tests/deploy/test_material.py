@@ -77,3 +77,18 @@ def test_certs_started_as_root_hands_every_directory_over_and_creates_nothing_as
         assert mode(base / "node-keys" / "1-secret" / "superexec-node-1") == 0o600
     finally:
         shutil.rmtree(base)
+
+
+def test_the_certificate_names_the_host_the_fleet_is_published_as(tmp_path):
+    from cryptography import x509
+
+    args = [f"--{name}={tmp_path / name}" for name in ("out", "trust", "signing", "keys", "node-keys")]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "dropfleet"), "certs", "--nodes", "1", *args,
+         "--name", "fleet.example.org", "--name", ""],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr + done.stdout
+    cert = x509.load_pem_x509_certificate((tmp_path / "out" / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"fleet.example.org", "localhost", "superlink"} <= set(names.get_values_for_type(x509.DNSName))

@@ -77,6 +77,10 @@ def test_nothing_of_the_fab_is_parsed_before_it_verifies(operator):
         lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], nonce="1" * 32)}),
         lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], nonce="xyz")}),
         lambda fab, cfg: (fab, {**cfg, "app-signature": "v2" + cfg["app-signature"][2:]}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], expires="١٢")}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": _with(cfg["app-signature"], nonce="A" * 32)}),
+        lambda fab, cfg: (fab, {**cfg, "app-signature": cfg["app-signature"][:-2] + "!=="}),  # junk b64
+        lambda fab, cfg: (fab, {**cfg, "app-signature": cfg["app-signature"] + "\n"}),
     ],
 )
 def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper):
@@ -88,7 +92,7 @@ def test_anything_but_the_signed_app_and_config_is_refused(fab, operator, tamper
         app_signing.verify(other_fab, other_config, trusted)
 
 
-def _with(signature: str, expires: int | None = None, nonce: str | None = None) -> str:
+def _with(signature: str, expires: object = None, nonce: str | None = None) -> str:
     version, old_expires, old_nonce, raw = signature.split(".")
     return ".".join([version, str(expires or old_expires), nonce or old_nonce, raw])
 
@@ -104,7 +108,7 @@ def test_a_signature_expires_and_names_one_run(fab, operator):
         app_signing.check_fresh(first, now=first.expires + 1)
 
 
-def test_the_ledger_lets_a_signature_start_one_run_only(fab, operator, tmp_path):
+def test_the_ledger_lets_a_fresh_signature_start_one_run_only(fab, operator, tmp_path):
     key, trusted = operator
     now = time.time()
     signature = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
@@ -114,13 +118,27 @@ def test_the_ledger_lets_a_signature_start_one_run_only(fab, operator, tmp_path)
     # Another process opening the same file sees the claim (the SuperExec starts one per run).
     with pytest.raises(AppSignatureError, match="used by run 7 already"):
         app_signing.SignatureLedger(tmp_path / "store" / "signatures.db").claim(signature, run_id=8, now=now)
-    # Past its expiry the claim is dropped (check_fresh refuses the signature by then): the
-    # file holds one window's worth of runs, however long the fleet lives.
-    later = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=now)}, trusted)
-    ledger.claim(later, run_id=9, now=signature.expires + 1)
+    # Expiry and nonce are checked together, against one clock reading: a second past its expiry
+    # the signature is refused as expired, whatever the ledger holds.
+    with pytest.raises(AppSignatureError, match="expired 1 s ago"):
+        ledger.claim(signature, run_id=8, now=signature.expires + 1)
+    # A claim is dropped a whole window after its expiry (a clock stepped back by less cannot
+    # revive it): the file holds about two windows' worth of runs, however long the fleet lives.
+    then = signature.expires + app_signing.SIGNATURE_TTL_S + 5
+    later = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=then)}, trusted)
+    ledger.claim(later, run_id=9, now=then)
     with sqlite3.connect(tmp_path / "store" / "signatures.db") as db:
         assert db.execute("SELECT run_id FROM claims").fetchall() == [("9",)]
-    ledger.claim(signature, run_id=2**64 - 1, now=now - 1)  # Flower's run ids are unsigned 64-bit
+    fresh = app_signing.verify(fab, {"app-signature": app_signing.sign(key, fab, {}, now=then)}, trusted)
+    ledger.claim(fresh, run_id=2**64 - 1, now=then)  # Flower's run ids are unsigned 64-bit
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_bytes(b"not a database" * 100)])
+def test_an_unusable_ledger_is_refused_with_the_reason(tmp_path, make):
+    path = tmp_path / "signatures.db"
+    make(path)
+    with pytest.raises(AppSignatureError, match=r"signature ledger .* is not usable"):
+        app_signing.SignatureLedger(path)
 
 
 def test_another_signer_is_refused_and_any_trusted_key_is_enough(fab, operator, tmp_path):
