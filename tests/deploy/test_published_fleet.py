@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from flwr.common.config import parse_config_args
 
 from dropfleet.deploy.material import SIGNING_KEY
@@ -150,6 +151,7 @@ def wait_claimed(ledger: Path, run_id: str, timeout: float = 120) -> None:
     raise AssertionError(f"run {run_id}'s signature was never claimed")
 
 
+@pytest.mark.slow  # a whole published fleet, three refused runs and a signed one (~2 min): make test-slow
 def test_an_outsider_cannot_run_code_on_the_server_or_the_boards(tmp_path):
     state = tmp_path / "fleet"
     out = tmp_path / "outsider-out"
