@@ -152,7 +152,7 @@ def runtime(context: Context) -> ModuleType:
         try:
             from dropfleet.client import local
         except ImportError as exc:  # a board installed without torch, left at the default runtime
-            reason = f"the torch runtime cannot load here ({exc}): set node config runtime=\"lean\""
+            reason = f'the torch runtime cannot load here ({exc}): set node config runtime="lean"'
             raise ConfigError(reason) from None
         return local
     raise ConfigError(f"node config 'runtime' must be one of {RUNTIMES}, got {name!r}")

@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from dropfleet.client.round import LocalUpdate, client_plan, train_and_validation
+from dropfleet.client.round import LocalUpdate, round_schedule, train_and_validation
 from dropfleet.common.device.data_files import normalize, read_device_data
 from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.lean.dropback import LeanDropBack
@@ -68,14 +68,9 @@ def train_sparse(
 ) -> LocalUpdate:
     """Start from the published global set (trimmed to this device's k) and run DropBack, as
     `local.train_sparse` does, the first step's peak measured with tracemalloc."""
-    if global_model.model_id != config.model_id:
-        raise ConfigError(
-            f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
-        )
-    plan = client_plan(profile, config, streaming_only)
-    steps_per_epoch = -(-len(data) // config.batch_size)
-    freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
-    seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
+    plan, freeze, seed, lr = round_schedule(
+        global_model, len(data), profile, config, server_round, streaming_only
+    )
     model_id = global_model.model_id
     trainer: LeanStreamingDropBack | LeanDropBack
     if plan.streaming:

@@ -9,7 +9,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from dropfleet.client.round import LocalUpdate, client_plan, train_and_validation
+from dropfleet.client.round import LocalUpdate, client_plan, round_schedule, train_and_validation
 from dropfleet.common.device.data import Split, load_device_data, load_fashion_mnist, partition_indices
 from dropfleet.common.device.data_files import fashion_mnist_labels
 from dropfleet.common.device.dropback import DropBack, sparse_from_optimizer
@@ -22,7 +22,6 @@ from dropfleet.common.device.train import (
     recalibrate_batch_norm,
     train_epochs,
 )
-from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.sparse import SparseModel, initial_at_tracked
 from dropfleet.common.model.torch_model import load_deltas_, seeded_model
 from dropfleet.common.wire.topk import Dense, sparsify_with_feedback
@@ -73,14 +72,9 @@ def train_sparse(
     reported (logged when it exceeds the budget): once per plan, first batch
     and starting set in this process (`PeakProbe`'s key), then reused.
     """
-    if global_model.model_id != config.model_id:
-        raise ConfigError(
-            f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
-        )
-    plan = client_plan(profile, config, streaming_only)
-    steps_per_epoch = -(-len(data) // config.batch_size)
-    freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
-    seed, lr = config.training_seed(server_round), config.learning_rate_at(server_round)
+    plan, freeze, seed, lr = round_schedule(
+        global_model, len(data), profile, config, server_round, streaming_only
+    )
     # What the first step's memory depends on; rounds that repeat it reuse its measured peak.
     step_key = (
         plan.mode, plan.k, plan.block_weights, global_model.model_id, global_model.init_scheme,

@@ -11,6 +11,7 @@ from typing import Protocol, Self, TypeVar
 import numpy as np
 
 from dropfleet.common.device.budget import available_backend
+from dropfleet.common.errors import ConfigError
 from dropfleet.common.model.sparse import SparseModel
 from dropfleet.common.wire.codec import encode
 from dropfleet.common.wire.uplink import Residual, encode_change
@@ -63,6 +64,26 @@ def client_plan(profile: DeviceProfile, config: RunConfig, streaming_only: bool 
         streaming_only,
         backend=available_backend(),
     )
+
+
+def round_schedule(
+    global_model: SparseModel,
+    num_examples: int,
+    profile: DeviceProfile,
+    config: RunConfig,
+    server_round: int,
+    streaming_only: bool = False,
+) -> tuple[TrainingPlan, int | None, int, float]:
+    """A DropBack round's plan, freeze step, batch-order seed and learning rate, whichever runtime
+    trains it; refuses a global model of another model id."""
+    if global_model.model_id != config.model_id:
+        raise ConfigError(
+            f"the global model is {global_model.model_id!r}, the run trains {config.model_id!r}"
+        )
+    plan = client_plan(profile, config, streaming_only)
+    steps_per_epoch = -(-num_examples // config.batch_size)
+    freeze = config.freeze_epochs * steps_per_epoch if config.freeze_epochs else None
+    return plan, freeze, config.training_seed(server_round), config.learning_rate_at(server_round)
 
 
 def is_available(profile: DeviceProfile, config: RunConfig, server_round: int, partition_id: int) -> bool:
