@@ -86,7 +86,8 @@ proto: install
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/sparse_model.proto
 
 # requirements.lock's hashes (every file of each pin on the index, and the local CPU torch
-# wheel) and requirements-client.lock (slim client image, edge boards) from it.
+# wheel) and from it the board's locks: requirements-client.lock (a lean board: no torch) and
+# requirements-torch.lock (a board's torch runtime; the client image installs both).
 locks: install
 	$(PY) -m dropfleet.deploy.locks . --hash
 

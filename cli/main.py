@@ -2,7 +2,7 @@
 
 import typer
 
-from dropfleet.cli import api, deploy, fleet, simulate
+from dropfleet.cli import api, data, deploy, fleet, simulate
 
 app = typer.Typer(help="dropfleet: federated DropBack on Flower.", no_args_is_help=True)
 
@@ -19,6 +19,7 @@ for query in (api.status, api.runs, api.resume, api.model, api.nodes):
 app.add_typer(fleet.app, name="fleet")
 app.command()(deploy.compose)
 app.command()(deploy.certs)
+app.command()(data.partition)
 
 
 def main() -> None:

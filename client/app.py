@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from dropfleet.client.audit import audit_mod
+from dropfleet.client.footprint import board_footprint
 from dropfleet.client.round import is_available, uplink_payload
 from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.errors import BudgetError, ConfigError, DropfleetError, OutOfSyncError
@@ -39,7 +40,10 @@ from dropfleet.fleet.records import (
 )
 from dropfleet.fleet.replies import (
     BAD_REQUEST,
+    BOARD_RSS_BYTES,
+    METRICS_RECORD,
     OUT_OF_SYNC,
+    PROCESS_RSS_BYTES,
     REFUSED_BUDGET,
     UNAVAILABLE,
     EvaluateReply,
@@ -213,9 +217,19 @@ def train(msg: Message, context: Context) -> Message:
         return found
     strategy, job = found
     try:
-        return strategy.train_handler()(msg, context, job)
+        reply = strategy.train_handler()(msg, context, job)
     except DropfleetError as exc:
         return _refuse(msg, _refusal_code(exc), f"{job.profile.name} node {job.partition_id}: {exc}")
+    if not reply.has_error():  # every strategy's reply: what the board's processes peaked at
+        metrics = reply.content.metric_records[METRICS_RECORD]
+        footprint = board_footprint()
+        for key, value in (
+            (PROCESS_RSS_BYTES, footprint.process_rss_bytes),
+            (BOARD_RSS_BYTES, footprint.board_rss_bytes),
+        ):
+            if value is not None:
+                metrics[key] = value
+    return reply
 
 
 def dropback_trainer(msg: Message, context: Context, job: Job) -> Message:

@@ -1,4 +1,4 @@
-"""The locks: requirements.lock with every file's hash, and requirements-client.lock from it (`make locks`).
+"""The locks: requirements.lock with every file's hash, and the board's two locks from it (`make locks`).
 
 `pip install --require-hashes -r requirements.lock` installs only files whose
 SHA-256 the lock names: a tampered or substituted wheel on the way from the
@@ -8,10 +8,16 @@ aarch64 boards; for torch, PyPI's CPU builds only), plus the local CPU torch
 wheels pip takes from its find-links directory (`PIP_FIND_LINKS`, where a
 machine keeps them: PyTorch's CPU index's files).
 
-A client (SuperNode + ClientApp, on a board or in the slim image) needs no
-Ray, no database drivers, no API server extras and no development tools
-(Flower 1.42 itself needs SQLAlchemy, Alembic and tomli-w, so those stay:
-hash-checking mode installs nothing the lock does not pin).
+A board (SuperNode, SuperExec and the lean ClientApp, on a device or in the
+client image) installs `requirements-client.lock`: Flower, NumPy and protobuf
+with what they require, nothing else (no torch, no `datasets`, no Ray, no
+numba). Flower 1.42 itself requires SQLAlchemy, Alembic, FastAPI and uvicorn,
+so those stay. A board that trains on the torch runtime, and the client image
+(whose simulated boards train their partitions of Fashion-MNIST), add
+`requirements-torch.lock`: torch, flwr-datasets and numba with what they require
+beyond the board's lock. Both are the pins of requirements.lock that the installed packages'
+own metadata requires, markers evaluated for Linux on x86_64 and aarch64 with
+CPython 3.11: hash-checking mode installs nothing a lock does not pin.
 """
 
 import hashlib
@@ -22,38 +28,31 @@ import sys
 import urllib.request
 from pathlib import Path
 
-SERVER_OR_DEV_ONLY = frozenset(
+# What a board runs imports these (the lean ClientApp: client/lean.py, fleet/launcher.py).
+BOARD_ROOTS = ("flwr", "numpy", "protobuf")
+# The torch runtime, the partitioner a board without its own data slices Fashion-MNIST with, and
+# numba's compiled w0 and top-k kernels (a few hundred MiB of board RAM, where it has that).
+TORCH_ROOTS = ("torch", "flwr-datasets", "numba")
+BOARD_LOCK, TORCH_LOCK = "requirements-client.lock", "requirements-torch.lock"
+_GENERATED = "# Generated from requirements.lock by `make locks`: "
+HEADERS = {
+    BOARD_LOCK: _GENERATED + "a board (SuperNode, SuperExec, lean ClientApp).\n",
+    TORCH_LOCK: _GENERATED + "a board's torch runtime, beside requirements-client.lock.\n",
+}
+# Where boards and images run: a requirement's marker counts if it holds on any of them.
+BOARD_PLATFORMS = tuple(
     {
-        "backoff",
-        "flatbuffers",
-        "graphql-core",
-        "grpcio-tools",
-        "harfile",
-        "hypothesis",
-        "hypothesis-graphql",
-        "hypothesis-jsonschema",
-        "iniconfig",
-        "jsonschema-rs",
-        "junit-xml",
-        "ml-dtypes",
-        "onnx",
-        "onnxruntime",
-        "pluggy",
-        "prometheus-client",
-        "psycopg",
-        "psycopg-binary",
-        "pydantic-settings",
-        "pyrate-limiter",
-        "pytest",
-        "pytest-subtests",
-        "ray",
-        "ruff",
-        "schemathesis",
-        "starlette-testclient",
-        "werkzeug",
+        "python_version": "3.11",
+        "python_full_version": "3.11.2",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": machine,
     }
+    for machine in ("x86_64", "aarch64")
 )
-HEADER = "# Generated from requirements.lock by `make locks`: what a client (SuperNode + ClientApp) needs.\n"
 INDEX = "https://pypi.org/simple"
 # Index files never allowed: PyPI's x86_64 torch is a multi-GB CUDA build. Leaving its hash out
 # also keeps pip on the local CPU wheel (in hash-checking mode pip prefers index files whose
@@ -79,9 +78,47 @@ def records(lock: str) -> list[list[str]]:
     return out
 
 
-def client_lock(full: str) -> str:
-    keep = [r for r in records(full) if normalize(re.split(r"[=<>~ ;\\]", r[0])[0]) not in SERVER_OR_DEV_ONLY]
-    return HEADER + "".join("\n".join(r) + "\n" for r in keep)
+def requirement_closure(roots: tuple[str, ...]) -> set[str]:
+    """The normalized names of `roots` and everything their installed metadata requires (extras
+    followed), on any of BOARD_PLATFORMS."""
+    from importlib.metadata import requires
+
+    from packaging.requirements import Requirement
+
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    todo = [(root, ()) for root in roots]
+    while todo:
+        name, extras = todo.pop()
+        if (normalize(name), extras) in seen:
+            continue
+        seen.add((normalize(name), extras))
+        for line in requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or any(
+                req.marker.evaluate({**platform, "extra": extra})
+                for platform in BOARD_PLATFORMS
+                for extra in ("", *extras)
+            ):
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return {name for name, _ in seen}
+
+
+def sub_lock(full: str, names: set[str], header: str) -> str:
+    """The records of `full` (a hashed lock) pinning `names`, each of which it must pin."""
+    keep = {normalize(re.split(r"[=<>~ ;\\]", r[0])[0]): r for r in records(full)}
+    missing = sorted(names - keep.keys())
+    if missing:
+        raise SystemExit(f"requirements.lock does not pin {', '.join(missing)}")
+    return header + "".join("\n".join(r) + "\n" for n, r in keep.items() if n in names)
+
+
+def board_locks(full: str) -> dict[str, str]:
+    """The board's lock and its torch runtime's, from requirements.lock's text."""
+    board = requirement_closure(BOARD_ROOTS)
+    return {
+        BOARD_LOCK: sub_lock(full, board, HEADERS[BOARD_LOCK]),
+        TORCH_LOCK: sub_lock(full, requirement_closure(TORCH_ROOTS) - board, HEADERS[TORCH_LOCK]),
+    }
 
 
 def _file_version(filename: str, name: str) -> str | None:
@@ -156,7 +193,8 @@ def main() -> None:
     if "--hash" in sys.argv:
         links = [Path(p.removeprefix("file://")) for p in os.environ.get("PIP_FIND_LINKS", "").split()]
         lock.write_text(hashed_lock(lock.read_text(), os.environ.get("DROPFLEET_INDEX", INDEX), links))
-    (root / "requirements-client.lock").write_text(client_lock(lock.read_text()))
+    for name, text in board_locks(lock.read_text()).items():
+        (root / name).write_text(text)
 
 
 if __name__ == "__main__":

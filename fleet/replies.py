@@ -26,6 +26,10 @@ K = "k"
 STATE_BYTES = "state-bytes"
 PEAK_BYTES = "peak-bytes"
 BUDGET_BYTES = "budget-bytes"
+# The board's processes' peak resident memory (client/footprint.py): the ClientApp's own, and with
+# its SuperExec's and SuperNode's the board's; reported by a board's ClientApp process only.
+PROCESS_RSS_BYTES = "process-rss-bytes"
+BOARD_RSS_BYTES = "board-rss-bytes"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 PROFILE = "profile"
@@ -98,8 +102,10 @@ class TrainReply:
     `k`, `state_bytes` (kept between steps), `peak_bytes` (measured in the
     round's first step) and `budget_bytes` are what a sparse (DropBack or
     top-k) device reports, with the `trainer` its budget chose; the dense
-    baseline reports none. Device facts are for the fleet view only and never
-    trusted for merging.
+    baseline reports none. A board's ClientApp process adds its peak RSS
+    (`process_rss_bytes`) and its board's (`board_rss_bytes`: with its
+    SuperExec and SuperNode). Device facts are for the fleet view only and
+    never trusted for merging.
     """
 
     arrays: ArrayRecord
@@ -113,6 +119,8 @@ class TrainReply:
     partition_id: int | None = None
     peak_bytes: int | None = None
     trainer: str | None = None
+    process_rss_bytes: int | None = None
+    board_rss_bytes: int | None = None
 
     def to_record(self) -> RecordDict:
         metrics: dict[str, int | float] = {NUM_EXAMPLES: self.num_examples, TRAIN_LOSS: self.train_loss}
@@ -121,6 +129,8 @@ class TrainReply:
             (STATE_BYTES, self.state_bytes),
             (PEAK_BYTES, self.peak_bytes),
             (BUDGET_BYTES, self.budget_bytes),
+            (PROCESS_RSS_BYTES, self.process_rss_bytes),
+            (BOARD_RSS_BYTES, self.board_rss_bytes),
         )
         for key, value in optional:
             if value is not None:
@@ -146,7 +156,20 @@ class TrainReply:
         """Check and read an untrusted training reply (`sparse`: k is required)."""
         _records(content, (array_key,), (DEVICE_RECORD,))
         metrics = content.metric_records[METRICS_RECORD]
-        _known_keys(metrics, (NUM_EXAMPLES, TRAIN_LOSS, K, STATE_BYTES, PEAK_BYTES, BUDGET_BYTES), "metric")
+        _known_keys(
+            metrics,
+            (
+                NUM_EXAMPLES,
+                TRAIN_LOSS,
+                K,
+                STATE_BYTES,
+                PEAK_BYTES,
+                BUDGET_BYTES,
+                PROCESS_RSS_BYTES,
+                BOARD_RSS_BYTES,
+            ),
+            "metric",
+        )
         device = content.config_records.get(DEVICE_RECORD, ConfigRecord())
         _known_keys(device, (PROFILE, PARTITION_ID, TRAINER), "device")
         profile = device.get(PROFILE)
@@ -171,6 +194,8 @@ class TrainReply:
             partition_id=_int(device, PARTITION_ID, 0, MAX_COUNT, required=False),
             peak_bytes=_int(metrics, PEAK_BYTES, 0, MAX_COUNT, required=False),
             trainer=trainer,
+            process_rss_bytes=_int(metrics, PROCESS_RSS_BYTES, 0, MAX_COUNT, required=False),
+            board_rss_bytes=_int(metrics, BOARD_RSS_BYTES, 0, MAX_COUNT, required=False),
         )
 
 

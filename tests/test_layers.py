@@ -41,6 +41,7 @@ TORCH_FREE = (
     "common.device.data_files",
     "common.device.evaluation",
     "client.round",
+    "client.footprint",
     "client.lean",  # a lean board's round (client/app.py imports torch only for the torch runtime)
     "fleet.config",
     "fleet.profiles",

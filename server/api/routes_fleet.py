@@ -33,22 +33,13 @@ async def list_nodes(
 
 
 def _fresh_node(node_id: str, online: bool, now: datetime) -> dict:
+    """A connected node the aggregator has not heard from: every device fact unknown."""
+    counters = {"rounds_joined": 0, "failures": 0, "rejected": 0, "bytes_up": 0, "bytes_down": 0}
     return {
+        **dict.fromkeys(NodeOut.model_fields),
+        **counters,
         "node_id": node_id,
-        "profile": None,
-        "partition_id": None,
-        "budget_bytes": None,
-        "state_bytes": None,
-        "peak_bytes": None,
-        "trainer": None,
-        "k": None,
         "last_seen": now,
-        "rounds_joined": 0,
-        "failures": 0,
-        "rejected": 0,
-        "bytes_up": 0,
-        "bytes_down": 0,
-        "last_error": None,
         "online": online,
     }
 

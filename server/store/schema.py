@@ -94,6 +94,15 @@ class Node(Base):
     peak_bytes: Mapped[int | None] = mapped_column(
         BigInteger, nullable=True, doc="the peak bytes the device last measured in a training step"
     )
+    process_rss_bytes: Mapped[int | None] = mapped_column(
+        BigInteger, nullable=True, doc="a board's last ClientApp process's peak resident memory (VmHWM)"
+    )
+    board_rss_bytes: Mapped[int | None] = mapped_column(
+        BigInteger,
+        nullable=True,
+        doc="the peak resident memory of everything the board ran for its last round "
+        "(SuperNode, SuperExec, ClientApp), where its ClientApp could see all three",
+    )
     trainer: Mapped[str | None] = mapped_column(
         String(32),
         nullable=True,

@@ -80,6 +80,8 @@ class NodeEvent:
     peak_bytes: int | None = None
     trainer: str | None = None
     k: int | None = None
+    process_rss_bytes: int | None = None
+    board_rss_bytes: int | None = None
     error: str | None = None
 
 
@@ -304,6 +306,8 @@ class Store:
                         "peak_bytes",
                         "trainer",
                         "k",
+                        "process_rss_bytes",
+                        "board_rss_bytes",
                     ):
                         if getattr(ev, attr) is not None:
                             setattr(node, attr, getattr(ev, attr))

@@ -419,6 +419,8 @@ def _accepted_event(node: int, reply: TrainReply) -> NodeEvent:
         peak_bytes=reply.peak_bytes,
         trainer=reply.trainer,
         k=reply.k,
+        process_rss_bytes=reply.process_rss_bytes,
+        board_rss_bytes=reply.board_rss_bytes,
     )
 
 

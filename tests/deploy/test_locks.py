@@ -3,22 +3,34 @@
 import re
 from pathlib import Path
 
-from dropfleet.deploy.locks import INDEX_EXCLUDED, _file_version, client_lock, records
+from dropfleet.deploy.locks import BOARD_LOCK, INDEX_EXCLUDED, TORCH_LOCK, _file_version, board_locks, records
 
 ROOT = Path(__file__).resolve().parents[2]
 HASH = re.compile(r"^\s+--hash=sha256:[0-9a-f]{64}( \\)?$")
 
 
 def test_every_requirement_is_pinned_with_hashes():
-    for name in ("requirements.lock", "requirements-client.lock"):
+    for name in ("requirements.lock", BOARD_LOCK, TORCH_LOCK):
         text = (ROOT / name).read_text()
         for record in records(text):
             assert re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*==[^\s]+ \\$", record[0]), (name, record[0])
             assert len(record) >= 2 and all(HASH.match(line) for line in record[1:]), (name, record[0])
             assert not record[-1].endswith("\\"), (name, record[0])  # the record ends there
-    assert (ROOT / "requirements-client.lock").read_text() == client_lock(
-        (ROOT / "requirements.lock").read_text()
-    ), "run `make locks`"
+    for name, text in board_locks((ROOT / "requirements.lock").read_text()).items():
+        assert (ROOT / name).read_text() == text, "run `make locks`"
+
+
+def pins(name: str) -> set[str]:
+    return {record[0].split("==")[0].lower() for record in records((ROOT / name).read_text())}
+
+
+def test_a_board_installs_flower_and_numpy_and_no_torch():
+    board, torch = pins(BOARD_LOCK), pins(TORCH_LOCK)
+    assert {"flwr", "numpy", "protobuf", "grpcio", "cryptography"} <= board
+    # What the lean runtime exists to leave off a board: ~270 MiB for torch, ~190 for datasets, ~90 numba.
+    assert not {"torch", "datasets", "flwr-datasets", "numba", "pandas", "pyarrow", "ray"} & board
+    assert {"torch", "flwr-datasets", "numba"} <= torch and not board & torch
+    assert "ray" not in torch and "pytest" not in board | torch
 
 
 def test_file_names_give_their_versions():
