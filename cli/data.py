@@ -24,18 +24,10 @@ def partition(
     seed: Annotated[int, typer.Option(help="the run's seed (the simulation's partitions use it)")] = 0,
 ) -> None:
     """Write one partition of Fashion-MNIST's training split to OUT/train.npz."""
-    import numpy as np
-
-    from dropfleet.common.device.data import partition_indices
-    from dropfleet.common.device.data_files import fashion_mnist_labels, read_fashion_mnist
+    from dropfleet.common.device.data import save_partition
 
     try:
-        idx = partition_indices(
-            fashion_mnist_labels("train"), num_partitions, partition_id, partitioner, alpha, seed
-        )
-        images, labels = read_fashion_mnist("train", indices=idx)
+        examples = save_partition(out, partition_id, num_partitions, partitioner, alpha, seed)
     except DropfleetError as exc:
         exit_with(2, str(exc))
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "train.npz", images=images, labels=labels.astype(np.uint8))
-    typer.echo(f"{out / 'train.npz'}: {len(labels)} examples (partition {partition_id} of {num_partitions})")
+    typer.echo(f"{out / 'train.npz'}: {examples} examples (partition {partition_id} of {num_partitions})")

@@ -30,6 +30,13 @@ def up(
         bool,
         typer.Option(help="devices stream even when their budget holds the dense step"),
     ] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="torch: boards train on their partitions with torch; lean: NumPy alone, each on its "
+            "partition cut into its own data-dir, as a board without torch trains"
+        ),
+    ] = "torch",
     superlink_port: Annotated[
         int, typer.Option(help="the published port (the proxy: Fleet API only)")
     ] = 8000,
@@ -53,6 +60,7 @@ def up(
         tls=tls,
         node_auth=node_auth,
         streaming=streaming,
+        runtime=runtime,
         superlink_port=superlink_port,
         control_port=control_port,
         api_port=api_port,

@@ -117,6 +117,8 @@ def generate(spec: FleetSpec, network: str = "bridge") -> dict[str, Any]:
     """The compose services; `network="host"` puts every one on the host's network (no compose network)."""
     if network not in NETWORKS:
         raise ConfigError(f"network must be one of {NETWORKS}, got {network!r}")
+    if spec.runtime != "torch":  # a lean board's own data would need a volume per board, cut by a job
+        raise ConfigError("a compose fleet's boards train on the torch runtime (their partitions)")
     host = network == "host"
     layout = container_layout(spec, network)
     procs = topology(spec, layout)

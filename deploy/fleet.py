@@ -26,7 +26,15 @@ from dropfleet.common.device.data import check_fashion_mnist
 from dropfleet.common.errors import DropfleetError
 from dropfleet.deploy.material import Material, write_secret
 from dropfleet.deploy.material import create as create_material
-from dropfleet.deploy.topology import BIN, CONNECTION, FleetSpec, api_published, local_layout, topology
+from dropfleet.deploy.topology import (
+    BIN,
+    CONNECTION,
+    FleetSpec,
+    api_published,
+    board_data_dir,
+    local_layout,
+    topology,
+)
 from dropfleet.fleet.app_signing import SIGNING_KEY_ENV
 from dropfleet.fleet.flower_env import OFFLINE_ENV, write_connection
 
@@ -138,6 +146,11 @@ def up(spec: FleetSpec, timeout: float = 90.0) -> dict[str, object]:
         material.trust / "ca.crt" if spec.tls else None,
         True,
     )
+    if spec.runtime == "lean":  # each board's own data: its partition, as the torch boards cut theirs
+        from dropfleet.common.device.data import save_partition
+
+        for i in range(spec.nodes):
+            save_partition(board_data_dir(str(state), i), i, spec.nodes)
     env = _env(spec, state)
     started: dict[str, subprocess.Popen] = {}
     try:

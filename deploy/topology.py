@@ -30,6 +30,11 @@ CONNECTION = "fleet"
 SIGNATURE_LEDGER = "signatures.db"
 
 
+def board_data_dir(data_dir: str, node: int) -> str:
+    """Where board `node` of a lean fleet keeps its own data (its partition, cut at fleet up)."""
+    return f"{data_dir}/boards/node-{node}"
+
+
 @dataclass(frozen=True)
 class FleetSpec:
     nodes: int = 4
@@ -37,6 +42,10 @@ class FleetSpec:
     tls: bool = True
     node_auth: bool = True  # only registered SuperNodes may connect (needs TLS)
     streaming: bool = False  # devices stream even when the dense step fits (node config streaming=true)
+    # How the boards train (node config runtime): "torch", on their partitions of Fashion-MNIST, or
+    # "lean" (NumPy alone), each on its partition cut at `fleet up` into its own data-dir
+    # (board_data_dir), as a real board holds its own data. Process fleets only.
+    runtime: str = "torch"
     host: str = "127.0.0.1"
     superlink_port: int = SUPERLINK_PORT  # the published port (the proxy)
     # The SuperLink itself (all of its APIs), on loopback only; 0: superlink_port + 1.
@@ -73,6 +82,8 @@ class FleetSpec:
             raise ConfigError(f"a fleet needs at least one node, got {self.nodes}")
         if not self.profiles:
             raise ConfigError("at least one device profile is needed")
+        if self.runtime not in ("torch", "lean"):
+            raise ConfigError(f"runtime is torch or lean, got {self.runtime!r}")
         from dropfleet.fleet.profiles import get_profile
 
         for p in self.profiles:
@@ -176,6 +187,8 @@ def topology(spec: FleetSpec, layout: Layout) -> dict[str, list[str]]:
         node_config = f'partition-id={i} num-partitions={spec.nodes} profile="{profile}"'
         if spec.streaming:
             node_config += " streaming=true"
+        if spec.runtime == "lean":
+            node_config += f' runtime="lean" data-dir="{board_data_dir(layout.data_dir, i)}"'
         secret_dir = layout.node_secrets_dir or layout.keys_dir
         secret = ["--superexec-auth-secret-file", f"{secret_dir}/superexec-node-{i}"]
         procs[f"supernode-{i}"] = [

@@ -1,13 +1,14 @@
 """Task launchers that run only the operator's signed apps: `dropfleet-superexec` and what it starts.
 
-A SuperExec (Flower's `flower-superexec`) pulls tasks from its SuperLink or
-SuperNode and starts one process per task: `flwr-serverapp`, `flwr-clientapp`,
-or for other task types (agent apps, connectors, models) other Flower
-commands, each of which unpacks the run's FAB and imports its code. Flower
-1.42 has no hook that checks a locally built FAB before that import (its
-`--trusted-entities` only accepts Flower Hub apps), so dropfleet's SuperExec
-(`dropfleet-superexec`, the same program with the same flags) starts these
-launchers instead:
+A SuperExec pulls tasks from its SuperLink or SuperNode and starts one
+process per task: Flower's `flower-superexec` starts `flwr-serverapp`,
+`flwr-clientapp`, or for other task types (agent apps, connectors, models)
+other Flower commands, each of which unpacks the run's FAB and imports its
+code. Flower 1.42 has no hook that checks a locally built FAB before that
+import (its `--trusted-entities` only accepts Flower Hub apps), so dropfleet's
+SuperExec (`dropfleet-superexec`, fleet/superexec.py: Flower's task loop with
+its flags, in a fraction of its memory) takes only ClientApp and ServerApp
+tasks and starts these launchers:
 
 - `dropfleet-serverapp` / `dropfleet-clientapp`: Flower's own `flwr-serverapp` /
   `flwr-clientapp`, except that the FAB is installed only after
@@ -15,7 +16,7 @@ launchers instead:
   run-config overrides (checked before the FAB is unzipped). A refused run
   fails with the reason (the ServerApp's run is marked failed; a ClientApp
   replies with an error), and none of its code is imported.
-- every other task type: refused without starting anything.
+- every other task type: never acquired.
 
 The trusted keys come from `--trusted-app-keys FILE` (OpenSSH Ed25519 public
 keys), passed to the task processes as DROPFLEET_APP_TRUSTED_KEYS; a
@@ -53,8 +54,6 @@ from dropfleet.fleet.app_signing import (
 )
 
 logger = logging.getLogger(__name__)
-COMMANDS = {"clientapp": "dropfleet-clientapp", "serverapp": "dropfleet-serverapp"}
-REFUSE = "dropfleet-refuse-task"
 
 
 class _Gate:
@@ -162,12 +161,6 @@ def serverapp() -> None:
     flwr_serverapp()
 
 
-def refuse_task() -> None:
-    """`dropfleet-refuse-task`: task types dropfleet never runs (agent apps, connectors, models...)."""
-    print("dropfleet: this SuperExec runs only ServerApps and ClientApps; task refused", file=sys.stderr)
-    sys.exit(3)
-
-
 # Flower options that would start task processes some other way than the command table above.
 _REFUSED_FLAGS = ("--executor", "--executor-config", "--plugin-config")
 
@@ -209,21 +202,16 @@ def _take_gate_flags(argv: list[str]) -> list[str]:
 
 
 def superexec() -> None:
-    """`dropfleet-superexec`: Flower's `flower-superexec`, starting the launchers above.
+    """`dropfleet-superexec`: takes ClientApp and ServerApp tasks and starts the launchers above
+    (fleet/superexec.py: Flower's task loop without Flower's imports).
 
-    Takes Flower's flags plus `--trusted-app-keys FILE` (the operator's public app keys)
+    Takes the runtime API flags plus `--trusted-app-keys FILE` (the operator's public app keys)
     or, for a development fleet, `--allow-unsigned-apps`; on the server, `--signature-ledger FILE`.
     """
-    from flwr.supercore.cli.flower_superexec import flower_superexec
-    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from dropfleet.fleet.superexec import run
 
     try:
-        sys.argv[1:] = _take_gate_flags(sys.argv[1:])
+        rest = _take_gate_flags(sys.argv[1:])
     except AppSignatureError as exc:
         raise SystemExit(f"dropfleet-superexec: {exc}") from None
-
-    for task_type in TASK_TYPE_TO_COMMAND:  # the executor reads this very dict when it launches
-        TASK_TYPE_TO_COMMAND[task_type] = REFUSE
-    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = COMMANDS["clientapp"]
-    TASK_TYPE_TO_COMMAND[TaskType.SERVER_APP] = COMMANDS["serverapp"]
-    flower_superexec()
+    run(rest)

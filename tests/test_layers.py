@@ -174,3 +174,16 @@ def test_the_wire_merge_model_description_and_lean_runtime_work_without_torch():
 def test_every_core_module_is_in_a_layer():
     loose = [p.name for p in (ROOT / "common").glob("*.py") if p.name not in ("__init__.py", "errors.py")]
     assert not loose, f"common/ modules outside a layer: {loose}"
+
+
+def test_every_package_is_in_the_distribution():
+    """A board installs the wheel, not the checkout: a package missing from pyproject's list is
+    missing there (the lean runtime's was, until the edge kit's test installed it)."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(setuptools["packages"]), setuptools["package-dir"]
+    for package, folder in dirs.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            sub = init.parent.relative_to(ROOT / folder).parts
+            assert ".".join([package, *sub]) in listed, f"{init.parent} is not in [tool.setuptools] packages"

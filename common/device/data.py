@@ -17,6 +17,7 @@ import torch
 from dropfleet.common.device.data_files import (
     DIRICHLET_MIN_PARTITION,
     PARTITIONERS,
+    fashion_mnist_labels,
     normalize,
     read_device_data,
     read_fashion_mnist,
@@ -117,3 +118,25 @@ def load_hf_partition(
     else:
         images = images.transpose(0, 3, 1, 2)
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(ds["label"], dtype=torch.int64))
+
+
+def save_partition(
+    out: str | os.PathLike[str],
+    partition_id: int,
+    num_partitions: int,
+    partitioner: str = "dirichlet",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> int:
+    """One node's partition of Fashion-MNIST's training split as a board's own data
+    (`OUT/train.npz`, uint8 images as stored): what a lean board, which never imports the
+    partitioner, trains on. Returns its number of examples."""
+    from pathlib import Path
+
+    idx = partition_indices(
+        fashion_mnist_labels("train"), num_partitions, partition_id, partitioner, alpha, seed
+    )
+    images, labels = read_fashion_mnist("train", indices=idx)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(out) / "train.npz", images=images, labels=labels.astype(np.uint8))
+    return int(labels.size)

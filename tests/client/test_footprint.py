@@ -17,7 +17,9 @@ SUPEREXEC = textwrap.dedent(
     port, python = sys.argv[1:]  # sys.executable here follows the renamed argv[0]
     child = [
         "import json; from dropfleet.client.footprint import board_footprint;"
-        "f = board_footprint(['/venv/bin/dropfleet-clientapp', '--runtime-api-address', '127.0.0.1:' + __import__('sys').argv[1]]);"
+        "port = __import__('sys').argv[1];"
+        "argv = ['/venv/bin/dropfleet-clientapp', '--runtime-api-address', '127.0.0.1:' + port];"
+        "f = board_footprint(argv);"
         "print(json.dumps([f.process_rss_bytes, f.board_rss_bytes]))",
         port,
     ]

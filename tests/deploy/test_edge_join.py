@@ -1,6 +1,7 @@
 """The edge kit joins a fleet: install.sh into a prefix, then the installed units' command lines
 (with node.env expanded as systemd would) start a SuperNode and its SuperExec against a process
-fleet's TLS SuperLink, and the board trains a round beside the fleet's own node."""
+fleet's TLS SuperLink, and the board trains a round beside the fleet's own node: on the lean
+runtime (no torch installed), on its own data, within a measured bound on its processes' memory."""
 
 import json
 import os
@@ -13,8 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
+from dropfleet.client.footprint import peak_rss
+from dropfleet.common.device.data_files import read_fashion_mnist
 from tests.deploy.rest import TWO_NODE_RUN, run_to_end
 from tests.deploy.test_fleet_e2e import fleet_up, free_range, run
 from tests.integration.procs import free_port
@@ -22,6 +26,10 @@ from tests.integration.procs import free_port
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 EDGE = ROOT / "deploy" / "edge"
+# Everything a pi-zero-512m board runs for a round of mlp-90k (SuperNode + SuperExec + ClientApp,
+# each at its peak RSS) stays under this. Measured here: see docs/benchmarks.md (bench/board.py).
+# Generous on purpose: it catches torch or datasets creeping back onto a board, not noise.
+BOARD_RSS_BOUND = 400 << 20
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -78,8 +86,10 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
         env=env,
     )
     assert installed.returncode == 0, installed.stdout[-2000:] + installed.stderr[-2000:]
-    # The board's runtime only: no simulation engine (Ray) on a device.
-    assert not (prefix / "venv" / "lib" / "python3.11" / "site-packages" / "ray").exists()
+    # The board's lean runtime only: no simulation engine, no torch, no datasets, no numba.
+    site = prefix / "venv" / "lib" / "python3.11" / "site-packages"
+    for package in ("ray", "torch", "datasets", "numba"):
+        assert not (site / package).exists(), package
     install_seconds = time.monotonic() - t0
 
     state = tmp_path / "fleet"
@@ -103,10 +113,16 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
             "fleet", "register-node", str(etc / "keys" / "node_key.pub"), "--state-dir", str(state)
         )
         assert registered.returncode == 0, registered.stderr + registered.stdout
+        # The kit's node.env trains lean on the board's own data; here 1,200 real images of it.
+        assert 'runtime="lean"' in node_env["NODE_CONFIG"] and "data-dir=" in node_env["NODE_CONFIG"]
+        data = tmp_path / "board-data"
+        data.mkdir()
+        images, labels = read_fashion_mnist("train", indices=np.arange(1200))
+        np.savez(data / "train.npz", images=images, labels=labels)
         node_env |= {
             "SUPERLINK": f"127.0.0.1:{link}",
             "RUNTIME_PORT": str(free_range(1)),
-            "NODE_CONFIG": 'profile="pi4-4g" partition-id=1 num-partitions=2',
+            "NODE_CONFIG": f'profile="pi-zero-512m" runtime="lean" data-dir="{data}" partition-id=1',
         }
         home = tmp_path / "var-lib-dropfleet"  # the units' StateDirectory
         home.mkdir()
@@ -132,8 +148,19 @@ def test_an_installed_edge_board_joins_the_fleet_and_trains(tmp_path):
         _, events = run_to_end(api, token, {**TWO_NODE_RUN, "num-server-rounds": 1}, timeout=600)
         assert events[-1] == {"status": "finished"}, events
         assert [e["replied"] for e in events if e.get("round") == 1] == [2]
-        profiles = {n["profile"] for n in httpx.get(f"{api}/v1/nodes", timeout=30).json()}
-        assert "pi4-4g" in profiles  # the board's own node config reached the server
+        nodes = httpx.get(f"{api}/v1/nodes", timeout=30).json()
+        node = next(n for n in nodes if n["profile"] == "pi-zero-512m")  # the board's own node config
+        assert node["trainer"].startswith("streaming")  # the pi-zero's budget streams mlp-90k
+        # Its footprint, as the board reported it: the ClientApp, and with SuperExec and SuperNode.
+        supernode, superexec = (peak_rss(p.pid) for p in board)
+        assert supernode and superexec and node["process_rss_bytes"]
+        assert node["board_rss_bytes"] >= node["process_rss_bytes"] + superexec
+        mib = {k: round(v / 2**20) for k, v in (
+            ("supernode", supernode), ("superexec", superexec),
+            ("clientapp", node["process_rss_bytes"]), ("board", node["board_rss_bytes"]),
+        )}  # fmt: skip
+        print(f"\nedge board peak RSS (MiB): {mib}")
+        assert node["board_rss_bytes"] <= BOARD_RSS_BOUND, node
     finally:
         for p in board:
             os.killpg(p.pid, signal.SIGTERM)

@@ -284,3 +284,17 @@ def test_an_npz_compressed_other_than_by_deflate_is_refused_before_inflating(tmp
         z.writestr("labels.npy", _npy(np.zeros(3, np.int64)))
     with pytest.raises(DatasetError, match="compressed other than by deflate"):
         load_device_data(tmp_path)
+
+
+def test_a_saved_partition_is_a_boards_own_data(tmp_path):
+    """`dropfleet partition` / a lean fleet's boards: the partition a torch node would train,
+    written as a train.npz the board's reader accepts, images as stored."""
+    from dropfleet.common.device.data import partition_indices, save_partition
+    from dropfleet.common.device.data_files import fashion_mnist_labels, read_device_data, read_fashion_mnist
+
+    examples = save_partition(tmp_path, 2, 5, "dirichlet", 0.5, 7)
+    images, labels = read_device_data(tmp_path)
+    idx = partition_indices(fashion_mnist_labels("train"), 5, 2, "dirichlet", 0.5, 7)
+    expected_images, expected_labels = read_fashion_mnist("train", indices=idx)
+    assert examples == len(idx) == len(labels) > 0
+    assert np.array_equal(images, expected_images) and np.array_equal(labels, expected_labels)
