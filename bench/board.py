@@ -75,18 +75,34 @@ def _children(ppid: int) -> list[int]:
     return out
 
 
-class Sampler(threading.Thread):
-    """The largest VmHWM seen among each parent's children, every 0.2 s until stopped."""
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes: shared pages split among the processes that map them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, parents: dict[str, int]) -> None:
+
+class Sampler(threading.Thread):
+    """Every 0.2 s until stopped: the largest VmHWM among each parent's children, and the largest
+    PSS of each board (its SuperNode, SuperExec and their children summed at one instant)."""
+
+    def __init__(self, parents: dict[str, int], boards: dict[str, tuple[int, int]]) -> None:
         super().__init__(daemon=True)
         self.parents, self.peaks, self.stop = parents, dict.fromkeys(parents, 0), threading.Event()
+        self.boards, self.pss = boards, dict.fromkeys(boards, 0)
 
     def run(self) -> None:
         while not self.stop.wait(0.2):
             for name, pid in self.parents.items():
                 for child in _children(pid):
                     self.peaks[name] = max(self.peaks[name], peak_rss(child) or 0)
+            for name, (supernode, superexec) in self.boards.items():
+                now = sum(_pss(p) for p in (supernode, superexec, *_children(superexec)))
+                self.pss[name] = max(self.pss[name], now)
 
 
 def _pids(state: Path) -> dict[str, int]:
@@ -109,9 +125,11 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
     info = up(spec, timeout=180)
     try:
         pids = _pids(state)
-        sampler = Sampler({"serverapp": pids["superexec-serverapp"], **{
-            f"clientapp-{i}": pids[f"superexec-node-{i}"] for i in range(n)
-        }})  # fmt: skip
+        sampler = Sampler(
+            {"serverapp": pids["superexec-serverapp"]}
+            | {f"clientapp-{i}": pids[f"superexec-clientapp-{i}"] for i in range(n)},
+            {f"board-{i}": (pids[f"supernode-{i}"], pids[f"superexec-clientapp-{i}"]) for i in range(n)},
+        )
         sampler.start()
         token = Path(info["admin_token_file"]).read_text()
         api = info["api"]
@@ -137,7 +155,7 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
         trained = [r for r in run_rounds if r["round"] > 0]
         boards = {}
         for i, profile in enumerate(profiles):
-            supernode, superexec = peak_rss(pids[f"supernode-{i}"]), peak_rss(pids[f"superexec-node-{i}"])
+            supernode, superexec = peak_rss(pids[f"supernode-{i}"]), peak_rss(pids[f"superexec-clientapp-{i}"])
             clientapp = sampler.peaks[f"clientapp-{i}"]
             node = nodes.get(i, {})
             boards[profile] = {
@@ -146,6 +164,7 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
                 "clientapp_mib": clientapp / MIB,
                 "board_mib": (supernode + superexec + clientapp) / MIB,
                 "reported_board_mib": (node.get("board_rss_bytes") or 0) / MIB,
+                "board_pss_mib": sampler.pss[f"board-{i}"] / MIB,
                 "ram_mib": get_profile(profile).memory_bytes / MIB,
                 "trainer": node.get("trainer"),
             }
@@ -190,7 +209,8 @@ def main() -> None:
             print(
                 f"  {profile:14} {t['board_mib']:10.0f} {lean['board_mib']:9.0f} "
                 f"{lean['board_mib'] / t['board_mib']:10.2f}   lean: {parts};"
-                f" reported {lean['reported_board_mib']:.0f}; RAM {lean['ram_mib']:.0f}; {lean['trainer']}"
+                f" reported {lean['reported_board_mib']:.0f}; PSS {lean['board_pss_mib']:.0f} (torch"
+                f" {t['board_pss_mib']:.0f}); RAM {lean['ram_mib']:.0f}; {lean['trainer']}"
             )
         ratio = lean_run["seconds_per_round"] / torch_run["seconds_per_round"]
         print(f"  s/round lean/torch: {ratio:.2f}")

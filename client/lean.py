@@ -28,17 +28,33 @@ from dropfleet.fleet.profiles import DeviceProfile
 
 
 @dataclass(frozen=True)
-class Examples:
-    """Normalized images (N, 1, 28, 28) float32 and int64 labels: the lean runtime's `Split`."""
+class StoredImages:
+    """A board's images as stored, uint8 [n, 28, 28], normalized a batch at a time as the trainers
+    index them (float32 [b, 1, 28, 28]): a board holds one byte per pixel, not four (30,000
+    examples: 24 MB, not 94). `normalize` is elementwise, so a batch has the bits it would
+    have had were every image normalized first."""
 
-    images: np.ndarray
+    raw: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.raw.shape[0])
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        return normalize(self.raw[index])
+
+
+@dataclass(frozen=True)
+class Examples:
+    """A board's images (normalized as read) and int64 labels: the lean runtime's `Split`."""
+
+    images: StoredImages
     labels: np.ndarray
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def subset(self, indices: np.ndarray) -> "Examples":
-        return Examples(self.images[indices], self.labels[indices])
+        return Examples(StoredImages(self.images.raw[indices]), self.labels[indices])
 
 
 @cache
@@ -53,7 +69,7 @@ def local_data(
             "(train.npz or Fashion-MNIST's IDX files)"
         )
     images, labels = read_device_data(data_dir)
-    own = Examples(normalize(images), labels.astype(np.int64))
+    own = Examples(StoredImages(images), labels.astype(np.int64))
     idx = np.random.default_rng(config.seed).permutation(len(own))
     return train_and_validation(own, idx, config)
 

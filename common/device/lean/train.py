@@ -18,6 +18,15 @@ from dropfleet.common.device.evaluation import EvalResult
 from dropfleet.common.device.lean.network import cross_entropy
 
 
+class Images(Protocol):
+    """Model inputs, indexed by batch: an array, or a board's stored images normalized as read
+    (client/lean.py `StoredImages`)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray: ...
+
+
 class LeanModel(Protocol):
     """What evaluation needs: logits, and batch norm's mode, momentum and statistics
     (a `Network`, or a trainer)."""
@@ -72,7 +81,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def train_epochs(
     trainer: LeanTrainer,
-    images: np.ndarray,
+    images: Images,
     labels: np.ndarray,
     epochs: int,
     batch_size: int,
@@ -100,7 +109,7 @@ def train_epochs(
 
 
 def evaluate(
-    trainer: LeanModel, images: np.ndarray, labels: np.ndarray, batch_size: int = 1000
+    trainer: LeanModel, images: Images, labels: np.ndarray, batch_size: int = 1000
 ) -> EvalResult:
     """Mean cross-entropy loss and accuracy over the examples (batch norm on running statistics)."""
     trainer.training = False
@@ -116,7 +125,7 @@ def evaluate(
 
 
 def recalibrate_batch_norm(
-    trainer: LeanModel, images: np.ndarray, batches: int = 20, batch_size: int = 256
+    trainer: LeanModel, images: Images, batches: int = 20, batch_size: int = 256
 ) -> None:
     """Re-estimate batch-norm running statistics from the examples: a cumulative average over the
     calibration batches from torch's initial values, as `train.recalibrate_batch_norm` does."""
