@@ -31,16 +31,25 @@ from dropfleet.fleet.profiles import DeviceProfile
 class StoredImages:
     """A board's images as stored, uint8 [n, 28, 28], normalized a batch at a time as the trainers
     index them (float32 [b, 1, 28, 28]): a board holds one byte per pixel, not four (30,000
-    examples: 24 MB, not 94). `normalize` is elementwise, so a batch has the bits it would
-    have had were every image normalized first."""
+    examples: 24 MB, not 94), and its train and validation splits are rows of the one copy.
+    `normalize` is elementwise, so a batch has the bits it would have had were every image
+    normalized first."""
 
     raw: np.ndarray
+    rows: np.ndarray  # which of `raw`'s images, in order
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> "StoredImages":
+        return cls(raw, np.arange(len(raw)))
 
     def __len__(self) -> int:
-        return int(self.raw.shape[0])
+        return int(self.rows.shape[0])
 
     def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
-        return normalize(self.raw[index])
+        return normalize(self.raw[self.rows[index]])
+
+    def subset(self, indices: np.ndarray) -> "StoredImages":
+        return StoredImages(self.raw, self.rows[indices])
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class Examples:
         return int(self.labels.shape[0])
 
     def subset(self, indices: np.ndarray) -> "Examples":
-        return Examples(StoredImages(self.images.raw[indices]), self.labels[indices])
+        return Examples(self.images.subset(indices), self.labels[indices])
 
 
 @cache
@@ -69,7 +78,7 @@ def local_data(
             "(train.npz or Fashion-MNIST's IDX files)"
         )
     images, labels = read_device_data(data_dir)
-    own = Examples(StoredImages(images), labels.astype(np.int64))
+    own = Examples(StoredImages.of(images), labels.astype(np.int64))
     idx = np.random.default_rng(config.seed).permutation(len(own))
     return train_and_validation(own, idx, config)
 

@@ -251,6 +251,7 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 _NPY_HEADER_MAX = 10_000
+_READ_CHUNK = 1 << 20
 _NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 _LABEL_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64))
 
@@ -289,10 +290,19 @@ def _npz_member(
         if not shape[0] <= MAX_EXAMPLES:
             raise DatasetError(f"{name}: {shape[0]} examples, more than the {MAX_EXAMPLES} a file may hold")
         expected = math.prod(shape) * dtype.itemsize
-        data = f.read(expected)  # decompressed only this far
-        if len(data) != expected or f.read(1):
+        # Read into the array a chunk at a time (decompressed only this far): one read() of the whole
+        # member would hold it twice, its bytes and the array, on a board with little memory.
+        flat = np.empty(expected, dtype=np.uint8)
+        filled = 0
+        while filled < expected:
+            chunk = f.read(min(_READ_CHUNK, expected - filled))
+            if not chunk:
+                break
+            flat[filled : filled + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            filled += len(chunk)
+        if filled != expected or f.read(1):
             raise DatasetError(f"{name}: {key!r} holds another size than its header's {list(shape)}")
-    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    array = flat.view(dtype).reshape(shape, order="F" if fortran else "C")
     return np.ascontiguousarray(array)
 
 
