@@ -206,6 +206,9 @@ def _spawn(spec: FleetSpec, state: Path, name: str, cmd: list[str], log_mode: st
                 "DROPFLEET_READ_ACCESS": "token",
                 "DROPFLEET_READ_TOKEN_FILE": str(state / "read-token"),
             }
+    if spec.runtime == "lean" and name.startswith("superexec-clientapp"):
+        # A lean fleet's boards run what the edge kit installs, which has no numba (~100 MiB a process).
+        env["NUMBA_DISABLE_JIT"] = "1"
     log = (state / "logs" / f"{name}.log").open(log_mode)
     p = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=state
