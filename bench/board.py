@@ -1,9 +1,11 @@
 """What a board runs for a round, torch path against lean path: peak RSS per process and seconds per round.
 
-    python bench/board.py [--quick] [--models mlp-90k,cnn-bn-prelu] [--profiles pi-zero-512m,pi4-4g]
+    python bench/board.py [--quick] [--models mlp-90k,cnn-bn-prelu] [--rounds 3] [--train-subset 1200]
 
 For each model and runtime, a process fleet (`dropfleet fleet up`: TLS, node
-authentication, signed apps) with one board per profile trains a short run
+authentication, signed apps) with one board per profile (mlp-90k: a
+pi-zero-512m and a pi4-4g; the CNN, at batch 8: a pi4-4g and a jetson-8g, the
+boards whose budgets hold its step) trains a short run
 started through the REST API. Torch boards train their partitions of
 Fashion-MNIST; lean boards (no torch imported) the same partitions, cut into
 each board's own data-dir at fleet up, as a real board holds its data. Reported
@@ -24,6 +26,7 @@ the sum over-states what the board's RAM holds, which makes it a safe bound.
 
 import argparse
 import json
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -109,6 +112,14 @@ def _pids(state: Path) -> dict[str, int]:
     return {p.stem: json.loads(p.read_text())["pid"] for p in (state / "pids").glob("*.json")}
 
 
+# What each model trains with: the CNN's activations at batch 32 exceed the small boards' budgets,
+# so it runs at batch 8 on the boards whose budget holds that (docs/benchmarks.md, device memory).
+MODELS = {
+    "mlp-90k": ({"batch-size": 32}, ("pi-zero-512m", "pi4-4g")),
+    "cnn-bn-prelu": ({"batch-size": 8}, ("pi4-4g", "jetson-8g")),
+}
+
+
 def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: int) -> dict:
     state = Path(tempfile.mkdtemp(prefix=f"board-{runtime}-"))
     n = len(profiles)
@@ -134,6 +145,7 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
         token = Path(info["admin_token_file"]).read_text()
         api = info["api"]
         config = {
+            **MODELS[model][0],
             "model-id": model,
             "num-server-rounds": rounds,
             "train-subset": subset,
@@ -143,7 +155,8 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
         }
         admin = {"Authorization": f"Bearer {token}"}
         started = httpx.post(f"{api}/v1/runs", headers=admin, json={"run_config": config}, timeout=180)
-        started.raise_for_status()
+        if started.status_code != 202:
+            raise SystemExit(f"POST /v1/runs {model} ({runtime}): {started.status_code} {started.text}")
         run_id = started.json()["run_id"]
         with httpx.stream("GET", f"{api}/v1/runs/{run_id}/events", timeout=3600) as stream:
             for _ in stream.iter_lines():
@@ -155,7 +168,8 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
         trained = [r for r in run_rounds if r["round"] > 0]
         boards = {}
         for i, profile in enumerate(profiles):
-            supernode, superexec = peak_rss(pids[f"supernode-{i}"]), peak_rss(pids[f"superexec-clientapp-{i}"])
+            supernode = peak_rss(pids[f"supernode-{i}"]) or 0
+            superexec = peak_rss(pids[f"superexec-clientapp-{i}"]) or 0
             clientapp = sampler.peaks[f"clientapp-{i}"]
             node = nodes.get(i, {})
             boards[profile] = {
@@ -181,12 +195,12 @@ def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: 
         }
     finally:
         down(state)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mlp-90k,cnn-bn-prelu")
-    parser.add_argument("--profiles", default="pi-zero-512m,pi4-4g")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=1200)
     parser.add_argument("--quick", action="store_true", help="mlp-90k only, 2 rounds of 300 examples")
@@ -194,11 +208,14 @@ def main() -> None:
     args = parser.parse_args()
     models = ["mlp-90k"] if args.quick else args.models.split(",")
     rounds, subset = (2, 300) if args.quick else (args.rounds, args.train_subset)
-    profiles = args.profiles.split(",")
-    results = [measure(m, rt, profiles, rounds, subset) for m in models for rt in ("torch", "lean")]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    results = []
     for m in models:
+        for runtime in ("torch", "lean"):
+            results.append(measure(m, runtime, list(MODELS[m][1]), rounds, subset))
+            args.out.write_text(json.dumps(results, indent=2))
+    for m in models:
+        profiles = MODELS[m][1]
         torch_run, lean_run = (r for r in results if r["model"] == m)
         print(f"\n{m}: {rounds} rounds of {subset} examples per board")
         head = f"  {'':14} {'torch MiB':>10} {'lean MiB':>9} {'lean/torch':>10}"
