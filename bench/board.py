@@ -34,35 +34,12 @@ from pathlib import Path
 import httpx
 
 from dropfleet.client.footprint import peak_rss
-from dropfleet.deploy.fleet import down, up
+from dropfleet.deploy.fleet import down, free_port_range, up
 from dropfleet.deploy.topology import FleetSpec
 from dropfleet.fleet.profiles import get_profile
 
 MIB = 2**20
 SERVER_PARTS = ("superlink", "proxy", "superexec-serverapp", "serverapp", "api")
-
-
-def _free_port_base(n: int) -> int:
-    import socket
-
-    for _ in range(100):
-        socks = []
-        try:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-            s.close()
-            for p in range(base, base + n):
-                t = socket.socket()
-                t.bind(("127.0.0.1", p))
-                socks.append(t)
-            return base
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free port range")
 
 
 def _children(ppid: int) -> list[int]:
@@ -123,7 +100,7 @@ MODELS = {
 def measure(model: str, runtime: str, profiles: list[str], rounds: int, subset: int) -> dict:
     state = Path(tempfile.mkdtemp(prefix=f"board-{runtime}-"))
     n = len(profiles)
-    base = _free_port_base(4 + n)
+    base = free_port_range(4 + n)
     spec = FleetSpec(
         nodes=n,
         profiles=tuple(profiles),

@@ -34,6 +34,20 @@ def _named(name: str, code: str, *args: str) -> list[str]:
     return [f"/venv/bin/{name}", "-c", code, *args]
 
 
+def _clientapp_report(port: str) -> tuple[int, int | None]:
+    """What a ClientApp under a SuperExec stand-in reports: its own peak RSS and its board's."""
+    done = subprocess.run(
+        _named("dropfleet-superexec", SUPEREXEC, port, sys.executable),
+        executable=sys.executable,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and done.stdout, done.stderr
+    own, board = json.loads(done.stdout)
+    return own, board
+
+
 def test_a_board_sums_its_supernode_superexec_and_clientapp():
     port = str(free_port())
     # 40 MiB touched: the SuperNode's peak is its own, not the reporter's.
@@ -48,29 +62,13 @@ def test_a_board_sums_its_supernode_superexec_and_clientapp():
             time.sleep(0.2)
         assert supernode_pid(f"127.0.0.1:{port}") == node.pid
         assert supernode_pid(f"127.0.0.1:{int(port) + 1}") is None  # another board's SuperNode
-        done = subprocess.run(
-            _named("dropfleet-superexec", SUPEREXEC, port, sys.executable),
-            executable=sys.executable,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0 and done.stdout, done.stderr
-        own, board = json.loads(done.stdout)
+        own, board = _clientapp_report(port)
         # The board: the ClientApp, its parent SuperExec and the SuperNode (>= its 40 MiB).
         assert 5 << 20 < own < board and board > own + (40 << 20)
         # Its SuperNode gone (another PID namespace, as in compose): no board total, not a partial one.
         node.kill()
         node.wait()
-        done = subprocess.run(
-            _named("dropfleet-superexec", SUPEREXEC, port, sys.executable),
-            executable=sys.executable,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0 and done.stdout, done.stderr
-        own, board = json.loads(done.stdout)
+        own, board = _clientapp_report(port)
         assert own > 5 << 20 and board is None
     finally:
         node.kill()

@@ -1,7 +1,6 @@
 """End to end: `dropfleet fleet up` (TLS), a run started over REST, followed, downloaded, `fleet down`."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from dropfleet.common.wire.codec import decode
+from dropfleet.deploy.fleet import free_port_range
 from tests.integration.procs import free_port, processes_mentioning
 
 DROPFLEET = str(Path(sys.executable).parent / "dropfleet")
@@ -17,21 +17,7 @@ NODES = 3
 
 
 def free_range(n: int) -> int:
-    for _ in range(100):
-        base = free_port()
-        try:
-            socks = []
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
+    return free_port_range(n)
 
 
 def run(*args, timeout=180):

@@ -108,9 +108,7 @@ def train_epochs(
     return mean_loss
 
 
-def evaluate(
-    trainer: LeanModel, images: Images, labels: np.ndarray, batch_size: int = 1000
-) -> EvalResult:
+def evaluate(trainer: LeanModel, images: Images, labels: np.ndarray, batch_size: int = 1000) -> EvalResult:
     """Mean cross-entropy loss and accuracy over the examples (batch norm on running statistics)."""
     trainer.training = False
     loss_sum, correct = 0.0, 0
