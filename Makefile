@@ -107,6 +107,7 @@ bench: install
 	$(PY) bench/levers.py
 	$(PY) bench/fleet_scale.py
 	$(PY) bench/server_state.py
+	$(PY) bench/board.py
 
 bench-quick: install
 	$(PY) bench/centralized.py --quick
@@ -118,6 +119,7 @@ bench-quick: install
 	$(PY) bench/levers.py --quick
 	$(PY) bench/fleet_scale.py --quick
 	$(PY) bench/server_state.py --quick
+	$(PY) bench/board.py --quick
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache .hypothesis

@@ -191,6 +191,16 @@ def main() -> None:
         for runtime in ("torch", "lean"):
             results.append(measure(m, runtime, list(MODELS[m][1]), rounds, subset))
             args.out.write_text(json.dumps(results, indent=2))
+    unfinished = [f"{r['model']} on {r['runtime']}" for r in results if not r["status"]]
+    unreported = [
+        f"{r['model']} {profile}"
+        for r in results
+        if r["runtime"] == "lean"
+        for profile, board in r["boards"].items()
+        if not board["reported_board_mib"]
+    ]
+    if unfinished or unreported:  # a board that did not train, or did not report its footprint
+        raise SystemExit(f"runs that did not finish: {unfinished}; lean boards without a footprint: {unreported}")
     for m in models:
         profiles = MODELS[m][1]
         torch_run, lean_run = (r for r in results if r["model"] == m)
