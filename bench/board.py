@@ -200,7 +200,7 @@ def main() -> None:
         if not board["reported_board_mib"]
     ]
     if unfinished or unreported:  # a board that did not train, or did not report its footprint
-        raise SystemExit(f"runs that did not finish: {unfinished}; lean boards without a footprint: {unreported}")
+        raise SystemExit(f"unfinished runs: {unfinished}; lean boards without a footprint: {unreported}")
     for m in models:
         profiles = MODELS[m][1]
         torch_run, lean_run = (r for r in results if r["model"] == m)
