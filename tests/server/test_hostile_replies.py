@@ -92,6 +92,8 @@ def hostile_cases():
             ),
         ),
         "negative peak": (FP32, content(model(500, 39), **{"peak-bytes": -1})),
+        "negative board RSS": (FP32, content(model(500, 36), **{"board-rss-bytes": -1})),
+        "fractional process RSS": (FP32, content(model(500, 35), **{"process-rss-bytes": 1.5})),
         "unexpected ConfigRecord": (
             FP32,
             RecordDict(
@@ -230,7 +232,17 @@ _scalars = st.one_of(
     st.lists(st.floats(allow_nan=True), max_size=3),
 )
 _keys = st.sampled_from(
-    ["num-examples", "train-loss", "k", "state-bytes", "peak-bytes", "budget-bytes", "x", ""]
+    [
+        "num-examples",
+        "train-loss",
+        "k",
+        "state-bytes",
+        "peak-bytes",
+        "budget-bytes",
+        "process-rss-bytes",
+        "x",
+        "",
+    ]
 )
 _metric_records = st.dictionaries(_keys, _scalars, max_size=6).map(MetricRecord)
 _config_values = st.one_of(
